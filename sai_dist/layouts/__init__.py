@@ -1,0 +1,30 @@
+"""Layouts: how each sharding wrapper's tensors map onto blocks of the original model.
+
+See :mod:`sai_dist.layouts.base` for the contract. :func:`auto_layout` picks the layout a
+plain ``SGDSaI(model.parameters())`` needs; integrations that rebind the optimizer's
+tensors (DeepSpeed ZeRO, fairscale) pass theirs explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.layouts.replicated import ReplicatedLayout
+
+
+def auto_layout(params: Iterable[Tensor]) -> Layout:
+    """The layout for parameters as a user's model holds them: DTensors (FSDP2, HSDP,
+    tensor parallel) get the DTensor layout, plain tensors (single process, DDP) the
+    replicated one."""
+    if any(isinstance(p, DTensor) for p in params):
+        from sai_dist.layouts.dtensor import DTensorLayout
+
+        return DTensorLayout()
+    return ReplicatedLayout()
+
+
+__all__ = ["Layout", "LayoutError", "ReplicatedLayout", "auto_layout"]

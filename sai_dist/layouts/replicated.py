@@ -1,0 +1,59 @@
+"""Layout for tensors that are whole blocks on every rank: single process and DDP.
+
+DDP all-reduces gradients before ``step()``, so every rank holds the full, identical
+gradient of every block and g-SNR needs no communication at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.stats import Piece
+
+# Attribute FSDP1 (FullyShardedDataParallel) sets on every tensor it flattens, flat
+# parameters and the views it hands out with use_orig_params=True alike.
+_FSDP1_FLATTENED = "_fsdp_flattened"
+
+
+class ReplicatedLayout(Layout):
+    """Each stepped tensor is exactly one whole block."""
+
+    group = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._block_of: dict[int, int] = {}
+        # Keep the tensors alive so their ids stay unique for the layout's lifetime.
+        self._tensors: list[Tensor] = []
+
+    def register(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            if getattr(p, _FSDP1_FLATTENED, False):
+                raise LayoutError(
+                    "SGDSaI was given a parameter flattened by FSDP1 (FullyShardedDataParallel), shape "
+                    f"{tuple(p.shape)}: its g-SNR would be computed on a flat shard that mixes several "
+                    "original parameters, not on the parameters themselves. Shard with FSDP2 "
+                    "(torch.distributed.fsdp.fully_shard) instead; FSDP1 is not supported yet."
+                )
+            if id(p) not in self._block_of:
+                self._block_of[id(p)] = len(self._tensors)
+                self._tensors.append(p)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._tensors)
+
+    def pieces(self, param: Tensor) -> Sequence[Piece]:
+        block = self._block_of.get(id(param))
+        if block is None:
+            raise LayoutError(
+                f"SGDSaI is stepping a tensor of shape {tuple(param.shape)} that it was never given. "
+                "A sharding wrapper (DeepSpeed ZeRO, fairscale, ...) has probably replaced the "
+                "optimizer's param groups with flat partitions; g-SNR of a flat partition is not the "
+                "g-SNR of the model's parameters. Attach SGDSaI through its integration for that "
+                "wrapper (e.g. sai_dist.deepspeed.initialize) instead."
+            )
+        return (Piece(block),)

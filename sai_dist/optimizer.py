@@ -1,0 +1,337 @@
+r"""``SGDSaI``: SGD with momentum and learning-rate scaling at initialisation.
+
+Xu, Xiang, Cai, Wen, "No More Adam: Learning Rate Scaling at Initialization is All You
+Need", arXiv 2412.11768. On the first step, every block (one parameter tensor of the
+original model) gets a fixed scale from its gradient signal-to-noise ratio
+(:mod:`sai_dist.gsnr`); every step is then SGD with momentum and decoupled weight decay
+with that scale (:mod:`sai_dist.functional`).
+
+The class orchestrates; it knows no sharding wrapper. A :class:`~sai_dist.layouts.Layout`
+maps the tensors it steps onto model blocks, the statistics engine
+(:mod:`sai_dist.stats`) reduces the moments of those blocks across ranks once, and from
+then on each piece carries a fixed scale: no collective is issued after step 1.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from sai_dist.functional import sgd_sai
+from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, normaliser
+from sai_dist.layouts import Layout, auto_layout
+from sai_dist.stats import reduce_block_moments
+
+__all__ = ["SGDSaI"]
+
+# Keys of the per-tensor optimizer state. Besides the momentum buffer every entry is a
+# CPU float32 scalar (or one value per piece for tensors holding several blocks).
+MOMENTUM = "momentum_buffer"
+GSNR = "gsnr"
+SCALE = "scale"
+GSNR_MAX = "gsnr_max"
+
+
+def _check_range(name: str, value: Any, low: float, high: float | None = None, high_open: bool = False) -> None:
+    if isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a Python float, got a Tensor")
+    ok = low <= value and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
+        raise ValueError(f"Invalid {name}: {value!r} (must be >= {low}{bound})")
+
+
+class SGDSaI(Optimizer):
+    r"""SGD-SaI: momentum SGD whose per-block learning-rate scale is fixed at step 1.
+
+    .. math::
+        s_b &= \frac{\mathrm{gsnr}_b}{\max_{b'} \mathrm{gsnr}_{b'}},\quad
+        \mathrm{gsnr}_b = \frac{\lVert g_b\rVert_2}{\operatorname{std}(g_b) + \epsilon}
+        \quad\text{(step 1 only)} \\
+        m_b &\leftarrow \beta m_b + (1-\beta) g_b \quad (m_b = g_b \text{ at first}),\qquad
+        p_b \leftarrow p_b (1 - \eta\lambda) - \eta\, s_b\, m_b
+
+    Args:
+        params: iterable of parameters, of ``(name, parameter)`` pairs, or of param-group
+            dicts, as for any ``torch.optim.Optimizer``. Names, when given, appear in
+            warnings.
+        lr: learning rate :math:`\eta` (default 1e-2).
+        momentum: :math:`\beta` in ``[0, 1)`` (default 0.9); 0 keeps no buffer.
+        weight_decay: decoupled decay :math:`\lambda` (default 1e-2), multiplied by the
+            group's lr and not by the g-SNR scale.
+        eps: added to the standard deviation (default 1e-8).
+        normalize: divide every g-SNR by the largest one of the whole model (official code
+            v1.0.4, default); ``False`` uses raw g-SNR as the scale (v1.0.3, the PyPI
+            release).
+        maximize: maximise the objective instead of minimising it.
+        degenerate: ``"max"`` (default) or ``"official"``: what a block whose gradient has
+            zero spread (one element, all zeros, constant) gets; see :mod:`sai_dist.gsnr`.
+        foreach: batch the momentum and decay passes with foreach kernels; ``None`` picks
+            them for CUDA tensors.
+        layout: how the stepped tensors map onto model blocks. ``None`` picks the layout for
+            the tensors given (plain tensors, or DTensors from FSDP2/HSDP); integrations
+            that rebind param groups pass their own.
+
+    State: per tensor, ``momentum_buffer`` (same placement as the parameter: a shard for a
+    sharded one) and the CPU scalars ``gsnr``, ``scale`` and ``gsnr_max``. Their presence
+    marks g-SNR as fixed, so ``load_state_dict`` restores it and a resumed run never
+    recomputes it from a later gradient.
+
+    Every rank must call :meth:`step` together: the first step reduces statistics across
+    the layout's process group (one batched collective per pass). Later steps issue none,
+    except the step at which a block first gets a gradient if it had none at step 1.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-2,
+        eps: float = 1e-8,
+        normalize: bool = True,
+        maximize: bool = False,
+        *,
+        degenerate: DegeneratePolicy = "max",
+        foreach: bool | None = None,
+        layout: Layout | None = None,
+    ) -> None:
+        if degenerate not in DEGENERATE_POLICIES:
+            raise ValueError(f"Invalid degenerate: {degenerate!r} (must be one of {DEGENERATE_POLICIES})")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"Invalid normalize: {normalize!r} (must be a bool)")
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, maximize=maximize, foreach=foreach
+        )
+        self.normalize = normalize
+        self.degenerate: DegeneratePolicy = degenerate
+        self._layout: Layout | None = layout
+        super().__init__(params, defaults)
+        if self._layout is None:
+            self._layout = auto_layout(p for g in self.param_groups for p in g["params"])
+            for group in self.param_groups:
+                self._register(group)
+
+    # -- param groups --------------------------------------------------------------
+
+    @property
+    def layout(self) -> Layout:
+        """The layout that maps stepped tensors onto model blocks."""
+        assert self._layout is not None
+        return self._layout
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+            if self._layout is not None:
+                self._register(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        _check_range("lr", group["lr"], 0.0)
+        _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_range("eps", group["eps"], 0.0)
+        if not isinstance(group["maximize"], bool):
+            raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool)")
+
+    def _register(self, group: dict[str, Any]) -> None:
+        self.layout.register(group["params"])
+        if "param_names" in group:
+            self.layout.name_blocks(group["params"], group["param_names"])
+
+    # -- g-SNR ---------------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        """Whether g-SNR has been fixed (by a first step or a loaded state dict)."""
+        return self._gsnr_max() is not None
+
+    def _gsnr_max(self) -> float | None:
+        for state in self.state.values():
+            if GSNR_MAX in state:
+                return float(state[GSNR_MAX])
+        return None
+
+    def _describe(self, block: int) -> str:
+        name = self.layout.block_name(block)
+        if name != f"block {block}":
+            return name
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if any(piece.block == block and piece.span is None for piece in self.layout.pieces(p)):
+                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+        return name
+
+    def _fix_gsnr(self, tensors: list[tuple[Tensor, dict[str, Any]]], gsnr_max: float | None) -> bool:
+        """Compute and store g-SNR and scale for every block held by ``tensors``.
+
+        ``gsnr_max is None`` means step 1: the normaliser is fixed here from these blocks.
+        Otherwise the blocks are late arrivals scaled by the max fixed at step 1. Returns
+        ``False``, changing nothing, when every gradient is exactly zero at step 1 (a probe
+        step, e.g. a mixed-precision wrapper's first call, must not fix g-SNR).
+        """
+        layout = self.layout
+        moments = reduce_block_moments(
+            layout.sources(p for p, _ in tensors), layout.num_blocks, layout.group
+        )
+        bad = (~moments.finite()).nonzero().flatten().tolist()
+        if bad:
+            names = ", ".join(self._describe(b) for b in bad[:10])
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise RuntimeError(
+                f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
+                "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
+                "changed. Check the loss, or let a GradScaler skip the step."
+            )
+        if gsnr_max is None and float(moments.sumsq.sum()) == 0.0:
+            warnings.warn(
+                "SGDSaI: every gradient is zero at the first step; skipping it without fixing g-SNR, "
+                "applying weight decay or touching momentum.",
+                stacklevel=3,
+            )
+            return False
+
+        eps = torch.full((layout.num_blocks,), float("nan"), dtype=torch.float64)
+        for p, group in ((p, g) for g in self.param_groups for p in g["params"]):
+            for piece in layout.pieces(p):
+                eps[piece.block] = group["eps"]
+        g = block_gsnr(moments, eps.nan_to_num(self.defaults["eps"]), self.degenerate)
+        if gsnr_max is None:
+            gsnr_max = normaliser(g, self.normalize)
+        degenerate = g.degenerate.nonzero().flatten().tolist()
+        if degenerate and self.degenerate == "max":
+            names = ", ".join(self._describe(b) for b in degenerate[:10])
+            more = f" and {len(degenerate) - 10} more" if len(degenerate) > 10 else ""
+            warnings.warn(
+                f"SGDSaI: gradient with zero spread (one element, all zeros or constant) at the g-SNR "
+                f"step in {names}{more}: no noise estimate, so it gets the largest regular g-SNR "
+                "(scale 1 when normalised). Pass degenerate='official' for the official formula.",
+                stacklevel=3,
+            )
+
+        max_t = torch.tensor(gsnr_max, dtype=torch.float32)
+        for p, state in tensors:
+            blocks = [piece.block for piece in layout.pieces(p)]
+            value = g.value[blocks].to(torch.float32)
+            scale = (g.value[blocks] / gsnr_max).to(torch.float32)
+            single = len(blocks) == 1
+            state[GSNR] = value[0].clone() if single else value
+            state[SCALE] = scale[0].clone() if single else scale
+            state[GSNR_MAX] = max_t.clone()
+        return True
+
+    # -- step ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step; see the class docstring for the update.
+
+        Raises, with nothing modified: ``RuntimeError`` for sparse gradients, for tensors
+        the layout cannot map, and for non-finite gradients at the g-SNR step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        layout = self.layout
+        stepped: list[tuple[dict[str, Any], list[Tensor]]] = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"SGDSaI does not support sparse gradients ({layout.describe(p)}); "
+                        "use dense gradients (e.g. nn.Embedding(sparse=False))."
+                    )
+                layout.pieces(p)  # raises LayoutError for tensors it cannot map
+            stepped.append((group, params))
+
+        gsnr_max = self._gsnr_max()
+        fresh = [(p, self.state[p]) for _, params in stepped for p in params if SCALE not in self.state[p]]
+        if gsnr_max is None:
+            # Step 1 fixes g-SNR from every block that has a gradient, across all groups.
+            if not self._fix_gsnr(fresh, None):
+                return loss
+        elif fresh:
+            self._fix_gsnr(fresh, gsnr_max)
+
+        for group, params in stepped:
+            self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        layout = self.layout
+        momentum = group["momentum"]
+        maximize = group["maximize"]
+        # Three kinds of work: tensors with a momentum buffer; tensors whose buffer is
+        # born this step (m = g, so the update uses the new buffer directly); and
+        # momentum-free updates along g.
+        with_buf: tuple[list[Tensor], list[Tensor], list[Tensor | None], list[float]] = ([], [], [], [])
+        direct: tuple[list[Tensor], list[Tensor], list[Tensor | None], list[float]] = ([], [], [], [])
+        for p in params:
+            state = self.state[p]
+            scales = state[SCALE].reshape(-1).tolist()
+            pieces = layout.pieces(p)
+            p_local = layout.local(p)
+            if momentum == 0:
+                target, direction = direct, layout.local(p.grad)
+            elif MOMENTUM not in state:
+                buf = torch.neg(p.grad) if maximize else torch.clone(p.grad)
+                state[MOMENTUM] = buf.detach()
+                target, direction = direct, layout.local(state[MOMENTUM])
+            else:
+                target = with_buf
+                direction = layout.local(p.grad)
+                buf_local = layout.local(state[MOMENTUM])
+                target[2].extend(piece.view(buf_local) for piece in pieces)
+            for piece, scale in zip(pieces, scales, strict=True):
+                target[0].append(piece.view(p_local))
+                target[1].append(piece.view(direction))
+                if target is direct:
+                    target[2].append(None)
+                target[3].append(scale)
+
+        common = dict(lr=group["lr"], weight_decay=group["weight_decay"], foreach=group["foreach"])
+        if with_buf[0]:
+            sgd_sai(*with_buf, momentum=momentum, maximize=maximize, **common)
+        if direct[0]:
+            # Fresh buffers already hold +-g; momentum-free updates negate g themselves.
+            sgd_sai(*direct, momentum=0.0, maximize=maximize and momentum == 0, **common)
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; the g-SNR scalars inside it mean g-SNR is never recomputed.
+
+        ``torch.optim.Optimizer`` casts loaded state to each parameter's dtype, which for a
+        bf16 parameter would round the scales; they are set aside and restored as CPU
+        float32.
+        """
+        state_dict = dict(state_dict)
+        scalars: dict[Any, dict[str, Tensor]] = {}
+        stripped: dict[Any, Any] = {}
+        for key, entry in state_dict["state"].items():
+            ours = {k: entry[k] for k in (GSNR, SCALE, GSNR_MAX) if k in entry}
+            if ours:
+                scalars[key] = ours
+                entry = {k: v for k, v in entry.items() if k not in ours}
+            stripped[key] = entry
+        state_dict["state"] = stripped
+        super().load_state_dict(state_dict)
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        current = (p for g in self.param_groups for p in g["params"])
+        for saved_id, param in zip(saved_ids, current, strict=True):
+            for k, v in scalars.get(saved_id, {}).items():
+                self.state[param][k] = torch.as_tensor(v).detach().to("cpu", torch.float32)

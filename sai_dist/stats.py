@@ -1,0 +1,183 @@
+r"""The statistics engine: exact per-block gradient moments from distributed pieces.
+
+A *block* is one ``nn.Parameter`` of the original, unwrapped model. Under sharding a rank
+never holds a whole block, only *pieces* of it: a DTensor's local shard, a segment of a
+flat ZeRO partition, possibly empty. This module turns pieces into the exact moments of
+every block, reduced across ranks:
+
+.. math::
+    n_b = \sum_{\text{pieces}} |x|,\quad \mu_b = \frac{1}{n_b}\sum x,\quad
+    \lVert g_b\rVert_2^2 = \sum x^2,\quad M2_b = \sum (x - \mu_b)^2
+
+The reduction is two-pass and centred: pass 1 sums ``(n, sum x, sum x^2)``, which gives the
+global mean; pass 2 sums squared deviations from that mean. The one-pass
+``sum x^2 - (sum x)^2 / n`` loses every digit of the variance in fp32 once
+``|mean| >> std``. All accumulation is float64.
+
+Every block's moments travel in one tensor, so each pass is a single ``all_reduce`` over
+the layout's process group no matter how many parameters there are (146 separate gloo
+all-reduces measured ~100 ms against ~0.5 ms for one batched call). Replicated copies of a
+piece (DDP ranks, HSDP replicas) must be contributed by exactly one rank: a piece marked
+``counted=False`` contributes nothing, so the sum over the group counts it once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# Pass 2 upcasts to float64 chunk by chunk so the temporary stays small (32 MiB) even for
+# a vocabulary-sized block.
+_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One contiguous run of a block's elements held by this rank.
+
+    Attributes:
+        block: global index of the block, the same on every rank.
+        span: ``(start, stop)`` in the flattened local tensor, or ``None`` for the whole
+            tensor. Padding is simply never inside a span.
+        counted: whether this rank's copy enters the cross-rank sum (``False`` for a
+            replica whose twin on another rank is counted).
+    """
+
+    block: int
+    span: tuple[int, int] | None = None
+    counted: bool = True
+
+    def view(self, tensor: Tensor) -> Tensor:
+        """The elements of ``tensor`` (a local tensor) that this piece covers."""
+        if self.span is None:
+            return tensor
+        start, stop = self.span
+        return tensor.reshape(-1)[start:stop]
+
+
+Source = tuple[Tensor, Sequence[Piece]]
+"""A local gradient tensor and the pieces of blocks it holds."""
+
+
+@dataclass
+class BlockMoments:
+    """Exact moments of every block, identical on every rank of the group.
+
+    Each field is a float64 CPU tensor of shape ``[num_blocks]``; blocks that no rank
+    contributed to have ``count == 0``.
+    """
+
+    count: Tensor
+    total: Tensor
+    sumsq: Tensor
+    m2: Tensor
+
+    @property
+    def norm(self) -> Tensor:
+        """``||g_b||_2`` per block."""
+        return self.sumsq.sqrt()
+
+    @property
+    def std(self) -> Tensor:
+        """Unbiased (N-1) standard deviation per block; NaN for blocks with fewer than two
+        elements, exactly as ``torch.std`` gives."""
+        return (self.m2 / (self.count - 1)).clamp_min(0).sqrt().where(self.count > 1, math.nan)
+
+    def finite(self) -> Tensor:
+        """Per-block flag: no inf or NaN among the block's gradient elements."""
+        return self.total.isfinite() & self.sumsq.isfinite()
+
+
+def _sum_chunks(x: Tensor, shift: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(sum x, sum x^2)`` of a piece, or ``sum (x - shift)^2`` twice when shifted,
+    accumulated in float64 on the piece's device."""
+    flat = x.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    sumsq = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK].to(torch.float64)
+        if shift is not None:
+            chunk = chunk - shift
+        total += chunk.sum()
+        sumsq += chunk.square().sum()
+    return total, sumsq
+
+
+def _all_reduce(buf: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Sum ``buf`` over ``group``; a no-op when statistics are local."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return buf
+    if dist.get_world_size(group) == 1:
+        return buf
+    device = _collective_device(group)
+    moved = buf.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+    return moved.cpu()
+
+
+def _collective_device(group: dist.ProcessGroup) -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo prefers CPU ones."""
+    backend = dist.get_backend(group)
+    if backend == "nccl" or (isinstance(backend, str) and "nccl" in backend and "gloo" not in backend):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_block_moments(
+    sources: Iterable[Source],
+    num_blocks: int,
+    group: dist.ProcessGroup | None,
+) -> BlockMoments:
+    """Exact moments of ``num_blocks`` blocks from this rank's pieces.
+
+    Every rank of ``group`` must call this together, with the same ``num_blocks``, even a
+    rank whose ``sources`` are empty: it joins both collectives with zeros.
+
+    Args:
+        sources: ``(local_gradient, pieces)`` pairs; pieces index into the flattened
+            local tensor.
+        num_blocks: size of the global block index space.
+        group: process group to sum over, or ``None`` when every block is whole and local.
+
+    Returns:
+        :class:`BlockMoments`, identical on every rank of ``group``.
+    """
+    sources = [(t, [p for p in pieces if p.counted]) for t, pieces in sources]
+
+    # Pass 1: (n, sum x, sum x^2) per block. The per-piece scalars stay on the device and
+    # are gathered in one transfer, not one sync per piece.
+    blocks: list[int] = []
+    counts: list[int] = []
+    partials: list[Tensor] = []
+    for tensor, pieces in sources:
+        for piece in pieces:
+            x = piece.view(tensor)
+            blocks.append(piece.block)
+            counts.append(x.numel())
+            partials.append(torch.stack(_sum_chunks(x, None)))
+    first = torch.zeros(num_blocks, 3, dtype=torch.float64)
+    if blocks:
+        index = torch.tensor(blocks, dtype=torch.long)
+        first[:, 0].index_add_(0, index, torch.tensor(counts, dtype=torch.float64))
+        first[:, 1:].index_add_(0, index, torch.stack(partials).cpu())
+    first = _all_reduce(first, group)
+    count, total, sumsq = first.unbind(1)
+    mean = torch.where(count > 0, total / count.clamp_min(1), 0.0)
+
+    # Pass 2: squared deviations from the global mean.
+    deviations: list[Tensor] = []
+    for tensor, pieces in sources:
+        for piece in pieces:
+            x = piece.view(tensor)
+            shift = mean[piece.block].to(x.device)
+            deviations.append(_sum_chunks(x, shift)[1])
+    second = torch.zeros(num_blocks, dtype=torch.float64)
+    if blocks:
+        second.index_add_(0, index, torch.stack(deviations).cpu())
+    m2 = _all_reduce(second, group)
+    return BlockMoments(count=count.clone(), total=total.clone(), sumsq=sumsq.clone(), m2=m2)

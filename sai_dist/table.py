@@ -1,0 +1,68 @@
+"""``gsnr_table``: the g-SNR and scale of every parameter of the original model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from sai_dist.optimizer import GSNR, SCALE, SGDSaI
+
+# Prefixes wrappers insert into parameter names: DDP and DeepSpeed (module.), torch.compile
+# (_orig_mod.), FSDP1 and activation checkpointing wrappers.
+_WRAPPER_SEGMENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the unwrapped model spells it."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def find_sgdsai(obj: Any) -> SGDSaI:
+    """The :class:`SGDSaI` inside whatever a user holds: the optimizer itself, or a wrapper
+    or engine that keeps it under ``.optimizer`` (DeepSpeed engines and ZeRO wrappers)."""
+    seen = obj
+    for _ in range(6):
+        if isinstance(obj, SGDSaI):
+            return obj
+        inner = getattr(obj, "sai_optimizer", None) or getattr(obj, "optimizer", None)
+        if inner is None or inner is obj:
+            break
+        obj = inner
+    raise TypeError(f"no SGDSaI optimizer found in {type(seen).__name__}")
+
+
+def gsnr_table(model: nn.Module, optimizer: Optimizer | Any) -> dict[str, dict[str, float | int]]:
+    """``{name: {"gsnr": float, "scale": float, "numel": int}}`` for every parameter whose
+    g-SNR is fixed, named as in the unwrapped model and in the model's order.
+
+    ``optimizer`` may be the :class:`SGDSaI`, or an engine or wrapper holding it. The table
+    is identical on every rank: g-SNR values are reduced before they are stored. Parameters
+    that have not yet had a gradient are absent.
+    """
+    opt = find_sgdsai(optimizer)
+    custom = getattr(opt.layout, "gsnr_table", None)
+    if custom is not None:
+        return custom(opt, model)
+    by_id: dict[int, tuple[float, float]] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if GSNR in state and state[GSNR].numel() == 1:
+                by_id[id(p)] = (float(state[GSNR]), float(state[SCALE]))
+    table: dict[str, dict[str, float | int]] = {}
+    for name, p in model.named_parameters():
+        if id(p) in by_id:
+            gsnr, scale = by_id[id(p)]
+            table[clean_name(name)] = {"gsnr": gsnr, "scale": scale, "numel": p.numel()}
+    return table
+
+
+def format_table(table: dict[str, dict[str, float | int]]) -> str:
+    """``gsnr_table``'s result as aligned text, one parameter a line."""
+    width = max((len(n) for n in table), default=4)
+    lines = [f"{'parameter':<{width}}  {'numel':>12}  {'g-SNR':>12}  {'scale':>10}"]
+    for name, row in table.items():
+        lines.append(f"{name:<{width}}  {row['numel']:>12,}  {row['gsnr']:>12.4g}  {row['scale']:>10.4f}")
+    return "\n".join(lines)
