@@ -173,7 +173,7 @@ class SGDSaI(Optimizer):
                     return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
         return name
 
-    def _fix_gsnr(self, tensors: list[tuple[Tensor, dict[str, Any]]], gsnr_max: float | None) -> bool:
+    def _fix_gsnr(self, tensors: list[Tensor], gsnr_max: float | None) -> bool:
         """Compute and store g-SNR and scale for every block held by ``tensors``.
 
         ``gsnr_max is None`` means step 1: the normaliser is fixed here from these blocks.
@@ -183,7 +183,7 @@ class SGDSaI(Optimizer):
         """
         layout = self.layout
         moments = reduce_block_moments(
-            layout.sources(p for p, _ in tensors), layout.num_blocks, layout.group
+            layout.sources(tensors), layout.num_blocks, layout.group
         )
         bad = (~moments.finite()).nonzero().flatten().tolist()
         if bad:
@@ -221,7 +221,8 @@ class SGDSaI(Optimizer):
             )
 
         max_t = torch.tensor(gsnr_max, dtype=torch.float32)
-        for p, state in tensors:
+        for p in tensors:
+            state = self.state[p]
             blocks = [piece.block for piece in layout.pieces(p)]
             value = g.value[blocks].to(torch.float32)
             scale = (g.value[blocks] / gsnr_max).to(torch.float32)
@@ -259,7 +260,7 @@ class SGDSaI(Optimizer):
             stepped.append((group, params))
 
         gsnr_max = self._gsnr_max()
-        fresh = [(p, self.state[p]) for _, params in stepped for p in params if SCALE not in self.state[p]]
+        fresh = [p for _, params in stepped for p in params if SCALE not in self.state.get(p, ())]
         if gsnr_max is None:
             # Step 1 fixes g-SNR from every block that has a gradient, across all groups.
             if not self._fix_gsnr(fresh, None):

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv (or reuse it) with everything sai_dist, its tests and its main job need.
+#
+# torch goes in first and pinned: any later package that names torch would otherwise pull
+# the newest CUDA build (several GB). Override the pin with TORCH_SPEC, e.g.
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" bash scripts/setup.sh
+# deepspeed and fairscale build from source distributions that import torch, so they are
+# installed without build isolation, against the torch already here.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${SAI_DIST_VENV:-$root/.venv}
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+quiet=(-q --disable-pip-version-check)
+# shellcheck disable=SC2086
+python -m pip install "${quiet[@]}" $torch_spec
+python -m pip install "${quiet[@]}" setuptools wheel numpy
+python -m pip install "${quiet[@]}" --no-build-isolation deepspeed==0.19.8 fairscale==0.4.13
+python -m pip install "${quiet[@]}" --no-build-isolation -e "$root[dev,mpi]"
+python - <<'PY'
+import torch, deepspeed, fairscale, mpi4py, sai_dist
+print(f"sai_dist {sai_dist.__version__}: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+      f"fairscale {fairscale.__version__}, mpi4py {mpi4py.__version__}")
+PY
