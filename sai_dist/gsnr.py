@@ -55,13 +55,18 @@ class GSNR:
     present: Tensor
 
 
-def block_gsnr(moments: BlockMoments, eps: Tensor | float, policy: DegeneratePolicy) -> GSNR:
+def block_gsnr(
+    moments: BlockMoments, eps: Tensor | float, policy: DegeneratePolicy, fill: float | None = None
+) -> GSNR:
     """g-SNR of every block from its moments.
 
     Args:
         moments: reduced moments, see :func:`sai_dist.stats.reduce_block_moments`.
         eps: scalar or per-block ``[num_blocks]`` epsilon (param groups may differ).
         policy: ``"max"`` or ``"official"``, see the module docstring.
+        fill: g-SNR given to degenerate blocks under ``"max"``; ``None`` (step 1) takes
+            the largest regular g-SNR among these blocks. Blocks arriving after step 1
+            pass the model's max fixed then.
     """
     std = moments.std.nan_to_num(0.0)
     raw = moments.norm / (std + eps)
@@ -69,20 +74,23 @@ def block_gsnr(moments: BlockMoments, eps: Tensor | float, policy: DegeneratePol
     degenerate = present & (std == 0)
     if policy == "official":
         return GSNR(raw=raw, value=raw.clone(), degenerate=degenerate, present=present)
-    regular = present & ~degenerate
-    fill = raw[regular].max() if bool(regular.any()) else torch.tensor(1.0, dtype=raw.dtype)
-    value = torch.where(degenerate, fill, raw)
+    if fill is None:
+        regular = present & ~degenerate
+        fill = float(raw[regular].max()) if bool(regular.any()) else 1.0
+    value = torch.where(degenerate, torch.tensor(fill, dtype=raw.dtype), raw)
     return GSNR(raw=raw, value=value, degenerate=degenerate, present=present)
 
 
-def normaliser(gsnr: GSNR, normalize: bool) -> float:
-    """The divisor fixed at step 1: the largest g-SNR of the model, or 1 without
-    normalisation. Blocks whose g-SNR is 0 everywhere give a max of 0; then scales are 0
-    (the official code divides by zero there)."""
-    if not normalize:
-        return 1.0
+def max_gsnr(gsnr: GSNR) -> float:
+    """The largest g-SNR among the blocks present (0 when there are none)."""
     values = gsnr.value[gsnr.present]
-    if values.numel() == 0:
+    return float(values.max()) if values.numel() else 0.0
+
+
+def normaliser(gsnr_max: float, normalize: bool) -> float:
+    """The divisor of every scale: the model's largest g-SNR, or 1 without normalisation.
+    A largest g-SNR of 0 (every block all-zero under the official policy) gives 1, so the
+    scales are 0 instead of the official code's division by zero."""
+    if not normalize or gsnr_max <= 0:
         return 1.0
-    top = float(values.max())
-    return top if top > 0 else 1.0
+    return gsnr_max

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from sai_dist.functional import sgd_sai
-from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, normaliser
+from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
 from sai_dist.stats import reduce_block_moments
 
@@ -37,7 +37,9 @@ SCALE = "scale"
 GSNR_MAX = "gsnr_max"
 
 
-def _check_range(name: str, value: Any, low: float, high: float | None = None, high_open: bool = False) -> None:
+def _check_range(
+    name: str, value: Any, low: float, high: float | None = None, high_open: bool = False
+) -> None:
     if isinstance(value, Tensor):
         raise ValueError(f"{name} must be a Python float, got a Tensor")
     ok = low <= value and (high is None or (value < high if high_open else value <= high))
@@ -182,9 +184,7 @@ class SGDSaI(Optimizer):
         step, e.g. a mixed-precision wrapper's first call, must not fix g-SNR).
         """
         layout = self.layout
-        moments = reduce_block_moments(
-            layout.sources(tensors), layout.num_blocks, layout.group
-        )
+        moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, layout.group)
         bad = (~moments.finite()).nonzero().flatten().tolist()
         if bad:
             names = ", ".join(self._describe(b) for b in bad[:10])
@@ -206,9 +206,10 @@ class SGDSaI(Optimizer):
         for p, group in ((p, g) for g in self.param_groups for p in g["params"]):
             for piece in layout.pieces(p):
                 eps[piece.block] = group["eps"]
-        g = block_gsnr(moments, eps.nan_to_num(self.defaults["eps"]), self.degenerate)
+        g = block_gsnr(moments, eps.nan_to_num(self.defaults["eps"]), self.degenerate, fill=gsnr_max)
         if gsnr_max is None:
-            gsnr_max = normaliser(g, self.normalize)
+            gsnr_max = max_gsnr(g)
+        divisor = normaliser(gsnr_max, self.normalize)
         degenerate = g.degenerate.nonzero().flatten().tolist()
         if degenerate and self.degenerate == "max":
             names = ", ".join(self._describe(b) for b in degenerate[:10])
@@ -225,7 +226,7 @@ class SGDSaI(Optimizer):
             state = self.state[p]
             blocks = [piece.block for piece in layout.pieces(p)]
             value = g.value[blocks].to(torch.float32)
-            scale = (g.value[blocks] / gsnr_max).to(torch.float32)
+            scale = (g.value[blocks] / divisor).to(torch.float32)
             single = len(blocks) == 1
             state[GSNR] = value[0].clone() if single else value
             state[SCALE] = scale[0].clone() if single else scale

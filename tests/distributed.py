@@ -40,7 +40,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}"
+        )
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:
@@ -50,7 +52,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; see module doc."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -81,7 +85,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                     time.sleep(2)
                     if len(results) + len(errors) < world_size and queue.empty():
                         codes = [p.exitcode for p in procs]
-                        raise RuntimeError(f"rank process died without a result, exit codes {codes}") from None
+                        raise RuntimeError(
+                            f"rank process died without a result, exit codes {codes}"
+                        ) from None
                 if errors:
                     # Peers of a failed rank usually hang in a collective; do not wait for them.
                     break

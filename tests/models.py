@@ -25,7 +25,9 @@ class TinyBlock(nn.Module):
 class TinyTransformer(nn.Module):
     """A decoder with 1-D params, a 1-element gate and a dim-0-of-3 projection."""
 
-    def __init__(self, vocab: int = 37, dim: int = 24, heads: int = 4, layers: int = 2, seq: int = 12) -> None:
+    def __init__(
+        self, vocab: int = 37, dim: int = 24, heads: int = 4, layers: int = 2, seq: int = 12
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(seq, dim) * 0.02)

@@ -38,19 +38,21 @@ class ReferenceSGDSaI:
                 values = {p: (fill if deg else v) for p, (v, deg) in raw.items()}
             else:
                 values = {p: v for p, (v, _) in raw.items()}
-            top = max(values.values())
-            self.gmax = (top if top > 0 else 1.0) if self.normalize else 1.0
+            self.gmax = max(values.values())
+            self.divisor = self.gmax if self.normalize and self.gmax > 0 else 1.0
             for p, v in values.items():
                 self.gsnr[p] = v
-                self.scale[p] = v / self.gmax
+                self.scale[p] = v / self.divisor
         for grp in self.groups:
             for p in grp["params"]:
                 if p.grad is None:
                     continue
                 if p not in self.scale:  # late block
                     v, deg = self._gsnr(p.grad.double(), grp["eps"])
+                    if deg and self.degenerate == "max":
+                        v = self.gmax
                     self.gsnr[p] = v
-                    self.scale[p] = v / self.gmax
+                    self.scale[p] = v / self.divisor
                 g = -p.grad if grp["maximize"] else p.grad
                 if grp["momentum"] != 0:
                     if p not in self.buf:

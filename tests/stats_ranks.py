@@ -23,7 +23,9 @@ def make_blocks(seed: int) -> list[torch.Tensor]:
     return [b.float() for b in blocks]
 
 
-def random_split(blocks: list[torch.Tensor], world: int, seed: int) -> list[list[tuple[torch.Tensor, list[Piece]]]]:
+def random_split(
+    blocks: list[torch.Tensor], world: int, seed: int
+) -> list[list[tuple[torch.Tensor, list[Piece]]]]:
     """Cut every block into contiguous runs at random points (empty runs included) and deal
     them to ranks; each rank gets a flat buffer per block it holds, padded at the end."""
     gen = torch.Generator().manual_seed(seed)

@@ -68,7 +68,9 @@ def test_trajectory_matches_reference_50_steps(normalize, maximize, foreach, wei
         assert row["gsnr"] == pytest.approx(ref.gsnr[names[name]], rel=1e-6)
         assert row["scale"] == pytest.approx(ref.scale[names[name]], rel=1e-6)
         assert row["numel"] == names[name].numel()
-    assert max(r["scale"] for r in table.values()) == pytest.approx(1.0 if normalize else max(ref.gsnr.values()))
+    assert max(r["scale"] for r in table.values()) == pytest.approx(
+        1.0 if normalize else max(ref.gsnr.values())
+    )
 
 
 def test_momentum_zero_is_scaled_sgd():
@@ -76,7 +78,9 @@ def test_momentum_zero_is_scaled_sgd():
     p = nn.Parameter(torch.randn(10))
     q = nn.Parameter(p.detach().clone())
     opt = SGDSaI([p], lr=0.1, momentum=0.0, weight_decay=0.0)
-    ref = ReferenceSGDSaI([{"params": [q], **GROUP_DEFAULTS, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}])
+    ref = ReferenceSGDSaI(
+        [{"params": [q], **GROUP_DEFAULTS, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}]
+    )
     for _ in range(3):
         g = torch.randn(10)
         p.grad, q.grad = g.clone(), g.clone()
@@ -364,3 +368,19 @@ def test_closure_is_called_with_grad_enabled():
 
     loss = opt.step(closure)
     assert loss is not None and opt.initialized
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_late_degenerate_block_takes_the_step1_max(normalize):
+    torch.manual_seed(7)
+    a, gate = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(1))
+    opt = SGDSaI([a, gate], lr=0.1, normalize=normalize)
+    a.grad = torch.randn(8)
+    opt.step()
+    gmax = float(opt.state[a]["gsnr_max"])
+    assert gmax == pytest.approx(float(opt.state[a]["gsnr"]))
+    a.grad, gate.grad = torch.randn(8), torch.tensor([2.0])
+    with pytest.warns(UserWarning, match="zero spread"):
+        opt.step()
+    assert float(opt.state[gate]["gsnr"]) == pytest.approx(gmax)
+    assert float(opt.state[gate]["scale"]) == pytest.approx(1.0 if normalize else gmax)

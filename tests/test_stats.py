@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sai_dist.gsnr import block_gsnr, normaliser
+from sai_dist.gsnr import block_gsnr, max_gsnr, normaliser
 from sai_dist.stats import Piece, reduce_block_moments
 from tests.distributed import run_ranks
 from tests.stats_ranks import make_blocks, moments_on_rank, random_split
@@ -72,12 +72,15 @@ def test_gsnr_and_normaliser_follow_the_formula():
         std = b.double().std().nan_to_num() if b.numel() > 1 else 0.0
         expected = (torch.linalg.norm(b.double()) / (std + 1e-8)).item()
         assert g.raw[i].item() == pytest.approx(expected, rel=1e-6)
-    assert normaliser(g, True) == pytest.approx(g.value.max().item())
+    assert normaliser(max_gsnr(g), True) == pytest.approx(g.value.max().item())
+    assert normaliser(max_gsnr(g), False) == 1.0
     policy = block_gsnr(m, 1e-8, "max")
     assert policy.degenerate.tolist() == [False, True, False, True, False, False]
     regular_max = max(g.raw[i].item() for i in (0, 2, 4, 5))
     assert policy.value[1].item() == pytest.approx(regular_max)
-    assert normaliser(policy, True) == pytest.approx(regular_max)
+    assert max_gsnr(policy) == pytest.approx(regular_max)
+    late = block_gsnr(m, 1e-8, "max", fill=123.0)
+    assert late.value[1].item() == 123.0 and late.value[3].item() == 123.0
 
 
 @pytest.mark.distributed
