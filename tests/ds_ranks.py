@@ -1,0 +1,183 @@
+"""Rank-side code for the DeepSpeed tests (spawned by tests/distributed.py::run_ranks).
+
+A tiny model with two param groups whose parameters straddle ZeRO partition boundaries at
+2 ranks; the global batch of every step is a deterministic function of the step, split
+evenly over ranks and micro-steps, so a single-process run on the whole batch is the
+exact reference (DeepSpeed averages gradients over ranks and accumulation steps).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+
+IN, HID, OUT = 7, 5, 3
+MICRO = 2  # rows per rank per micro-step at 2 ranks
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+
+
+def param_groups(model: nn.Module, lr: float = 0.05) -> list[dict[str, Any]]:
+    """Weights (decayed) and biases (no decay, their own lr): two groups."""
+    named = dict(model.named_parameters())
+    return [
+        {"params": [named["0.weight"], named["2.weight"]], "weight_decay": 0.01},
+        {"params": [named["0.bias"], named["2.bias"]], "weight_decay": 0.0, "lr": 2 * lr},
+    ]
+
+
+def batch(step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(rows, IN, generator=g)
+    # A target with a large offset keeps |mean| >> std for some gradients.
+    y = torch.randn(rows, OUT, generator=g) + torch.tensor([3.0, -1.0, 0.5])
+    return x, y
+
+
+def global_rows(gas: int, world: int = 2) -> int:
+    return MICRO * world * gas
+
+
+def ds_config(stage: int, **over: Any) -> dict[str, Any]:
+    """A DeepSpeed config for the tiny model; ``over`` keys: gas, clip, bf16, offload,
+    round_robin, sub_group_size, micro (rows per rank per micro-step)."""
+    gas = over.get("gas", 1)
+    zero: dict[str, Any] = {"stage": stage}
+    if over.get("offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if over.get("round_robin"):
+        zero["round_robin_gradients"] = True
+    if "sub_group_size" in over:
+        zero["sub_group_size"] = over["sub_group_size"]
+    if stage == 3:
+        # Partition every parameter, however small.
+        zero["stage3_param_persistence_threshold"] = 0
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": over.get("micro", MICRO),
+        "gradient_accumulation_steps": gas,
+        "optimizer": {
+            "type": "SGDSaI",
+            "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "eps": 1e-8},
+        },
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    # DeepSpeed clips at 1.0 unless told otherwise; the reference must know.
+    cfg["gradient_clipping"] = over.get("clip", 0.0)
+    if over.get("bf16"):
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def train_engine(engine: Any, steps: range, gas: int, world: int, rank: int, bf16: bool = False) -> None:
+    rows = global_rows(gas, world)
+    per = rows // (world * gas)
+    for step in steps:
+        x, y = batch(step, rows)
+        for micro in range(gas):
+            lo = (micro * world + rank) * per
+            xb, yb = x[lo : lo + per], y[lo : lo + per]
+            if bf16:
+                xb = xb.to(torch.bfloat16)
+            out = engine(xb)
+            loss = F.mse_loss(out.float(), yb)
+            engine.backward(loss)
+            engine.step()
+
+
+def full_params(engine: Any) -> dict[str, torch.Tensor]:
+    """The engine's parameters as DeepSpeed itself gathers them (fp32 numpy copies)."""
+    import deepspeed
+
+    from sai_dist.table import clean_name
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+        # numpy, not torch: tensors would travel back through shared memory that dies
+        # with the rank process.
+        return {clean_name(n): p.detach().float().numpy().copy() for n, p in engine.module.named_parameters()}
+
+
+def build(cfg: dict[str, Any], route: str = "initialize", tmp: str | None = None) -> tuple[Any, Any]:
+    """An engine on the tiny model. ``route``: ``initialize`` (sai_dist.deepspeed.initialize
+    with the config dict), ``json`` (same, from a JSON file), ``plain`` (the user calls
+    ``deepspeed.initialize`` itself after ``import sai_dist.deepspeed``)."""
+    import json
+
+    import deepspeed
+
+    import sai_dist.deepspeed as sds
+
+    model = make_model()
+    if route == "json":
+        assert tmp is not None
+        path = os.path.join(tmp, f"ds_{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        engine, opt, _, _ = sds.initialize(model=model, model_parameters=param_groups(model), config=path)
+    elif route == "plain":
+        engine, opt, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model), config=cfg
+        )
+    else:
+        engine, opt, _, _ = sds.initialize(model=model, model_parameters=param_groups(model), config=cfg)
+    return engine, opt
+
+
+def run_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> list[dict[str, Any]]:
+    """Train each case for ``steps`` steps; report g-SNR table after step 1, final
+    parameters, wrapper type, state bytes and timings."""
+    import sai_dist
+
+    torch.set_num_threads(1)
+    results = []
+    for case in cases:
+        t0 = time.perf_counter()
+        cfg = ds_config(case["stage"], **case.get("over", {}))
+        engine, opt = build(cfg, case.get("route", "initialize"), tmp)
+        t_init = time.perf_counter() - t0
+        gas = case.get("over", {}).get("gas", 1)
+        bf16 = bool(case.get("over", {}).get("bf16"))
+        t1 = time.perf_counter()
+        train_engine(engine, range(1), gas, world, rank, bf16)
+        table_engine = sai_dist.gsnr_table(engine.module, engine)
+        table_opt = sai_dist.gsnr_table(engine.module, opt)
+        train_engine(engine, range(1, case.get("steps", 10)), gas, world, rank, bf16)
+        t_train = time.perf_counter() - t1
+        sai = sai_dist.table.find_sgdsai(engine)
+        state_bytes = sum(
+            s["momentum_buffer"].numel() * s["momentum_buffer"].element_size()
+            for s in sai.state.values()
+            if "momentum_buffer" in s
+        )
+        flat_numel = sum(
+            p.numel() for g in getattr(engine.optimizer, "single_partition_of_fp32_groups", []) for p in [g]
+        ) + sum(p.numel() for p in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+        results.append(
+            {
+                "name": case["name"],
+                "wrapper": type(engine.optimizer).__name__,
+                "table": table_engine,
+                "table_opt": table_opt,
+                "params": full_params(engine),
+                "state_bytes": state_bytes,
+                "flat_numel": flat_numel,
+                "t_init": t_init,
+                "t_train": t_train,
+            }
+        )
+        engine.destroy()
+    return results
