@@ -44,7 +44,7 @@ from torch import Tensor
 from sai_dist.layouts.zero import (
     FlatSegmentLayout,
     from_bf16_optimizer,
-    from_fp16_optimizer,
+    from_fp16_unfused,
     from_zero3,
     from_zero12,
 )
@@ -85,7 +85,7 @@ def install() -> None:
     (2) appends :class:`SGDSaI` to ``deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS``
     so ZeRO needs no ``zero_allow_untested_optimizer``, (3) wraps
     ``DeepSpeedEngine._configure_optimizer`` to :func:`attach` the layout, and (4) wraps
-    ``FP16_Optimizer.initialize_optimizer_states``, which steps the client optimizer with
+    ``FP16_UnfusedOptimizer.initialize_optimizer_states``, which steps the client optimizer with
     all-zero gradients during construction, so the layout is attached before that probe
     (which SGD-SaI then skips: it neither fixes g-SNR nor decays weights).
     """
@@ -111,22 +111,22 @@ def install() -> None:
 
     engine_cls._configure_optimizer = _configure_optimizer
 
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    init_states = FP16_Optimizer.initialize_optimizer_states
+    init_states = FP16_UnfusedOptimizer.initialize_optimizer_states
 
     @functools.wraps(init_states)
     def initialize_optimizer_states(self: Any) -> None:
         if isinstance(self.optimizer, SGDSaI):
             if not isinstance(self.optimizer.layout, FlatSegmentLayout):
-                self.optimizer.use_layout(from_fp16_optimizer(self, {}))
+                self.optimizer.use_layout(from_fp16_unfused(self, {}))
             with warnings.catch_warnings():
                 # The probe's all-zero step is skipped by SGDSaI by design; say nothing.
                 warnings.filterwarnings("ignore", message="SGDSaI: every gradient is zero")
                 return init_states(self)
         return init_states(self)
 
-    FP16_Optimizer.initialize_optimizer_states = initialize_optimizer_states
+    FP16_UnfusedOptimizer.initialize_optimizer_states = initialize_optimizer_states
     _INSTALLED = True
 
 
@@ -139,7 +139,7 @@ def _param_names(module: torch.nn.Module) -> dict[int, str]:
 
 def _wrapper_kind(wrapper: Any) -> str:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -151,11 +151,11 @@ def _wrapper_kind(wrapper: Any) -> str:
         return "zero12"
     if isinstance(wrapper, BF16_Optimizer):
         return "bf16"
-    if isinstance(wrapper, FP16_Optimizer):
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
         return "fp16"
     raise NotImplementedError(
         f"SGDSaI under DeepSpeed: the optimizer wrapper {type(wrapper).__name__} is not supported "
-        "(supported: none, FP16_Optimizer, BF16_Optimizer, ZeRO stage 1, 2 and 3)"
+        "(supported: none, FP16_UnfusedOptimizer, BF16_Optimizer, ZeRO stage 1, 2 and 3)"
     )
 
 
@@ -194,11 +194,11 @@ def attach(engine: Any) -> SGDSaI:
         "zero12": from_zero12,
         "zero3": from_zero3,
         "bf16": from_bf16_optimizer,
-        "fp16": from_fp16_optimizer,
+        "fp16": from_fp16_unfused,
     }[kind]
     layout = build(wrapper, names)
     if isinstance(sai.layout, FlatSegmentLayout):
-        # FP16_Optimizer attached a nameless layout before its init probe; same segments.
+        # FP16_UnfusedOptimizer attached a nameless layout before its init probe; same segments.
         if sai.initialized:
             raise RuntimeError("SGDSaI: g-SNR was fixed before DeepSpeed finished building the engine")
     sai.use_layout(layout)
@@ -568,11 +568,9 @@ def _push_master_weights(wrapper: Any) -> None:
         for i in range(len(wrapper.fp32_partitioned_groups_flat)):
             wrapper._reassign_or_swap_out_partitioned_parameters(i)
     elif kind == "fp16":
-        from torch._utils import _unflatten_dense_tensors
-
-        for flat, params in zip(wrapper.fp32_groups_flat, wrapper.fp16_groups, strict=True):
-            for p, q in zip(params, _unflatten_dense_tensors(flat.data, params), strict=True):
-                p.data.copy_(q)
+        for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
+            for lp, hp in zip(lp_group, hp_group, strict=True):
+                lp.data.copy_(hp.data)
 
 
 if _ds is not None:

@@ -20,21 +20,22 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 
-IN, HID, OUT = 7, 5, 3
+IN, HID, HID2, OUT = 7, 5, 4, 3
 MICRO = 2  # rows per rank per micro-step at 2 ranks
 
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+    return nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, HID2), nn.Tanh(), nn.Linear(HID2, OUT))
 
 
 def param_groups(model: nn.Module, lr: float = 0.05) -> list[dict[str, Any]]:
-    """Weights (decayed) and biases (no decay, their own lr): two groups."""
+    """Weights (decayed) and biases (no decay, their own lr): two groups of three, so
+    ZeRO's round-robin ordering really reorders them at 2 ranks."""
     named = dict(model.named_parameters())
     return [
-        {"params": [named["0.weight"], named["2.weight"]], "weight_decay": 0.01},
-        {"params": [named["0.bias"], named["2.bias"]], "weight_decay": 0.0, "lr": 2 * lr},
+        {"params": [named[f"{i}.weight"] for i in (0, 2, 4)], "weight_decay": 0.01},
+        {"params": [named[f"{i}.bias"] for i in (0, 2, 4)], "weight_decay": 0.0, "lr": 2 * lr},
     ]
 
 
@@ -46,8 +47,9 @@ def batch(step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def global_rows(gas: int, world: int = 2) -> int:
-    return MICRO * world * gas
+def global_rows(gas: int) -> int:
+    """Rows of one optimizer step's global batch: the same at every world size."""
+    return MICRO * 2 * gas
 
 
 def ds_config(stage: int, **over: Any) -> dict[str, Any]:
@@ -79,11 +81,14 @@ def ds_config(stage: int, **over: Any) -> dict[str, Any]:
     cfg["gradient_clipping"] = over.get("clip", 0.0)
     if over.get("bf16"):
         cfg["bf16"] = {"enabled": True}
+    if over.get("fp32_accum"):
+        # ZeRO-1 + bf16 + fp32 gradient accumulation: DeepSpeed picks BF16_Optimizer.
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return cfg
 
 
 def train_engine(engine: Any, steps: range, gas: int, world: int, rank: int, bf16: bool = False) -> None:
-    rows = global_rows(gas, world)
+    rows = global_rows(gas)
     per = rows // (world * gas)
     for step in steps:
         x, y = batch(step, rows)
@@ -163,9 +168,22 @@ def run_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> l
             for s in sai.state.values()
             if "momentum_buffer" in s
         )
-        flat_numel = sum(
-            p.numel() for g in getattr(engine.optimizer, "single_partition_of_fp32_groups", []) for p in [g]
-        ) + sum(p.numel() for p in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+        wrapper = engine.optimizer
+        flats = (
+            getattr(wrapper, "single_partition_of_fp32_groups", None)
+            or getattr(wrapper, "fp32_partitioned_groups_flat", None)
+            or getattr(wrapper, "fp32_groups_flat_partition", None)
+            or []
+        )
+        flat_numel = sum(f.numel() for f in flats)
+        rr = getattr(wrapper, "round_robin_bit16_groups", None)
+        info = {
+            "sub_groups": len(wrapper.fp16_groups)
+            if hasattr(wrapper, "fp32_partitioned_groups_flat")
+            else None,
+            "rr_order": [[tuple(p.shape) for p in g] for g in rr] if rr else None,
+            "bit16_order": [[tuple(p.shape) for p in g] for g in wrapper.bit16_groups] if rr else None,
+        }
         results.append(
             {
                 "name": case["name"],
@@ -175,9 +193,56 @@ def run_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> l
                 "params": full_params(engine),
                 "state_bytes": state_bytes,
                 "flat_numel": flat_numel,
+                "info": info,
                 "t_init": t_init,
                 "t_train": t_train,
             }
         )
         engine.destroy()
     return results
+
+
+def checkpoint_roundtrip(rank: int, world: int, stage: int, tmp: str, over: dict[str, Any]) -> dict[str, Any]:
+    """5 steps, ``engine.save_checkpoint`` + ``save_optimizer_state``, 5 more steps; then a
+    fresh engine loads the DeepSpeed checkpoint and runs the same 5 steps."""
+    import sai_dist
+    import sai_dist.deepspeed as sds
+
+    torch.set_num_threads(1)
+    gas = over.get("gas", 1)
+    cfg = ds_config(stage, **over)
+    engine, _ = build(cfg)
+    train_engine(engine, range(5), gas, world, rank)
+    ckpt = os.path.join(tmp, f"ds_z{stage}")
+    engine.save_checkpoint(ckpt, tag="step5")
+    sds.save_optimizer_state(engine, os.path.join(tmp, f"sai_z{stage}.pt"))
+    table_a = sai_dist.gsnr_table(engine.module, engine)
+    train_engine(engine, range(5, 10), gas, world, rank)
+    params_a = full_params(engine)
+    engine.destroy()
+
+    engine, _ = build(cfg)
+    engine.load_checkpoint(ckpt, tag="step5")
+    table_b = sai_dist.gsnr_table(engine.module, engine)
+    train_engine(engine, range(5, 10), gas, world, rank)
+    params_b = full_params(engine)
+    engine.destroy()
+    return {"params_a": params_a, "params_b": params_b, "table_a": table_a, "table_b": table_b}
+
+
+def converter_load(rank: int, world: int, stage: int, tmp: str, over: dict[str, Any]) -> dict[str, Any]:
+    """A fresh engine at this world size loads the world-size-free checkpoint written at
+    2 ranks and runs steps 5..9 on the same global batches."""
+    import sai_dist
+    import sai_dist.deepspeed as sds
+
+    torch.set_num_threads(1)
+    gas = over.get("gas", 1)
+    cfg = ds_config(stage, micro=global_rows(gas) // (world * gas), **over)
+    engine, _ = build(cfg)
+    sds.load_optimizer_state(engine, os.path.join(tmp, f"sai_z{stage}.pt"))
+    table = sai_dist.gsnr_table(engine.module, engine)
+    train_engine(engine, range(5, 10), gas, world, rank)
+    params = full_params(engine)
+    engine.destroy()
+    return {"params": params, "table": table}

@@ -28,8 +28,8 @@ bookkeeping by attribute (duck typing), so ``import sai_dist`` never imports Dee
   after ``ds_numel`` on the last ranks.
 * ``BF16_Optimizer`` (ZeRO-1 + bf16 + fp32 gradient accumulation): contiguous flat group,
   ``numel // world`` elements per rank.
-* ``FP16_Optimizer`` (stage 0 + fp16/bf16): one whole flat per group on every rank,
-  gradients already all-reduced, so statistics are local (``group=None``).
+* ``FP16_UnfusedOptimizer`` (stage 0 + fp16/bf16): one fp32 master copy per parameter on
+  every rank, gradients already all-reduced, so statistics are local (``group=None``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ __all__ = [
     "FlatSegmentLayout",
     "Segment",
     "from_bf16_optimizer",
-    "from_fp16_optimizer",
+    "from_fp16_unfused",
     "from_zero3",
     "from_zero12",
 ]
@@ -289,18 +289,16 @@ def from_bf16_optimizer(bf16: Any, names: dict[int, str]) -> FlatSegmentLayout:
     return layout
 
 
-def from_fp16_optimizer(fp16: Any, names: dict[int, str]) -> FlatSegmentLayout:
-    """Layout of ``FP16_Optimizer`` (stage 0 with fp16 or bf16): one whole flat per param
-    group, identical on every rank, so statistics need no collective."""
+def from_fp16_unfused(fp16: Any, names: dict[int, str]) -> FlatSegmentLayout:
+    """Layout of ``FP16_UnfusedOptimizer`` (stage 0 with fp16 or bf16 weights, the wrapper
+    DeepSpeed picks for any optimizer but its FusedAdam): one fp32 master copy per
+    parameter, whole on every rank, gradients already all-reduced, so statistics need no
+    collective."""
     params = [p for g in fp16.fp16_groups for p in g]
     layout = FlatSegmentLayout(None, params, _names_for(params, names), [p.numel() for p in params])
-    for i, flat in enumerate(fp16.fp32_groups_flat):
-        members = fp16.fp16_groups[i]
-        offsets = [0]
-        for p in members[:-1]:
-            offsets.append(offsets[-1] + p.numel())
-        blocks = [layout.block_of(p) for p in members]
-        layout.add_flat(flat, _contiguous_segments(members, offsets, blocks, 0, flat.numel()))
+    for lp_group, hp_group in zip(fp16.fp16_groups, fp16.fp32_groups, strict=True):
+        for lp, hp in zip(lp_group, hp_group, strict=True):
+            layout.add_flat(hp, [Segment(layout.block_of(lp), 0, hp.numel(), 0)])
     return layout
 
 
