@@ -142,6 +142,29 @@ def build(cfg: dict[str, Any], route: str = "initialize", tmp: str | None = None
     return engine, opt
 
 
+def _untouched_after_init(engine: Any) -> bool:
+    """After ``initialize``: g-SNR not fixed, no momentum, and (stage 0 fp16/bf16, whose
+    wrapper steps the optimizer with zero gradients while it is built) the fp32 masters
+    still bit-equal to the model weights, i.e. no weight decay was applied."""
+    import sai_dist
+
+    sai = sai_dist.table.find_sgdsai(engine)
+    if sai.initialized or any("momentum_buffer" in s for s in sai.state.values()):
+        return False
+    masters = getattr(engine.optimizer, "fp32_groups", None)
+    if masters is not None:
+        for lp_group, hp_group in zip(engine.optimizer.fp16_groups, masters, strict=True):
+            for lp, hp in zip(lp_group, hp_group, strict=True):
+                if not torch.equal(lp.float(), hp):
+                    return False
+        # And the masters are the initial weights (bf16-rounded), not something else.
+        init = {n: p.detach() for n, p in make_model().named_parameters()}
+        for name, p in engine.module.named_parameters():
+            if not torch.equal(p.float(), init[name.removeprefix("module.")].to(p.dtype).float()):
+                return False
+    return True
+
+
 def run_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> list[dict[str, Any]]:
     """Train each case for ``steps`` steps; report g-SNR table after step 1, final
     parameters, wrapper type, state bytes and timings."""
@@ -154,6 +177,7 @@ def run_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> l
         cfg = ds_config(case["stage"], **case.get("over", {}))
         engine, opt = build(cfg, case.get("route", "initialize"), tmp)
         t_init = time.perf_counter() - t0
+        init_untouched = _untouched_after_init(engine)
         gas = case.get("over", {}).get("gas", 1)
         bf16 = bool(case.get("over", {}).get("bf16"))
         t1 = time.perf_counter()
@@ -194,6 +218,7 @@ def run_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> l
                 "state_bytes": state_bytes,
                 "flat_numel": flat_numel,
                 "info": info,
+                "init_untouched": init_untouched,
                 "t_init": t_init,
                 "t_train": t_train,
             }
