@@ -271,3 +271,28 @@ def converter_load(rank: int, world: int, stage: int, tmp: str, over: dict[str, 
     params = full_params(engine)
     engine.destroy()
     return {"params": params, "table": table}
+
+
+def shipped_configs(rank: int, world: int, paths: list[str], steps: int) -> list[dict[str, Any]]:
+    """Each config file of configs/ as shipped (micro batch 8 there; our batches are
+    smaller, which DeepSpeed does not check), through ``sai_dist.deepspeed.initialize``
+    with plain ``model.parameters()``."""
+    import sai_dist
+    import sai_dist.deepspeed as sds
+
+    torch.set_num_threads(1)
+    out = []
+    for path in paths:
+        model = make_model()
+        engine, _, _, _ = sds.initialize(model=model, model_parameters=model.parameters(), config=path)
+        train_engine(engine, range(steps), 1, world, rank)
+        out.append(
+            {
+                "path": path,
+                "wrapper": type(engine.optimizer).__name__,
+                "table": sai_dist.gsnr_table(engine.module, engine),
+                "params": full_params(engine),
+            }
+        )
+        engine.destroy()
+    return out

@@ -7,6 +7,7 @@ Each launch runs several engines in turn (DeepSpeed start-up dominates wall time
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -37,12 +38,13 @@ BF16_GSNR_RTOL = 1e-2
 
 
 def reference(
-    steps: int, gas: int = 1, clip: float | None = None
+    steps: int, gas: int = 1, clip: float | None = None, grouped: bool = True, lr: float = 0.05
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Single-process SGDSaI on the whole global batch of every step."""
     torch.set_num_threads(1)
     model = ds_ranks.make_model()
-    opt = SGDSaI(ds_ranks.param_groups(model), lr=0.05, momentum=0.9, weight_decay=0.01, eps=1e-8)
+    params = ds_ranks.param_groups(model, lr) if grouped else model.parameters()
+    opt = SGDSaI(params, lr=lr, momentum=0.9, weight_decay=0.01, eps=1e-8)
     table: dict[str, Any] = {}
     for step in range(steps):
         x, y = ds_ranks.batch(step, ds_ranks.global_rows(gas))
@@ -171,7 +173,7 @@ def test_features_match_single_process(tmp_path):
 
 def test_checkpoints_same_and_other_world_size(tmp_path):
     want_table, want_params = reference(10)
-    for stage in (2, 3):
+    for stage in (0, 2, 3):
         ranks = run_ranks(ds_ranks.checkpoint_roundtrip, 2, stage, str(tmp_path), {}, timeout=400)
         for r in ranks:
             # Save at 2 -> load at 2 continues identically, g-SNR kept (not recomputed).
@@ -198,6 +200,24 @@ def test_converter_to_other_stage(tmp_path):
     [one] = run_ranks(ds_ranks.converter_load, 1, 1, str(tmp_path), {}, timeout=300)
     assert one["table"] == ranks[0]["table_a"]
     assert param_error(one["params"], want_params) <= FP32_PARAM_RTOL
+
+
+def test_shipped_configs():
+    """configs/ds_zero{1,2,3}.json and ds_zero3_offload.json as shipped (lr 1e-2, clipping
+    at 1.0, one param group) match single-process SGDSaI."""
+    names = ("zero1", "zero2", "zero3", "zero3_offload")
+    paths = [str(ROOT / "configs" / f"ds_{n}.json") for n in names]
+    for path in paths:
+        cfg = json.loads(Path(path).read_text())
+        assert cfg["optimizer"]["type"] == "SGDSaI"
+    want_table, want_params = reference(5, clip=1.0, grouped=False, lr=0.01)
+    results = run_ranks(ds_ranks.shipped_configs, 2, paths, 5, timeout=400)
+    for rank_results in results:
+        for got in rank_results:
+            assert gsnr_error(got["table"], want_table) <= FP32_GSNR_RTOL, got["path"]
+            assert param_error(got["params"], want_params) <= FP32_PARAM_RTOL, got["path"]
+    wrappers = [r["wrapper"] for r in results[0]]
+    assert wrappers == ["DeepSpeedZeroOptimizer"] * 2 + ["DeepSpeedZeroOptimizer_Stage3"] * 2
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -245,7 +265,6 @@ def test_mpiexec_two_ranks_train(tmp_path):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
 
     metrics = json.loads(out.read_text())
     assert metrics["world_size"] == 2
