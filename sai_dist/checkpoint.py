@@ -141,4 +141,8 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
             del optim_state[fqn]
     _dcp(dcp.load, template, checkpoint_id, kwargs)
     set_model_state_dict(model, template[_MODEL])
-    _quiet_probe(set_optimizer_state_dict, model, opt, template[_OPTIM])
+    with warnings.catch_warnings():
+        if not optim_state:
+            # The checkpoint really holds no SGD-SaI state (saved before the first step).
+            warnings.filterwarnings("ignore", message="SGDSaI.load_state_dict: the state dict holds no g-SNR")
+        _quiet_probe(set_optimizer_state_dict, model, opt, template[_OPTIM])

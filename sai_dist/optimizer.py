@@ -350,3 +350,14 @@ class SGDSaI(Optimizer):
         for saved_id, param in zip(saved_ids, current, strict=True):
             for k, v in scalars.get(saved_id, {}).items():
                 self.state[param][k] = torch.as_tensor(v).detach().to("cpu", torch.float32)
+        if not self.initialized:
+            # A state dict without g-SNR is legitimate only if it was saved before the first
+            # step. DCP's template for a fresh SGDSaI is empty (its zero-gradient probe step is
+            # skipped), so plain dcp.load drops the whole optimizer state without a word.
+            warnings.warn(
+                "SGDSaI.load_state_dict: the state dict holds no g-SNR, so the next step fixes g-SNR "
+                "from a fresh gradient. Expected if it was saved before the first step; if it was "
+                "restored with torch.distributed.checkpoint into a fresh optimizer, DCP's template held "
+                "no SGD-SaI state: load with sai_dist.checkpoint.load instead.",
+                stacklevel=2,
+            )

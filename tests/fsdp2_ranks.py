@@ -335,6 +335,7 @@ def launch_2(rank: int, world: int, load_dir: str) -> dict[str, Any]:
             "accumulation": accumulation_run(rank, world),
             "mixed": mixed_precision_run(rank, world),
             "ddp": ddp_run(rank, world),
+            "refusals": refusals(rank, world),
         }
     )
 
@@ -377,3 +378,56 @@ def layout_moments(rank: int, world: int) -> dict[str, Any]:
     expected = torch.tensor(rows, dtype=torch.float64)
     got = torch.stack([moments.count, moments.total, moments.sumsq, moments.m2], 1)
     return {"expected": expected, "got": got, "local_numels": [layout.local(p).numel() for p in params]}
+
+
+# -- refusals -------------------------------------------------------------------------
+
+
+def refusals(rank: int, world: int) -> dict[str, str]:
+    """The messages SGDSaI gives for tensors it cannot map: Partial placements, meshes over
+    different ranks, a tensor it was never given, and a real FSDP1 model (or FSDP1's own
+    refusal when it cannot run here)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    from sai_dist.layouts import LayoutError
+
+    out: dict[str, str] = {}
+    mesh = init_device_mesh("cpu", (world,))
+    sub = init_device_mesh("cpu", (world, 1), mesh_dim_names=("a", "b"))["b"]
+    whole = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
+    partial = DTensor.from_local(torch.ones(2), mesh, [Partial()])
+    cases = {
+        "partial": lambda: sai_dist.SGDSaI([nn.Parameter(partial)]),
+        "meshes": lambda: sai_dist.SGDSaI(
+            [nn.Parameter(whole), nn.Parameter(distribute_tensor(torch.ones(2), sub, [Shard(0)]))]
+        ),
+    }
+    for key, build in cases.items():
+        try:
+            build()
+            out[key] = "no error"
+        except LayoutError as e:
+            out[key] = str(e)
+    opt = sai_dist.SGDSaI([nn.Parameter(whole)])
+    stranger = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+    try:
+        opt.layout.pieces(stranger)
+        out["stranger"] = "no error"
+    except LayoutError as e:
+        out["stranger"] = str(e)
+
+    # FSDP1 on CPU: wrap for real; either FSDP1 refuses the machine or SGDSaI refuses it.
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    try:
+        wrapped = FSDP1(nn.Linear(4, 4), use_orig_params=True, device_id=torch.device("cpu"))
+    except Exception as e:  # FSDP1's own refusal of a CPU-only machine
+        out["fsdp1"] = f"FSDP1 refused: {type(e).__name__}: {e}"
+    else:
+        try:
+            sai_dist.SGDSaI(wrapped.parameters())
+            out["fsdp1"] = "no error"
+        except LayoutError as e:
+            out["fsdp1"] = f"SGDSaI refused: {e}"
+    return out

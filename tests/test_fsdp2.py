@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import sai_dist
 from sai_dist import checkpoint
@@ -224,3 +225,23 @@ def test_plain_dcp_template_would_drop_state(ckpt_dir, run4):
     assert all(p.grad is None for p in model.parameters())  # the probe left no gradients
     ours = checkpoint.optimizer_state_template(model, opt)
     assert set(ours["state"]) == {n for n, _ in model.named_parameters()}
+    # Following the plain recipe anyway is not silent: loading the empty state warns.
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"optim": plain}, checkpoint_id=ckpt_dir, no_dist=True)
+    with pytest.warns(UserWarning, match="holds no g-SNR.*sai_dist.checkpoint.load"):
+        set_optimizer_state_dict(model, opt, plain)
+    assert not opt.initialized
+
+
+def test_refusals_name_the_culprit(run2):
+    msgs = run2[0]["refusals"]
+    assert "Partial on mesh dim(s) [0]" in msgs["partial"]
+    assert "device meshes over different ranks ([0, 1] and [0]" in msgs["meshes"]
+    assert "never given" in msgs["stranger"] and "local shape (2, 2)" in msgs["stranger"]
+    # Real FSDP1 wrapping runs on CPU in this torch; SGDSaI must refuse its flat parameters.
+    assert msgs["fsdp1"].startswith("SGDSaI refused:") or msgs["fsdp1"].startswith("FSDP1 refused:")
+    if msgs["fsdp1"].startswith("SGDSaI refused:"):
+        assert "flattened by FSDP1" in msgs["fsdp1"] and "fully_shard" in msgs["fsdp1"]
