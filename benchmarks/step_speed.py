@@ -56,8 +56,17 @@ def timeit(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def copy_bandwidth(n: int, device: torch.device, repeats: int) -> float:
+    """Bytes read plus written per second by ``dst.copy_(src)`` over ``n`` fp32 elements."""
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    return 2 * 4 * n / timeit(lambda: dst.copy_(src), device, repeats)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--params", type=float, default=50e6)
     parser.add_argument("--repeats", type=int, default=20)
@@ -71,11 +80,7 @@ def main() -> None:
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)
 
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    t_copy = timeit(lambda: dst.copy_(src), device, args.repeats)
-    bandwidth = 2 * 4 * n / t_copy
-    del src, dst
+    bandwidth = copy_bandwidth(n, device, args.repeats)
 
     candidates = {
         "sgdsai (foreach)": lambda ps: SGDSaI(ps, lr=1e-3, foreach=True),
