@@ -30,12 +30,14 @@ def make_model() -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float = 0.05) -> list[dict[str, Any]]:
-    """Weights (decayed) and biases (no decay, their own lr): two groups of three, so
-    ZeRO's round-robin ordering really reorders them at 2 ranks."""
+    """Biases (no decay, their own lr) and weights (decayed): two groups of three, so
+    ZeRO's round-robin ordering really reorders them at 2 ranks. The largest g-SNR is a
+    weight's, in the LAST group: a step 1 that normalised group by group would get the
+    first group's scales wrong."""
     named = dict(model.named_parameters())
     return [
-        {"params": [named[f"{i}.weight"] for i in (0, 2, 4)], "weight_decay": 0.01},
         {"params": [named[f"{i}.bias"] for i in (0, 2, 4)], "weight_decay": 0.0, "lr": 2 * lr},
+        {"params": [named[f"{i}.weight"] for i in (0, 2, 4)], "weight_decay": 0.01},
     ]
 
 

@@ -198,6 +198,10 @@ class FlatSegmentLayout(Layout):
         """``(gsnr, scale)`` per block, float64, NaN for blocks not yet fixed. Collective
         (see :meth:`refresh_table`) only when the cached table is missing."""
         if self._table is None:
+            if not optimizer.initialized:
+                # Nothing fixed anywhere (all ranks agree): no collective needed.
+                nan = torch.full((self.num_blocks,), math.nan, dtype=torch.float64)
+                return nan, nan.clone()
             self.refresh_table(optimizer)
         assert self._table is not None
         t = self._table.where(self._table.isfinite(), math.nan)
