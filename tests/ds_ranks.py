@@ -120,8 +120,9 @@ def full_params(engine: Any) -> dict[str, torch.Tensor]:
 
 def build(cfg: dict[str, Any], route: str = "initialize", tmp: str | None = None) -> tuple[Any, Any]:
     """An engine on the tiny model. ``route``: ``initialize`` (sai_dist.deepspeed.initialize
-    with the config dict), ``json`` (same, from a JSON file), ``plain`` (the user calls
-    ``deepspeed.initialize`` itself after ``import sai_dist.deepspeed``)."""
+    with the config dict), ``json`` (same, from a JSON file), ``client`` (an SGDSaI passed
+    as ``optimizer=``), ``plain`` (the user calls ``deepspeed.initialize`` itself after
+    ``import sai_dist.deepspeed``)."""
     import json
 
     import deepspeed
@@ -135,6 +136,14 @@ def build(cfg: dict[str, Any], route: str = "initialize", tmp: str | None = None
         with open(path, "w") as f:
             json.dump(cfg, f)
         engine, opt, _, _ = sds.initialize(model=model, model_parameters=param_groups(model), config=path)
+    elif route == "client":
+        # A client optimizer instead of the config section (offload then needs
+        # zero_force_ds_cpu_optimizer: false, which initialize sets).
+        from sai_dist import SGDSaI
+
+        params = cfg.pop("optimizer")["params"]
+        opt = SGDSaI(param_groups(model, params["lr"]), **params)
+        engine, opt, _, _ = sds.initialize(model=model, optimizer=opt, config=cfg)
     elif route == "plain":
         engine, opt, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model), config=cfg

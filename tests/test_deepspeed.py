@@ -146,6 +146,13 @@ FEATURES = [
     },
     {"name": "zero2_json", "stage": 2, "route": "json", "wrapper": "DeepSpeedZeroOptimizer"},
     {
+        "name": "zero2_offload_client_optimizer",
+        "stage": 2,
+        "route": "client",
+        "over": {"offload": True},
+        "wrapper": "DeepSpeedZeroOptimizer",
+    },
+    {
         "name": "zero3_plain_deepspeed_initialize",
         "stage": 3,
         "route": "plain",
