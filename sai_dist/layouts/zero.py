@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sai_dist.layouts.base import Layout, LayoutError
-from sai_dist.stats import Piece
+from sai_dist.stats import Piece, _collective_device
 
 __all__ = [
     "FlatSegmentLayout",
@@ -188,7 +188,9 @@ class FlatSegmentLayout(Layout):
                 values[seg.block, 0] = torch.maximum(values[seg.block, 0], gsnr[k])
                 values[seg.block, 1] = torch.maximum(values[seg.block, 1], scale[k])
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+            moved = values.to(_collective_device(self.group))  # NCCL reduces CUDA tensors only
+            dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=self.group)
+            values = moved.cpu()
         self._table = values
 
     def invalidate_table(self) -> None:
