@@ -49,6 +49,7 @@ from sai_dist.layouts.zero import (
     from_zero12,
 )
 from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
+from sai_dist.stats import _collective_device
 
 try:
     import deepspeed as _ds
@@ -424,8 +425,11 @@ def _gather_blocks(
             lo = starts[s.block] + s.offset
             buf[lo : lo + s.stop - s.start] = src[s.start : s.stop]
     if layout.group is not None and dist.is_initialized() and dist.get_world_size(layout.group) > 1:
-        dist.all_reduce(buf, group=layout.group)
-        dist.all_reduce(have, group=layout.group)
+        device = _collective_device(layout.group)  # NCCL reduces CUDA tensors only
+        both = torch.cat([buf, have]).to(device)
+        dist.all_reduce(both, group=layout.group)
+        both = both.cpu()
+        buf, have = both[:-1], both[-1:]
     if float(have) == 0:
         return None
     return [buf[starts[b] : starts[b + 1]].clone() for b in range(len(numels))]
@@ -543,9 +547,9 @@ def load_optimizer_state(engine: Any, path: str | os.PathLike, *, load_weights: 
             e = blocks[s.block]
             n = s.stop - s.start
             if load_weights:
-                view[s.start : s.stop] = e["param"].reshape(-1)[s.offset : s.offset + n].to(view.dtype)
+                view[s.start : s.stop].copy_(e["param"].reshape(-1)[s.offset : s.offset + n])
             if have_momentum:
-                buf.reshape(-1)[s.start : s.stop] = e["momentum"].reshape(-1)[s.offset : s.offset + n]
+                buf.reshape(-1)[s.start : s.stop].copy_(e["momentum"].reshape(-1)[s.offset : s.offset + n])
         if max_t is not None and all("gsnr" in blocks[s.block] for s in segs):
             g = torch.tensor([blocks[s.block]["gsnr"] for s in segs], dtype=torch.float32)
             sc = torch.tensor([blocks[s.block]["scale"] for s in segs], dtype=torch.float32)

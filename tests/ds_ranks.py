@@ -30,12 +30,14 @@ def make_model() -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float = 0.05) -> list[dict[str, Any]]:
-    """Weights (decayed) and biases (no decay, their own lr): two groups of three, so
-    ZeRO's round-robin ordering really reorders them at 2 ranks."""
+    """Biases (no decay, their own lr) and weights (decayed): two groups of three, so
+    ZeRO's round-robin ordering really reorders them at 2 ranks. The largest g-SNR is a
+    weight's, in the LAST group: a step 1 that normalised group by group would get the
+    first group's scales wrong."""
     named = dict(model.named_parameters())
     return [
-        {"params": [named[f"{i}.weight"] for i in (0, 2, 4)], "weight_decay": 0.01},
         {"params": [named[f"{i}.bias"] for i in (0, 2, 4)], "weight_decay": 0.0, "lr": 2 * lr},
+        {"params": [named[f"{i}.weight"] for i in (0, 2, 4)], "weight_decay": 0.01},
     ]
 
 
@@ -118,8 +120,9 @@ def full_params(engine: Any) -> dict[str, torch.Tensor]:
 
 def build(cfg: dict[str, Any], route: str = "initialize", tmp: str | None = None) -> tuple[Any, Any]:
     """An engine on the tiny model. ``route``: ``initialize`` (sai_dist.deepspeed.initialize
-    with the config dict), ``json`` (same, from a JSON file), ``plain`` (the user calls
-    ``deepspeed.initialize`` itself after ``import sai_dist.deepspeed``)."""
+    with the config dict), ``json`` (same, from a JSON file), ``client`` (an SGDSaI passed
+    as ``optimizer=``), ``plain`` (the user calls ``deepspeed.initialize`` itself after
+    ``import sai_dist.deepspeed``)."""
     import json
 
     import deepspeed
@@ -133,6 +136,14 @@ def build(cfg: dict[str, Any], route: str = "initialize", tmp: str | None = None
         with open(path, "w") as f:
             json.dump(cfg, f)
         engine, opt, _, _ = sds.initialize(model=model, model_parameters=param_groups(model), config=path)
+    elif route == "client":
+        # A client optimizer instead of the config section (offload then needs
+        # zero_force_ds_cpu_optimizer: false, which initialize sets).
+        from sai_dist import SGDSaI
+
+        params = cfg.pop("optimizer")["params"]
+        opt = SGDSaI(param_groups(model, params["lr"]), **params)
+        engine, opt, _, _ = sds.initialize(model=model, optimizer=opt, config=cfg)
     elif route == "plain":
         engine, opt, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model), config=cfg

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sai_dist.layouts.base import Layout, LayoutError
-from sai_dist.stats import Piece
+from sai_dist.stats import Piece, _collective_device
 
 __all__ = [
     "FlatSegmentLayout",
@@ -188,7 +188,9 @@ class FlatSegmentLayout(Layout):
                 values[seg.block, 0] = torch.maximum(values[seg.block, 0], gsnr[k])
                 values[seg.block, 1] = torch.maximum(values[seg.block, 1], scale[k])
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+            moved = values.to(_collective_device(self.group))  # NCCL reduces CUDA tensors only
+            dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=self.group)
+            values = moved.cpu()
         self._table = values
 
     def invalidate_table(self) -> None:
@@ -198,6 +200,10 @@ class FlatSegmentLayout(Layout):
         """``(gsnr, scale)`` per block, float64, NaN for blocks not yet fixed. Collective
         (see :meth:`refresh_table`) only when the cached table is missing."""
         if self._table is None:
+            if not optimizer.initialized:
+                # Nothing fixed anywhere (all ranks agree): no collective needed.
+                nan = torch.full((self.num_blocks,), math.nan, dtype=torch.float64)
+                return nan, nan.clone()
             self.refresh_table(optimizer)
         assert self._table is not None
         t = self._table.where(self._table.isfinite(), math.nan)
