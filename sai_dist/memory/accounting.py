@@ -39,7 +39,9 @@ Precision recipes:
 * ``fp32``: fp32 parameters and gradients; the optimizer steps them directly, no master
   copy, except DeepSpeed ZeRO-1/2, which always steps a separate fp32 clone of its
   partition (``single_partition_of_fp32_groups``), so :math:`4E` master bytes appear there.
-  ZeRO-3 with fp32 parameters steps the partition in place (no copy).
+  DeepSpeed 0.19.8 ZeRO-3 clones too: its in-place branch for fp32 partitions compares
+  ``tensor.device`` with the device *name* string, which never compares equal, so the
+  fp32 partition is always a copy (measured in ``tests/test_memory_measured.py``).
 * ``bf16-mixed``: bf16 weights and gradients for compute, fp32 master weights and fp32
   optimizer state (Megatron / DeepSpeed bf16). FSDP2 with
   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` keeps its *sharded*
@@ -201,7 +203,7 @@ def rank_memory(
         transient = 4 * e  # the flat fp32 gradient of the partition, built at step()
     elif strategy == "zero3":
         params, grads = low * e, low * e
-        master = 4 * e if mixed else 0
+        master = 4 * e  # a clone even in fp32 (see the module docstring)
         transient = 2 * low * largest_unit  # gathered unit + prefetched next one
     else:  # fsdp2, hsdp: sharded fp32 params are the master weights under MixedPrecisionPolicy
         params, grads, master = 4 * e_pad, 4 * e_pad, 0
