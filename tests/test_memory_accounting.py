@@ -178,3 +178,25 @@ def test_bad_inputs(capsys, tmp_path):
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("1.5GB") == 1_500_000_000
     with pytest.raises(Exception, match="not a memory size"):
         parse_bytes("eighty")
+
+
+def test_cuda_block_model():
+    from sai_dist.memory.plan import cuda_block_bytes
+
+    mib = 1 << 20
+    assert cuda_block_bytes(1) == 512 and cuda_block_bytes(513) == 1024
+    assert cuda_block_bytes(5 * mib + 3) == 5 * mib + 512  # carved from a 20 MiB segment
+    assert cuda_block_bytes(11 * mib + 1) == 12 * mib  # 1 MiB - 512 B left over: not split
+    assert cuda_block_bytes(10 * mib + 1) == 10 * mib + 512  # ~2 MiB left over: split off
+    assert cuda_block_bytes(64 * mib) == 64 * mib
+
+
+def test_paper_rows_reproduce_table1_within_stated_gaps():
+    from sai_dist.memory.cli import paper_rows
+
+    rows = {r["model"]: r for r in paper_rows()}
+    assert rows["llama2-7b"]["ours_bytes"]["sgd_sai"] == 26_953_662_464
+    assert rows["gpt2-xl"]["ours_bytes"]["sgd_sai"] == 4 * 1_556_840_000
+    # GPT-2 XL: CUDA block sizes account for all but 0.01 GiB of the paper's figures.
+    assert abs(rows["gpt2-xl"]["cuda_blocks_gib"]["sgd_sai"] - 5.93) < 0.015
+    assert abs(rows["gpt2-xl"]["cuda_blocks_gib"]["adamw"] - 11.86) < 0.03

@@ -23,7 +23,9 @@ dimension of parameter :math:`p`, :math:`T=\sum_p n_p` (documented padding rules
   data-parallel size) and split evenly: :math:`E = \lceil T / 2N\rceil \cdot 2`.
   One param group is assumed; each extra group pads on its own (< 2N elements).
 * ``zero3`` (DeepSpeed ``stage3``): every parameter is padded to a multiple of :math:`N`
-  on its own and split evenly: :math:`E = \sum_p \lceil n_p / N\rceil`.
+  on its own and split evenly: :math:`E = \sum_p \lceil n_p / N\rceil`. Parameters
+  below ``stage3_param_persistence_threshold`` (default 1e5 elements) are also kept
+  whole on every rank (counted in ``params``; their state is partitioned all the same).
 * ``fsdp2`` (``fully_shard``): every parameter is split along dim 0 into chunks of
   :math:`c_p = \lceil d_{0,p} / N\rceil` rows; rank :math:`r` holds rows
   :math:`[r c_p, \min((r+1) c_p, d_{0,p}))`. The optimizer's buffers are clones of the
@@ -83,6 +85,8 @@ OPTIMIZERS: dict[str, int] = {"sgd_sai": 1, "adamw": 2, "sgd_momentum": 1}
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp2", "hsdp")
 PRECISIONS = ("fp32", "bf16-mixed")
 _ZERO12_ALIGN = 2  # DeepSpeed stage_1_and_2: nccl_start_alignment_factor
+#: DeepSpeed's default ``stage3_param_persistence_threshold``: smaller parameters stay whole.
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
 
 Shape = tuple[int, ...]
 
@@ -202,7 +206,9 @@ def rank_memory(
         master = 4 * e  # DeepSpeed always steps an fp32 clone of the partition
         transient = 4 * e  # the flat fp32 gradient of the partition, built at step()
     elif strategy == "zero3":
-        params, grads = low * e, low * e
+        # Parameters under stage3_param_persistence_threshold stay gathered on every rank.
+        persistent = sum(_numel(s) for s in shapes if _numel(s) < ZERO3_PERSISTENCE_THRESHOLD)
+        params, grads = low * (e + persistent), low * e
         master = 4 * e  # a clone even in fp32 (see the module docstring)
         transient = 2 * low * largest_unit  # gathered unit + prefetched next one
     else:  # fsdp2, hsdp: sharded fp32 params are the master weights under MixedPrecisionPolicy

@@ -28,6 +28,25 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 }
 
 
+_MIB = 1 << 20
+
+
+def cuda_block_bytes(nbytes: int) -> int:
+    """Bytes of the block PyTorch's CUDA caching allocator hands out for a fresh request
+    of ``nbytes`` (defaults of ``c10/cuda/CUDACachingAllocator.cpp``): requests round up to
+    512 B; up to 1 MiB they are carved from 2 MiB segments, up to 10 MiB from 20 MiB
+    segments, and larger ones get their own segment rounded up to 2 MiB; a block is split
+    only when the remainder exceeds 1 MiB, so a large tensor can keep up to 1 MiB of slack.
+    The profiler's memory events report block sizes, which is how a GPU measurement of
+    optimizer state can exceed the tensors' bytes (see docs/memory.md, Table 1).
+    """
+    size = max(512, -(-nbytes // 512) * 512)
+    if size < 10 * _MIB:
+        return size
+    segment = -(-size // (2 * _MIB)) * (2 * _MIB)
+    return segment if segment - size <= _MIB else size
+
+
 def largest_unit(module: nn.Module) -> int:
     """Parameters of the largest child of the model's biggest ``nn.ModuleList`` (the unit
     FSDP2/ZeRO-3 gathers at a time for a transformer), or of the whole model if none."""
