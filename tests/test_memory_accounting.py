@@ -200,3 +200,11 @@ def test_paper_rows_reproduce_table1_within_stated_gaps():
     # GPT-2 XL: CUDA block sizes account for all but 0.01 GiB of the paper's figures.
     assert abs(rows["gpt2-xl"]["cuda_blocks_gib"]["sgd_sai"] - 5.93) < 0.015
     assert abs(rows["gpt2-xl"]["cuda_blocks_gib"]["adamw"] - 11.86) < 0.03
+
+
+def test_hsdp_default_shard_divides_world(capsys):
+    assert (
+        cli_main(["memory", "--model", "gpt2", "--world-size", "12", "--json", "--strategies", "hsdp"]) == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["strategies"]["hsdp"]["shard_size"] == 6

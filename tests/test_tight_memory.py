@@ -28,6 +28,7 @@ def _run(tmp_path, *extra):
         env=env,
         check=True,
         timeout=3000,
+        capture_output=True,
     )
     report = json.loads(out.read_text())
     return {(r["mode"], bool(r["cap"])): r for r in report["runs"]}, report
@@ -56,3 +57,27 @@ def test_cpu_sgd_sai_trains_where_adamw_runs_out(tmp_path):
 @SLOW
 def test_gpu_llama2_7b_sgd_sai_trains_where_adamw_runs_out(tmp_path):
     _check(*_run(tmp_path, "--part", "gpu", "--steps", "3", "--uncapped"))
+
+
+def test_script_smoke_tiny_cpu(tmp_path):
+    """The benchmark itself runs end to end (tiny model, generous cap: everything trains)."""
+    runs, report = _run(
+        tmp_path,
+        "--part",
+        "cpu",
+        "--dim",
+        "128",
+        "--layers",
+        "1",
+        "--steps",
+        "2",
+        "--context",
+        "8",
+        "--cap",
+        "4",
+    )
+    assert {m for m, _ in runs} == {"sgd_sai", "adamw", "sgd_sai_in_backward"}
+    assert all(r["status"] == "trained" and r["steps_done"] == 2 for r in runs.values())
+    # the two SGD-SaI modes follow the same trajectory
+    assert runs[("sgd_sai", True)]["losses"] == runs[("sgd_sai_in_backward", True)]["losses"]
+    assert report["cap_bytes"] == 4 * 2**30

@@ -61,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--world-size", type=int, default=1, help="ranks (default 1)")
     parser.add_argument(
-        "--shard-size", type=int, default=None, help="HSDP shard-group size (default: min(8, world size))"
+        "--shard-size",
+        type=int,
+        default=None,
+        help="HSDP shard-group size (default: the largest divisor of the world size up to 8)",
     )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument(
@@ -130,7 +133,8 @@ def paper_rows() -> list[dict]:
 def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
     shapes = [s for _, s in spec.params]
     world = max(1, args.world_size)
-    shard = args.shard_size or min(8, world)
+    # HSDP default: the largest shard group of at most 8 ranks (one node) dividing the world.
+    shard = args.shard_size or max(d for d in range(1, min(8, world) + 1) if world % d == 0)
     strategies = _strategies(args.strategies)
     unit = largest_unit(spec.module)
     single = rank_memory(shapes, "single", 1, args.precision)
