@@ -15,7 +15,7 @@ import re
 import sys
 
 from sai_dist.memory.accounting import OPTIMIZERS, PRECISIONS, STRATEGIES, rank_memory, sgd_sai_scalar_bytes
-from sai_dist.memory.models import PRESETS, ModelSpec, resolve_model
+from sai_dist.memory.models import PRESETS, ModelSpec, ViTConfig, resolve_model
 from sai_dist.memory.plan import (
     GIB,
     PAPER_TABLE1,
@@ -164,7 +164,13 @@ def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
         source = "given"
         if act is None:
             act = estimate_activations(spec, args.batch, args.seq, args.precision)
-            source = f"estimated (batch {args.batch}, context {args.seq}, no recomputation)"
+            c = spec.config
+            tokens = (
+                f"{(c.image_size // c.patch_size) ** 2 + 1} tokens per image"
+                if isinstance(c, ViTConfig)
+                else f"context {args.seq}"
+            )
+            source = f"estimated (batch {args.batch}, {tokens}, no recomputation)"
             if act is None:
                 raise ValueError(f"cannot estimate activations of {spec.name!r}: pass --activation-mem")
         verdicts = plan(
