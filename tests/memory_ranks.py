@@ -92,9 +92,10 @@ def _ds_model() -> nn.Module:
     return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
 
 
-def zero_state(rank: int, world: int, stage: int, kind: str) -> dict[str, Any]:
-    """Train two steps under DeepSpeed ZeRO-``stage`` (fp32, one param group) and read the
-    state of the optimizer DeepSpeed steps on this rank's flat partition."""
+def zero_state(rank: int, world: int, stage: int, kind: str, precision: str = "fp32") -> dict[str, Any]:
+    """Train two steps under DeepSpeed ZeRO-``stage`` (one param group, ``fp32`` or
+    ``bf16-mixed``) and read the state of the optimizer DeepSpeed steps on this rank's
+    flat partition, and the bytes of its fp32 master partition."""
     import deepspeed
 
     model = _ds_model()
@@ -110,6 +111,9 @@ def zero_state(rank: int, world: int, stage: int, kind: str) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
     }
+    bf16 = precision == "bf16-mixed"
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
     if kind == "sgd_sai":
         import sai_dist.deepspeed as sds
 
@@ -121,7 +125,9 @@ def zero_state(rank: int, world: int, stage: int, kind: str) -> dict[str, Any]:
     for step in range(2):
         g = torch.Generator().manual_seed(100 * step + rank)
         x, y = torch.randn(2, 7, generator=g), torch.randn(2, 3, generator=g)
-        loss = F.mse_loss(engine(x), y)
+        if bf16:
+            x = x.to(torch.bfloat16)
+        loss = F.mse_loss(engine(x).float(), y)
         engine.backward(loss)
         engine.step()
     wrapper = engine.optimizer

@@ -76,11 +76,11 @@ def test_fsdp2_sgd_sai_state_bytes_per_rank():
     _check_fsdp2(run_ranks(memory_ranks.fsdp2_state, 2, "sgd_sai", timeout=180), "sgd_sai")
 
 
-def _check_zero(results, stage, kind):
+def _check_zero(results, stage, kind, precision="fp32"):
     world = len(results)
     strategy = f"zero{stage}"
     for r in results:
-        predicted = rank_memory(r["shapes"], strategy, world)
+        predicted = rank_memory(r["shapes"], strategy, world, precision)
         assert r["state"] == predicted.state[kind], (strategy, kind, r, predicted.buffer_elements)
         assert r["master"] == predicted.master, (strategy, r)
 
@@ -94,9 +94,16 @@ def test_zero_adamw_state_bytes_per_rank(stage):
 
 @pytest.mark.distributed
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed")
-@pytest.mark.skipif(
-    not HAS_SAI_DEEPSPEED, reason="sai_dist.deepspeed (ZeRO integration, branch deepspeed) not merged"
-)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_bf16_adamw_state_and_master_bytes_per_rank(stage):
+    # bf16 weights, fp32 master partition and fp32 state: the bf16-mixed recipe.
+    results = run_ranks(memory_ranks.zero_state, 2, stage, "adamw", "bf16-mixed", timeout=300)
+    _check_zero(results, stage, "adamw", "bf16-mixed")
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed")
+@pytest.mark.skipif(not HAS_SAI_DEEPSPEED, reason="sai_dist.deepspeed (ZeRO integration) not merged yet")
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_sgd_sai_state_bytes_per_rank(stage):
     _check_zero(run_ranks(memory_ranks.zero_state, 2, stage, "sgd_sai", timeout=300), stage, "sgd_sai")
