@@ -114,7 +114,7 @@ class InBackwardSGDSaI:
         state = opt.state[p]
         if SCALE not in state:
             # A block whose first gradient comes after step 1: scaled by the fixed max, as in step().
-            opt._fix_gsnr([(p, state)], opt._gsnr_max())
+            opt._fix_gsnr([p], opt._gsnr_max())
         opt._step_group(self._group_of[id(p)], [p])
         p.grad = None
 
@@ -124,7 +124,7 @@ class InBackwardSGDSaI:
         self._callback_queued = False
         opt = self.optimizer
         pending = [p for p in pending if p.grad is not None]
-        if not opt._fix_gsnr([(p, opt.state[p]) for p in pending], None):
+        if not opt._fix_gsnr(pending, None):
             for p in pending:  # an all-zero probe step: nothing is fixed, nothing kept
                 p.grad = None
             return
