@@ -138,8 +138,21 @@ def _deepspeed(cfg: TrainConfig, model: GPT) -> Setup:
             "--backend deepspeed needs sai_dist.deepspeed (and the deepspeed package: "
             "`pip install sai_dist[deepspeed]`)"
         ) from exc
-    optimizer = make_optimizer(cfg, model.named_parameters())
-    engine, ds_optimizer, _, _ = sai_deepspeed.initialize(
-        model=model, optimizer=optimizer, config=cfg.deepspeed_config
+    import json
+
+    with open(cfg.deepspeed_config) as f:  # type: ignore[arg-type]
+        ds_config = json.load(f)
+    # The job owns batch size, clipping and the optimizer: keep the config consistent with
+    # them instead of making the user edit it per world size.
+    world = dist.get_world_size()
+    ds_config.update(
+        train_batch_size=cfg.global_batch,
+        train_micro_batch_size_per_gpu=cfg.global_batch // world,
+        gradient_accumulation_steps=1,
+        gradient_clipping=cfg.grad_clip or 0.0,
     )
+    ds_config.pop("optimizer", None)
+    ds_config.pop("scheduler", None)
+    optimizer = make_optimizer(cfg, model.named_parameters())
+    engine, ds_optimizer, _, _ = sai_deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return Setup(engine, ds_optimizer, engine=engine)

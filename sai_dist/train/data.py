@@ -72,6 +72,12 @@ def load_corpus(root: str | None = None, max_bytes: int = 4 << 20, val_every: in
         (val_parts if i % val_every == val_every - 1 else train_parts).append(data + SEPARATOR)
         total += len(data)
         used += 1
+    if not train_parts or not val_parts:
+        raise ValueError(
+            f"corpus of {used} files from {root!r} (max_bytes={max_bytes}) leaves no "
+            f"{'training' if not train_parts else 'validation'} file: raise max_bytes or lower val_every "
+            f"(file i is held out when i % {val_every} == {val_every - 1})"
+        )
     train = torch.frombuffer(bytearray(b"".join(train_parts)), dtype=torch.uint8)
     val = torch.frombuffer(bytearray(b"".join(val_parts)), dtype=torch.uint8)
     return Corpus(train=train, val=val, source=root, n_files=used)

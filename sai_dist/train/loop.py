@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -26,6 +27,10 @@ from sai_dist.train.data import load_corpus, train_batch, val_batches
 from sai_dist.train.distributed import DistEnv, device_for, init
 from sai_dist.train.model import GPT, GPTConfig, lm_loss
 from sai_dist.train.report import plot_gsnr, plot_losses, read_metrics
+
+
+# Fault injection for tests: rank 0 SIGKILLs itself right after this step (0: never).
+_DIE_AFTER_STEP = int(os.environ.get("SAI_DIST_TRAIN_DIE_AFTER_STEP", "0"))
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -182,6 +187,8 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
             metrics.write({"kind": "val", "step": done, "val_loss": val_loss})
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             ckpt_io.save(ckpt_root, done, setup.model, setup.optimizer, setup.engine, meta)
+        if done == _DIE_AFTER_STEP and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
         if bar is not None:
             bar.set_postfix(
                 loss=f"{loss_value:.3f}",
