@@ -1,0 +1,144 @@
+"""Sharded checkpoints of a model and its :class:`~sai_dist.SGDSaI` with
+``torch.distributed.checkpoint`` (DCP), resharding across world sizes.
+
+What is saved per parameter (FQN keys, as ``get_optimizer_state_dict`` names them):
+``momentum_buffer`` (a DTensor shard under FSDP2/HSDP, so DCP reshards it on load) and
+the g-SNR scalars ``gsnr``, ``scale``, ``gsnr_max`` (plain replicated CPU tensors, written
+once). Loading restores them, so a resumed run never recomputes g-SNR.
+
+Why a helper and not only ``dcp.load(get_state_dict(model, optimizer))``: DCP loads into a
+*template* state dict, and builds the optimizer's template by calling ``optimizer.step()``
+once with zero gradients and lr 0 when the optimizer has no state yet. SGD-SaI rightly
+refuses to fix g-SNR from an all-zero gradient, so that probe leaves it stateless and the
+template holds no entries: plain DCP would load the parameters but silently drop the
+momentum and the g-SNR. :func:`optimizer_state_template` builds the template SGD-SaI needs
+(zero momentum DTensors with each parameter's own placements, scalar placeholders) and
+:func:`load` keeps only the entries the checkpoint actually holds.
+
+Recipe (every rank calls both, as with any DCP call)::
+
+    sai_dist.checkpoint.save(path, model, optimizer)          # at 4 ranks
+    ...
+    sai_dist.checkpoint.load(path, model, optimizer)          # at 2 ranks, or 1 process
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
+from sai_dist.table import find_sgdsai
+
+__all__ = ["load", "optimizer_state_template", "save", "state_dict"]
+
+_SCALARS = (GSNR, SCALE, GSNR_MAX)
+_MODEL = "model"
+_OPTIM = "optim"
+
+
+def _quiet_probe(fn: Any, *args: Any) -> Any:
+    """Run a DCP state-dict call whose zero-gradient probe step SGD-SaI skips; the skip's
+    warning is expected here and says nothing about the user's training."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="SGDSaI: every gradient is zero at the first step")
+        return fn(*args)
+
+
+def state_dict(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` as DCP saves them: sharded, FQN-keyed."""
+    opt = find_sgdsai(optimizer)
+    return {
+        _MODEL: get_model_state_dict(model),
+        _OPTIM: _quiet_probe(get_optimizer_state_dict, model, opt),
+    }
+
+
+def optimizer_state_template(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """An optimizer state dict DCP can load SGD-SaI state into.
+
+    Parameters with state keep it (as ``get_optimizer_state_dict`` gives it); every other
+    trainable parameter gets placeholders: ``momentum_buffer`` as ``zeros_like`` of the
+    parameter (a DTensor keeps its mesh and placements, which is what lets DCP reshard into
+    it) in groups with momentum, and 0-d CPU float32 ``gsnr``/``scale``/``gsnr_max`` (one
+    value per piece for a tensor holding several blocks).
+    """
+    opt: SGDSaI = find_sgdsai(optimizer)
+    osd = _quiet_probe(get_optimizer_state_dict, model, opt)
+    # Per parameter: real state where it exists. (An entry can exist and be empty: a
+    # skipped zero-gradient step still indexes the optimizer's state defaultdict.)
+    state: dict[str, dict[str, Any]] = {fqn: entry for fqn, entry in osd["state"].items() if entry}
+    for saved_group, group in zip(osd["param_groups"], opt.param_groups, strict=True):
+        for fqn, p in zip(saved_group["params"], group["params"], strict=True):
+            if not p.requires_grad or fqn in state:
+                continue
+            n = len(opt.layout.pieces(p))
+            shape: tuple[int, ...] = () if n == 1 else (n,)
+            entry: dict[str, Any] = {k: torch.zeros(shape, dtype=torch.float32) for k in _SCALARS}
+            if group["momentum"] != 0:
+                entry[MOMENTUM] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state[fqn] = entry
+    osd["state"] = state
+    return osd
+
+
+def _single_process(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Outside a process group DCP runs single-process: say so explicitly."""
+    if not (dist.is_available() and dist.is_initialized()):
+        kwargs.setdefault("no_dist", True)
+    return kwargs
+
+
+def _dcp(fn: Any, state: dict[str, Any], checkpoint_id: str, kwargs: dict[str, Any]) -> Any:
+    """``dcp.save``/``dcp.load``; single-process use is intended here (loading a sharded
+    checkpoint into one process is a supported resharding), so DCP's warning about a
+    missing process group is silenced."""
+    kwargs = _single_process(kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        return fn(state, checkpoint_id=checkpoint_id, **kwargs)
+
+
+def save(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) -> None:
+    """Save model and optimizer with ``dcp.save``; ``kwargs`` go to it (storage_writer,
+    process_group, ...)."""
+    _dcp(dcp.save, state_dict(model, optimizer), checkpoint_id, kwargs)
+
+
+def _saved_keys(checkpoint_id: str, storage_reader: Any | None) -> set[str]:
+    reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(checkpoint_id)
+    return set(reader.read_metadata().state_dict_metadata)
+
+
+def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) -> None:
+    """Load what :func:`save` wrote into ``model`` and ``optimizer``, at any world size.
+
+    Optimizer entries the checkpoint does not hold (saved before the first step, a
+    parameter that never had a gradient) are left out rather than loaded as placeholders,
+    so such parameters fix g-SNR at their first gradient as in an uninterrupted run.
+    ``kwargs`` go to ``dcp.load`` (storage_reader, process_group, ...).
+    """
+    opt = find_sgdsai(optimizer)
+    template = {_MODEL: get_model_state_dict(model), _OPTIM: optimizer_state_template(model, opt)}
+    saved = _saved_keys(checkpoint_id, kwargs.get("storage_reader"))
+    optim_state = template[_OPTIM]["state"]
+    for fqn in list(optim_state):
+        entry = {k: v for k, v in optim_state[fqn].items() if f"{_OPTIM}.state.{fqn}.{k}" in saved}
+        if entry:
+            optim_state[fqn] = entry
+        else:
+            del optim_state[fqn]
+    _dcp(dcp.load, template, checkpoint_id, kwargs)
+    set_model_state_dict(model, template[_MODEL])
+    _quiet_probe(set_optimizer_state_dict, model, opt, template[_OPTIM])
