@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 SWEEP = {
     "sgdsai": [0.3, 1.0, 3.0],
     "adamw": [1e-3, 3e-3, 1e-2],
-    "sgd": [0.3, 1.0, 3.0],
+    "sgd": [0.1, 0.3, 1.0, 3.0],
 }
 LABELS = {"sgdsai": "SGD-SaI", "adamw": "AdamW", "sgd": "SGD-momentum"}
 
@@ -39,11 +39,11 @@ def run_one(opt: str, lr: float, args: argparse.Namespace) -> dict:
         "--runs-dir", args.runs_dir, "--name", name, "--no-progress",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if proc.returncode:
-        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     run_dir = os.path.join(args.runs_dir, name)
+    if not (args.reuse and _finished(run_dir, opt, lr, args)):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode:
+            raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -55,10 +55,24 @@ def run_one(opt: str, lr: float, args: argparse.Namespace) -> dict:
         "lr": lr,
         "final_val_loss": summary["final_val_loss"],
         "tokens_per_s": summary["tokens_per_s"],
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": summary["wall_s_this_process"],
         "val_curve": val,
         "train_curve": [(r["step"], r["loss"]) for r in records if r["kind"] == "train"],
     }
+
+
+def _finished(run_dir: str, opt: str, lr: float, args: argparse.Namespace) -> bool:
+    """Whether ``run_dir`` already holds this exact run, finished (for --reuse)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    want = dict(optimizer=opt, lr=lr, steps=args.steps, seq_len=args.seq_len,
+                global_batch=args.global_batch, seed=args.seed)  # fmt: skip
+    return all(cfg.get(k) == v for k, v in want.items())
 
 
 def plot(results: list[dict], out: str, steps: int) -> None:
@@ -106,6 +120,7 @@ def main() -> int:
     parser.add_argument("--runs-dir", default="runs/bench")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--reuse", action="store_true", help="keep finished identical runs from --runs-dir")
     args = parser.parse_args()
     todo = [(o, lr) for o in args.optimizers.split(",") for lr in SWEEP[o]]
     t0 = time.perf_counter()

@@ -81,7 +81,7 @@ def save(root: str, step: int, model: nn.Module, optimizer: Any, engine: Any, me
         fmt = "deepspeed"
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial, no_dist=not dist.is_initialized())
         fmt = "dcp"
     torch.save(rng_state(), os.path.join(partial, "rng", f"rank{_rank()}.pt"))
     _barrier()
@@ -176,7 +176,7 @@ def load(ckpt: str, model: nn.Module, optimizer: Any, engine: Any) -> dict[str, 
         if engine is not None:
             raise ValueError(f"{ckpt} is a DCP checkpoint; DeepSpeed resumes only its own checkpoints")
         state = {"model": get_model_state_dict(model), "optim": _optim_template(ckpt, model)}
-        dcp.load(state, checkpoint_id=ckpt)
+        dcp.load(state, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
         with warnings.catch_warnings():
             # set_state_dict probes the optimizer with zero gradients to create its state;
             # SGD-SaI rightly refuses to fix g-SNR from that and says so.

@@ -95,8 +95,9 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
     t_start = time.perf_counter()
     device = device_for(env, cfg.device)
     if env is not None:
-        # Share the cores among the local ranks instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Share the node's cores among its ranks instead of oversubscribing them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
         init(env, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
