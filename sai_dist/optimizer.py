@@ -125,6 +125,19 @@ class SGDSaI(Optimizer):
         assert self._layout is not None
         return self._layout
 
+    def use_layout(self, layout: Layout) -> None:
+        """Replace the layout, for integrations whose wrapper rebinds the param groups to its
+        own tensors after construction (DeepSpeed ZeRO's flat partitions, say).
+
+        Must happen before g-SNR is fixed: state computed under one layout does not
+        describe another's tensors. The current param groups are registered with it.
+        """
+        if self.initialized:
+            raise RuntimeError("SGDSaI.use_layout: g-SNR is already fixed; attach the layout before step 1")
+        self._layout = layout
+        for group in self.param_groups:
+            self._register(group)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]

@@ -1,0 +1,327 @@
+r"""Flat-segment layout: blocks of the original model inside flat, partitioned buffers.
+
+DeepSpeed's ZeRO wrappers (and its fp16/bf16 wrappers) hand the client optimizer one flat
+fp32 tensor per param group or sub-group, and each rank holds only a slice of it. The
+slice is a run of *segments*: contiguous pieces of original parameters, laid end to end,
+with alignment padding that belongs to no parameter. A :class:`Segment` records one of
+them:
+
+.. math::
+    \text{flat}[\text{start}:\text{stop}] \;=\;
+    \operatorname{vec}(W_b)[\text{offset} : \text{offset} + (\text{stop} - \text{start})]
+
+so the statistics engine sees exactly the elements of block ``b`` that this rank holds
+(``counted=True``: every element lives on exactly one rank of the data-parallel group)
+and padding never enters a g-SNR.
+
+This module knows no DeepSpeed class. The ``from_*`` builders read the wrappers'
+bookkeeping by attribute (duck typing), so ``import sai_dist`` never imports DeepSpeed:
+
+* ZeRO-1/2 (``DeepSpeedZeroOptimizer``): ``round_robin_bit16_groups`` and
+  ``round_robin_bit16_offsets`` give each parameter's offset in the flat group *as laid
+  out* (``round_robin_gradients`` reorders it, which is why ``param._hp_mapping``, built
+  from the unordered list, cannot be trusted), ``partition_size`` the slice each rank
+  owns: rank ``r`` holds ``[r * P, (r + 1) * P)``.
+* ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): the flat sub-group partition is the
+  concatenation of every parameter's own partition of ``partition_numel()`` elements;
+  rank ``r`` holds elements ``[r * n_p, (r + 1) * n_p)`` of each parameter, padded
+  after ``ds_numel`` on the last ranks.
+* ``BF16_Optimizer`` (ZeRO-1 + bf16 + fp32 gradient accumulation): contiguous flat group,
+  ``numel // world`` elements per rank.
+* ``FP16_UnfusedOptimizer`` (stage 0 + fp16/bf16): one fp32 master copy per parameter on
+  every rank, gradients already all-reduced, so statistics are local (``group=None``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.stats import Piece
+
+__all__ = [
+    "FlatSegmentLayout",
+    "Segment",
+    "from_bf16_optimizer",
+    "from_fp16_unfused",
+    "from_zero3",
+    "from_zero12",
+]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[start, stop)`` of a local flat tensor are elements
+    ``[offset, offset + stop - start)`` of the flattened block ``block``."""
+
+    block: int
+    start: int
+    stop: int
+    offset: int
+
+
+class FlatSegmentLayout(Layout):
+    """Blocks laid out as segments of flat local tensors.
+
+    Args:
+        group: process group the flat partitions are split over (statistics are summed
+            over it), or ``None`` when every rank holds every element.
+        params: the original parameters, one per block, in block order.
+        names: their names (``model.named_parameters()``), same order.
+        numels: their element counts (ZeRO-3 parameters report ``numel() == 0``).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        params: Sequence[Tensor],
+        names: Sequence[str],
+        numels: Sequence[int],
+    ) -> None:
+        super().__init__()
+        if not (len(params) == len(names) == len(numels)):
+            raise ValueError("params, names and numels must have the same length")
+        self.group = group
+        self._params = list(params)
+        self._numels = [int(n) for n in numels]
+        self._block_of_param = {id(p): b for b, p in enumerate(self._params)}
+        self._names = dict(enumerate(names))
+        self._segments: dict[int, tuple[Segment, ...]] = {}
+        self._flats: list[Tensor] = []
+        # Per-block (gsnr, scale), reduced over the group: filled once g-SNR is fixed.
+        self._table: Tensor | None = None
+
+    # -- building ------------------------------------------------------------------
+
+    def add_flat(self, flat: Tensor, segments: Iterable[Segment]) -> None:
+        """Declare a flat local tensor and the segments of blocks it holds."""
+        segs = tuple(segments)
+        n = flat.numel()
+        for s in segs:
+            if not (0 <= s.start < s.stop <= n):
+                raise LayoutError(f"segment {s} outside a flat tensor of {n} elements")
+            if not (0 <= s.block < len(self._params)):
+                raise LayoutError(f"segment {s} names an unknown block")
+            if s.offset + (s.stop - s.start) > self._numels[s.block]:
+                raise LayoutError(f"segment {s} runs past the end of {self.block_name(s.block)}")
+        self._segments[id(flat)] = segs
+        self._flats.append(flat)
+
+    @property
+    def flats(self) -> list[Tensor]:
+        """Every flat local tensor this layout maps, in declaration order."""
+        return list(self._flats)
+
+    def segments(self, flat: Tensor) -> tuple[Segment, ...]:
+        """The segments of ``flat``; raises :class:`LayoutError` for an unknown tensor."""
+        segs = self._segments.get(id(flat))
+        if segs is None:
+            raise LayoutError(
+                f"SGDSaI is stepping a tensor of shape {tuple(flat.shape)} that its DeepSpeed layout does "
+                "not know: the wrapper's partitions changed after the layout was attached."
+            )
+        return segs
+
+    def block_of(self, param: Tensor) -> int | None:
+        """The block index of an original parameter, or ``None``."""
+        return self._block_of_param.get(id(param))
+
+    @property
+    def block_params(self) -> list[Tensor]:
+        return list(self._params)
+
+    @property
+    def block_numels(self) -> list[int]:
+        return list(self._numels)
+
+    # -- Layout contract -----------------------------------------------------------
+
+    def register(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            self.segments(p)
+
+    def name_blocks(self, params: Sequence[Tensor], names: Sequence[str]) -> None:
+        # Blocks are named from the model when the layout is built; the stepped tensors
+        # are flat partitions, which have no single name.
+        return
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._params)
+
+    def pieces(self, param: Tensor) -> Sequence[Piece]:
+        return tuple(Piece(s.block, (s.start, s.stop)) for s in self.segments(param))
+
+    def describe(self, param: Tensor) -> str:
+        segs = self._segments.get(id(param), ())
+        names = sorted({self.block_name(s.block) for s in segs})
+        held = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return f"flat partition of {param.numel()} elements holding {held or 'padding only'}"
+
+    # -- g-SNR table ---------------------------------------------------------------
+
+    def refresh_table(self, optimizer: Any) -> None:
+        """Collect every block's g-SNR and scale from the state of the flats this rank
+        holds and reduce them (max) over :attr:`group`, so every rank knows every block.
+
+        Collective over :attr:`group` when it has more than one rank: every rank calls it
+        together (the DeepSpeed integration does so after each step that fixes g-SNR and
+        after loading state).
+        """
+        from sai_dist.optimizer import GSNR, SCALE
+
+        values = torch.full((self.num_blocks, 2), -math.inf, dtype=torch.float64)
+        for flat in self._flats:
+            state = optimizer.state.get(flat, {})
+            if GSNR not in state:
+                continue
+            gsnr = state[GSNR].reshape(-1).to(torch.float64)
+            scale = state[SCALE].reshape(-1).to(torch.float64)
+            for k, seg in enumerate(self._segments[id(flat)]):
+                values[seg.block, 0] = torch.maximum(values[seg.block, 0], gsnr[k])
+                values[seg.block, 1] = torch.maximum(values[seg.block, 1], scale[k])
+        if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        self._table = values
+
+    def invalidate_table(self) -> None:
+        self._table = None
+
+    def block_gsnr(self, optimizer: Any) -> tuple[Tensor, Tensor]:
+        """``(gsnr, scale)`` per block, float64, NaN for blocks not yet fixed. Collective
+        (see :meth:`refresh_table`) only when the cached table is missing."""
+        if self._table is None:
+            self.refresh_table(optimizer)
+        assert self._table is not None
+        t = self._table.where(self._table.isfinite(), math.nan)
+        return t[:, 0].clone(), t[:, 1].clone()
+
+    def gsnr_table(self, optimizer: Any, model: nn.Module) -> dict[str, dict[str, float | int]]:
+        """:func:`sai_dist.gsnr_table` for flat partitions: rows for the original
+        parameters, in the model's order, identical on every rank."""
+        from sai_dist.table import clean_name
+
+        gsnr, scale = self.block_gsnr(optimizer)
+        table: dict[str, dict[str, float | int]] = {}
+        for name, p in model.named_parameters():
+            b = self.block_of(p)
+            if b is None or math.isnan(float(gsnr[b])):
+                continue
+            table[clean_name(name)] = {
+                "gsnr": float(gsnr[b]),
+                "scale": float(scale[b]),
+                "numel": self._numels[b],
+            }
+        return table
+
+
+# -- builders for DeepSpeed's wrappers --------------------------------------------------
+
+
+def _names_for(params: Sequence[Tensor], names: dict[int, str]) -> list[str]:
+    return [names.get(id(p), f"param {i} (shape {tuple(p.shape)})") for i, p in enumerate(params)]
+
+
+def _single_group(groups: Sequence[Any], what: str) -> Any:
+    first = groups[0]
+    for g in groups[1:]:
+        if g is not first:
+            raise LayoutError(
+                f"{what}: param groups use different data-parallel process groups (MoE expert groups); "
+                "SGDSaI's DeepSpeed layout supports one data-parallel group"
+            )
+    return first
+
+
+def _contiguous_segments(
+    params: Sequence[Tensor], offsets: Sequence[int], blocks: Sequence[int], lo: int, hi: int
+) -> list[Segment]:
+    """Segments of parameters at ``offsets`` of a flat group that fall in ``[lo, hi)``."""
+    segs = []
+    for p, off, b in zip(params, offsets, blocks, strict=True):
+        start, stop = max(off, lo), min(off + p.numel(), hi)
+        if start < stop:
+            segs.append(Segment(b, start - lo, stop - lo, start - off))
+    segs.sort(key=lambda s: s.start)
+    return segs
+
+
+def from_zero12(zero: Any, names: dict[int, str]) -> FlatSegmentLayout:
+    """Layout of ``DeepSpeedZeroOptimizer`` (ZeRO stage 1 and 2)."""
+    group = _single_group(zero.real_dp_process_group, "ZeRO-1/2")
+    params = [p for g in zero.bit16_groups for p in g]
+    layout = FlatSegmentLayout(group, params, _names_for(params, names), [p.numel() for p in params])
+    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+        rank = dist.get_rank(group=zero.real_dp_process_group[i])
+        size = int(zero.partition_size[i])
+        members = zero.round_robin_bit16_groups[i]
+        offsets = [int(o) for o in zero.round_robin_bit16_offsets[i]]
+        blocks = [layout.block_of(p) for p in members]
+        if any(b is None for b in blocks) or flat.numel() != size:
+            raise LayoutError("ZeRO-1/2 bookkeeping does not match its flat partitions")
+        layout.add_flat(flat, _contiguous_segments(members, offsets, blocks, rank * size, (rank + 1) * size))
+    return layout
+
+
+def from_bf16_optimizer(bf16: Any, names: dict[int, str]) -> FlatSegmentLayout:
+    """Layout of ``BF16_Optimizer`` (ZeRO-1 with bf16 weights and fp32 gradient
+    accumulation): a contiguous flat group split evenly over the data-parallel ranks."""
+    group = _single_group(bf16.real_dp_process_group, "BF16_Optimizer")
+    params = [p for g in bf16.bf16_groups for p in g]
+    layout = FlatSegmentLayout(group, params, _names_for(params, names), [p.numel() for p in params])
+    for i, flat in enumerate(bf16.fp32_groups_flat_partition):
+        world = dist.get_world_size(group=bf16.real_dp_process_group[i])
+        rank = dist.get_rank(group=bf16.real_dp_process_group[i])
+        size = bf16.bf16_groups_flat[i].numel() // world
+        members = bf16.bf16_groups[i]
+        offsets = [0]
+        for p in members[:-1]:
+            offsets.append(offsets[-1] + p.numel())
+        blocks = [layout.block_of(p) for p in members]
+        layout.add_flat(flat, _contiguous_segments(members, offsets, blocks, rank * size, (rank + 1) * size))
+    return layout
+
+
+def from_fp16_unfused(fp16: Any, names: dict[int, str]) -> FlatSegmentLayout:
+    """Layout of ``FP16_UnfusedOptimizer`` (stage 0 with fp16 or bf16 weights, the wrapper
+    DeepSpeed picks for any optimizer but its FusedAdam): one fp32 master copy per
+    parameter, whole on every rank, gradients already all-reduced, so statistics need no
+    collective."""
+    params = [p for g in fp16.fp16_groups for p in g]
+    layout = FlatSegmentLayout(None, params, _names_for(params, names), [p.numel() for p in params])
+    for lp_group, hp_group in zip(fp16.fp16_groups, fp16.fp32_groups, strict=True):
+        for lp, hp in zip(lp_group, hp_group, strict=True):
+            layout.add_flat(hp, [Segment(layout.block_of(lp), 0, hp.numel(), 0)])
+    return layout
+
+
+def from_zero3(zero: Any, names: dict[int, str]) -> FlatSegmentLayout:
+    """Layout of ``DeepSpeedZeroOptimizer_Stage3``: each sub-group's flat partition is the
+    concatenation of its parameters' own partitions."""
+    group = zero.dp_process_group
+    rank = dist.get_rank(group=group)
+    params = [p for g in zero.fp16_groups for p in g]
+    layout = FlatSegmentLayout(group, params, _names_for(params, names), [int(p.ds_numel) for p in params])
+    for sg, flat in enumerate(zero.fp32_partitioned_groups_flat):
+        segs = []
+        pos = 0
+        for p in zero.fp16_groups[sg]:
+            part = int(p.partition_numel())
+            held = max(0, min(part, int(p.ds_numel) - rank * part))
+            if held > 0:
+                segs.append(Segment(layout.block_of(p), pos, pos + held, rank * part))
+            pos += part
+        if pos != flat.numel():
+            raise LayoutError(
+                f"ZeRO-3 sub-group {sg}: parameter partitions add up to {pos} elements but the flat "
+                f"partition has {flat.numel()}"
+            )
+        layout.add_flat(flat, segs)
+    return layout
