@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 SWEEP = {
     "sgdsai": [0.3, 1.0, 3.0],
     "adamw": [1e-3, 3e-3, 1e-2],
-    "sgd": [0.1, 0.3, 1.0, 3.0],
+    "sgd": [0.03, 0.1, 0.3, 1.0, 3.0],
 }
 LABELS = {"sgdsai": "SGD-SaI", "adamw": "AdamW", "sgd": "SGD-momentum"}
 
