@@ -33,11 +33,33 @@ LABELS = {"sgdsai": "SGD-SaI", "adamw": "AdamW", "sgd": "SGD-momentum"}
 def run_one(opt: str, lr: float, args: argparse.Namespace) -> dict:
     name = f"{opt}-lr{lr:g}"
     cmd = [
-        sys.executable, "-m", "sai_dist.train", "--backend", "single", "--optimizer", opt, "--lr", str(lr),
-        "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--global-batch", str(args.global_batch),
-        "--eval-every", str(args.eval_every), "--ckpt-every", str(args.steps), "--seed", str(args.seed),
-        "--runs-dir", args.runs_dir, "--name", name, "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "sai_dist.train",
+        "--backend",
+        "single",
+        "--optimizer",
+        opt,
+        "--lr",
+        str(lr),
+        "--steps",
+        str(args.steps),
+        "--seq-len",
+        str(args.seq_len),
+        "--global-batch",
+        str(args.global_batch),
+        "--eval-every",
+        str(args.eval_every),
+        "--ckpt-every",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+        "--runs-dir",
+        args.runs_dir,
+        "--name",
+        name,
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run_dir = os.path.join(args.runs_dir, name)
     if not (args.reuse and _finished(run_dir, opt, lr, args)):
@@ -49,7 +71,9 @@ def run_one(opt: str, lr: float, args: argparse.Namespace) -> dict:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     val = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "val"]
-    print(f"{name:>16}: val {summary['final_val_loss']:.4f}  {summary['tokens_per_s']:,.0f} tok/s", flush=True)
+    print(
+        f"{name:>16}: val {summary['final_val_loss']:.4f}  {summary['tokens_per_s']:,.0f} tok/s", flush=True
+    )
     return {
         "optimizer": opt,
         "lr": lr,
@@ -70,8 +94,14 @@ def _finished(run_dir: str, opt: str, lr: float, args: argparse.Namespace) -> bo
             json.load(f)
     except (OSError, ValueError):
         return False
-    want = dict(optimizer=opt, lr=lr, steps=args.steps, seq_len=args.seq_len,
-                global_batch=args.global_batch, seed=args.seed)  # fmt: skip
+    want = dict(
+        optimizer=opt,
+        lr=lr,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        global_batch=args.global_batch,
+        seed=args.seed,
+    )
     return all(cfg.get(k) == v for k, v in want.items())
 
 
@@ -131,9 +161,10 @@ def main() -> int:
     with open(os.path.join(args.out, "convergence.json"), "w") as f:
         json.dump({"config": meta, "total_wall_s": time.perf_counter() - t0, "runs": results}, f)
     plot(results, os.path.join(args.out, "convergence.png"), args.steps)
-    print(f"\n| optimizer | peak lr | final val loss (nats/byte) | tokens/s |\n|---|---|---|---|")
+    print("\n| optimizer | peak lr | final val loss (nats/byte) | tokens/s |\n|---|---|---|---|")
     for r in results:
-        print(f"| {LABELS[r['optimizer']]} | {r['lr']:g} | {r['final_val_loss']:.4f} | {r['tokens_per_s']:,.0f} |")
+        label, loss, tps = LABELS[r["optimizer"]], r["final_val_loss"], r["tokens_per_s"]
+        print(f"| {label} | {r['lr']:g} | {loss:.4f} | {tps:,.0f} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -27,17 +27,34 @@ def test_detect_plain_process_is_single() -> None:
 
 
 def test_detect_torchrun() -> None:
-    env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                  "MASTER_ADDR": "node0", "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x"})  # fmt: skip
+    env = detect(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "node0",
+            "MASTER_PORT": "1234",
+            "TORCHELASTIC_RUN_ID": "x",
+        }
+    )
     assert env is not None
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
     assert (env.master_addr, env.master_port, env.launcher) == ("node0", 1234, "torchelastic")
 
 
 def test_detect_slurm_step() -> None:
-    env = detect({"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                  "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
-                  "SLURM_JOB_ID": "123456"})  # fmt: skip
+    env = detect(
+        {
+            "SLURM_STEP_ID": "0",
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_STEP_NODELIST": "gpu[07-10]",
+            "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+            "SLURM_JOB_ID": "123456",
+        }
+    )
     assert env is not None
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 2)
     assert env.master_addr == "gpu07"
@@ -46,13 +63,34 @@ def test_detect_slurm_step() -> None:
 
 
 def test_detect_mpi_with_address() -> None:
-    env = detect({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
-                  "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4000"})  # fmt: skip
+    env = detect(
+        {
+            "PMI_RANK": "1",
+            "PMI_SIZE": "2",
+            "MPI_LOCALRANKID": "1",
+            "MPI_LOCALNRANKS": "2",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "4000",
+        }
+    )
     assert env is not None
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
-        1, 2, 1, "10.0.0.1", 4000)  # fmt: skip
-    env = detect({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
-                  "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})  # fmt: skip
+        1,
+        2,
+        1,
+        "10.0.0.1",
+        4000,
+    )
+    env = detect(
+        {
+            "OMPI_COMM_WORLD_RANK": "0",
+            "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            "MASTER_ADDR": "h",
+            "MASTER_PORT": "1",
+        }
+    )
     assert env is not None and (env.world_size, env.local_world_size, env.launcher) == (4, 2, "mpi")
 
 
@@ -63,9 +101,14 @@ def test_detect_rejects_garbage() -> None:
 
 @pytest.mark.parametrize(
     ("nodelist", "first"),
-    [("node1", "node1"), ("gpu[07-10]", "gpu07"), ("gpu[3,5-6],cpu1", "gpu3"), ("a1,b2", "a1"),
-     ("127.0.0.1", "127.0.0.1")],
-)  # fmt: skip
+    [
+        ("node1", "node1"),
+        ("gpu[07-10]", "gpu07"),
+        ("gpu[3,5-6],cpu1", "gpu3"),
+        ("a1,b2", "a1"),
+        ("127.0.0.1", "127.0.0.1"),
+    ],
+)
 def test_first_slurm_host(nodelist: str, first: str) -> None:
     assert first_slurm_host(nodelist) == first
 
@@ -88,7 +131,7 @@ def test_corpus_split_and_batches_are_deterministic() -> None:
 
 
 def test_corpus_errors_name_the_cause(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="no \\*.py files"):
+    with pytest.raises(FileNotFoundError, match=r"no \*\.py files"):
         load_corpus(str(tmp_path))
     (tmp_path / "a.py").write_text("x = 1\n" * 100)
     with pytest.raises(ValueError, match="validation"):
@@ -126,8 +169,11 @@ def _reference_losses(steps: int, lr: float, clip: float) -> list[float]:
     losses = []
     warmup = 3
     for s in range(steps):
-        peak_frac = (s + 1) / warmup if s < warmup else 0.1 + 0.9 * 0.5 * (
-            1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))  # fmt: skip
+        peak_frac = (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        )
         for g in opt.param_groups:
             g["lr"] = lr * peak_frac
         x, y = train_batch(corpus, 0, s, 4, 32, 0, 1)
@@ -143,8 +189,18 @@ def _reference_losses(steps: int, lr: float, clip: float) -> list[float]:
 def test_single_process_job_matches_reference_loop(tmp_path) -> None:
     from sai_dist.train.loop import train
 
-    cfg = TrainConfig(name="ref", runs_dir=str(tmp_path), backend="single", steps=8, warmup_steps=3,
-                      eval_every=4, ckpt_every=4, progress=False, lr=0.5, **TINY)  # fmt: skip
+    cfg = TrainConfig(
+        name="ref",
+        runs_dir=str(tmp_path),
+        backend="single",
+        steps=8,
+        warmup_steps=3,
+        eval_every=4,
+        ckpt_every=4,
+        progress=False,
+        lr=0.5,
+        **TINY,
+    )
     cfg.validate()
     summary = train(cfg, None)
     run = tmp_path / "ref"
@@ -153,11 +209,24 @@ def test_single_process_job_matches_reference_loop(tmp_path) -> None:
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
     torch.testing.assert_close(losses, _reference_losses(8, 0.5, 1.0), rtol=1e-5, atol=1e-6)
     assert losses[-1] < losses[0] - 0.1
-    for name in ("config.json", "metrics.jsonl", "summary.json", "gsnr_table.txt", "gsnr_table.json",
-                 "loss.png", "gsnr.png", "checkpoints/LATEST", "checkpoints/step_000008/meta.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "gsnr_table.txt",
+        "gsnr_table.json",
+        "loss.png",
+        "gsnr.png",
+        "checkpoints/LATEST",
+        "checkpoints/step_000008/meta.json",
+    ):
         assert os.path.isfile(run / name), name
     table = json.load(open(run / "gsnr_table.json"))
-    assert "blocks.0.attn.qkv.weight" in table and len(table) == sum(1 for _ in GPT(GPTConfig(**{
-        k: TINY[k] for k in ("n_layers", "d_model", "n_heads", "seq_len")})).parameters())  # fmt: skip
+    assert "blocks.0.attn.qkv.weight" in table and len(table) == sum(
+        1
+        for _ in GPT(
+            GPTConfig(**{k: TINY[k] for k in ("n_layers", "d_model", "n_heads", "seq_len")})
+        ).parameters()
+    )
     assert max(row["scale"] for row in table.values()) == pytest.approx(1.0)
     assert summary["final_val_loss"] == [r for r in records if r["kind"] == "val"][-1]["val_loss"]

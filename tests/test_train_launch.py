@@ -21,8 +21,27 @@ from tests.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--seq-len", "32", "--global-batch", "4",
-        "--steps", "8", "--warmup-steps", "3", "--eval-every", "4", "--ckpt-every", "4", "--no-progress"]  # fmt: skip
+TINY = [
+    "--n-layers",
+    "1",
+    "--d-model",
+    "32",
+    "--n-heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--global-batch",
+    "4",
+    "--steps",
+    "8",
+    "--warmup-steps",
+    "3",
+    "--eval-every",
+    "4",
+    "--ckpt-every",
+    "4",
+    "--no-progress",
+]
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 pytestmark = pytest.mark.distributed
@@ -36,20 +55,30 @@ def has_dtensor_layout() -> bool:
     return True
 
 
-needs_dtensor = pytest.mark.skipif(not has_dtensor_layout(), reason="sai_dist.layouts.dtensor not on this branch")
+needs_dtensor = pytest.mark.skipif(
+    not has_dtensor_layout(), reason="sai_dist.layouts.dtensor not on this branch"
+)
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "PMI"))}
-    env.update(PYTHONPATH=str(REPO), PATH=f"{BIN}:{env.get('PATH', '')}", OMP_NUM_THREADS="1",
-               PYTHON=sys.executable)  # fmt: skip
+    env.update(
+        PYTHONPATH=str(REPO), PATH=f"{BIN}:{env.get('PATH', '')}", OMP_NUM_THREADS="1", PYTHON=sys.executable
+    )
     env.update(extra)
     return env
 
 
 def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -95,10 +124,14 @@ def spawned(tmp_path: Path, name: str, *args: str) -> dict[int, float]:
 
 @pytest.mark.parametrize(
     "backend_opt",
-    [("ddp", "sgdsai"), ("fsdp2", "adamw"), pytest.param(("fsdp2", "sgdsai"), marks=needs_dtensor),
-     pytest.param(("hsdp", "sgdsai"), marks=needs_dtensor)],
+    [
+        ("ddp", "sgdsai"),
+        ("fsdp2", "adamw"),
+        pytest.param(("fsdp2", "sgdsai"), marks=needs_dtensor),
+        pytest.param(("hsdp", "sgdsai"), marks=needs_dtensor),
+    ],
     ids=lambda b: "-".join(b),
-)  # fmt: skip
+)
 def test_spawned_ranks_match_single_process(tmp_path: Path, backend_opt: tuple[str, str]) -> None:
     backend, opt = backend_opt
     single = spawned(tmp_path, "single", "--backend", "single", "--optimizer", opt)
@@ -113,7 +146,7 @@ def test_spawned_ranks_match_single_process(tmp_path: Path, backend_opt: tuple[s
     "backend_opt",
     [("ddp", "sgdsai"), ("fsdp2", "adamw"), pytest.param(("fsdp2", "sgdsai"), marks=needs_dtensor)],
     ids=lambda b: "-".join(b),
-)  # fmt: skip
+)
 def test_kill_and_resume_continues_identically(tmp_path: Path, backend_opt: tuple[str, str]) -> None:
     backend, opt = backend_opt
     common = ["--backend", backend, "--optimizer", opt, "--steps", "12", "--runs-dir", str(tmp_path)]
@@ -167,7 +200,9 @@ def test_deepspeed_launcher_with_hostfile_trains(tmp_path: Path) -> None:
     assert losses(tmp_path / "ds") == reference
 
 
-@pytest.mark.parametrize("config", ["configs/ds_zero1.json", "configs/ds_zero2.json", "configs/ds_zero3.json"])
+@pytest.mark.parametrize(
+    "config", ["configs/ds_zero1.json", "configs/ds_zero2.json", "configs/ds_zero3.json"]
+)
 def test_deepspeed_backend_under_deepspeed_launcher(tmp_path: Path, config: str) -> None:
     pytest.importorskip("sai_dist.deepspeed", reason="sai_dist.deepspeed not on this branch")
     if not (REPO / config).is_file():
@@ -175,7 +210,16 @@ def test_deepspeed_backend_under_deepspeed_launcher(tmp_path: Path, config: str)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     env = _env(HOSTFILE=str(hostfile), MASTER_PORT=str(free_port()))
-    args = ["--backend", "deepspeed", "--deepspeed-config", config, "--runs-dir", str(tmp_path), "--name", "ds"]
+    args = [
+        "--backend",
+        "deepspeed",
+        "--deepspeed-config",
+        config,
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "ds",
+    ]
     run_ok(["bash", "launch/deepspeed.sh", *TINY, *args], env)
     ds = losses(tmp_path / "ds")
     single = spawned(tmp_path, "single", "--backend", "single")
@@ -207,8 +251,15 @@ def test_sbatch_script_under_srun_trains(tmp_path: Path) -> None:
     args = ["--backend", "ddp", "--runs-dir", str(tmp_path)]
     reference = spawned(tmp_path, "ref", *args)
     # The batch script's own environment: a job with 2 tasks on one node.
-    env = _env(SRUN=str(srun), SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1",
-               SLURM_PROCID="0", SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=str(free_port()))  # fmt: skip
+    env = _env(
+        SRUN=str(srun),
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="2",
+        SLURM_JOB_NODELIST="127.0.0.1",
+        SLURM_PROCID="0",
+        SLURM_SUBMIT_DIR=str(REPO),
+        MASTER_PORT=str(free_port()),
+    )
     out = run_ok(["bash", "launch/slurm.sbatch", *TINY, *args], env)
     assert "ddp on 2 rank(s)" in out
     assert losses(tmp_path / "slurm-4242") == reference
@@ -218,8 +269,20 @@ def test_sbatch_script_under_srun_trains(tmp_path: Path) -> None:
 def test_no_argument_job_leaves_the_run_folder(tmp_path: Path) -> None:
     """The README command with only fewer steps: default backend (FSDP2 on 2 spawned
     ranks), default model and optimizer (SGD-SaI)."""
-    cmd = [sys.executable, "-m", "sai_dist.cli", "train", "--steps", "6", "--eval-every", "3",
-           "--ckpt-every", "3", "--runs-dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sai_dist.cli",
+        "train",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--ckpt-every",
+        "3",
+        "--runs-dir",
+        str(tmp_path),
+    ]
     run_ok(cmd, timeout=400)
     (run,) = tmp_path.iterdir()
     assert run.name.startswith("fsdp2-sgdsai-")
@@ -231,5 +294,6 @@ def test_no_argument_job_leaves_the_run_folder(tmp_path: Path) -> None:
     for name in ("gsnr_table.txt", "gsnr.png", "loss.png", "checkpoints/step_000006/meta.json"):
         assert (run / name).is_file(), name
     table = (run / "gsnr_table.txt").read_text().splitlines()
-    assert table[0].split()[:2] == ["parameter", "numel"] and len(table) == 1 + len(json.load(
-        open(run / "gsnr_table.json")))  # fmt: skip
+    assert table[0].split()[:2] == ["parameter", "numel"] and len(table) == 1 + len(
+        json.load(open(run / "gsnr_table.json"))
+    )

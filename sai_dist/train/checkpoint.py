@@ -81,7 +81,9 @@ def save(root: str, step: int, model: nn.Module, optimizer: Any, engine: Any, me
         fmt = "deepspeed"
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial, no_dist=not dist.is_initialized())
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd}, checkpoint_id=partial, no_dist=not dist.is_initialized()
+        )
         fmt = "dcp"
     torch.save(rng_state(), os.path.join(partial, "rng", f"rank{_rank()}.pt"))
     _barrier()

@@ -28,7 +28,6 @@ from sai_dist.train.distributed import DistEnv, device_for, init
 from sai_dist.train.model import GPT, GPTConfig, lm_loss
 from sai_dist.train.report import plot_gsnr, plot_losses, read_metrics
 
-
 # Fault injection for tests: rank 0 SIGKILLs itself right after this step (0: never).
 _DIE_AFTER_STEP = int(os.environ.get("SAI_DIST_TRAIN_DIE_AFTER_STEP", "0"))
 
