@@ -167,6 +167,59 @@ def test_kill_and_resume_continues_identically(tmp_path: Path, backend_opt: tupl
 
 
 @needs_dtensor
+@pytest.mark.parametrize("target", [("fsdp2", "2"), ("single", "1")], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_resume_under_another_backend_and_world_size(tmp_path: Path, target: tuple[str, str]) -> None:
+    """A DDP checkpoint (2 ranks) resumes under FSDP2 (sharded) or in a single process:
+    DCP reshards model and SGD-SaI state by parameter name."""
+    backend, nproc = target
+    ddp = spawned(tmp_path, "run", "--backend", "ddp")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
+    run_ok(
+        [
+            sys.executable,
+            "-m",
+            "sai_dist.train",
+            "--resume",
+            str(ckpt),
+            "--backend",
+            backend,
+            "--nproc",
+            nproc,
+            "--no-progress",
+        ]
+    )
+    resumed = losses(tmp_path / "run")
+    assert list(resumed) == list(ddp)
+    for step in range(1, 5):
+        assert resumed[step] == ddp[step]  # kept from the first run
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(ddp[step], rel=1e-5, abs=1e-6), step
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert (summary["backend"], summary["world_size"]) == (backend, int(nproc))
+
+
+def test_deepspeed_kill_and_resume_continues_identically(tmp_path: Path) -> None:
+    pytest.importorskip("sai_dist.deepspeed", reason="sai_dist.deepspeed not on this branch")
+    common = [
+        "--backend",
+        "deepspeed",
+        "--deepspeed-config",
+        "configs/ds_zero2.json",
+        "--steps",
+        "12",
+        "--runs-dir",
+        str(tmp_path),
+    ]
+    full = spawned(tmp_path, "full", *common)
+    code, out = _finish(_start(job(*common, "--name", "killed"), _env(SAI_DIST_TRAIN_DIE_AFTER_STEP="6")))
+    assert code != 0, out[-2000:]
+    killed = tmp_path / "killed"
+    assert (killed / "checkpoints" / "LATEST").read_text().strip() == "step_000004"
+    run_ok([sys.executable, "-m", "sai_dist.train", "--resume", str(killed), "--no-progress"])
+    assert losses(killed) == full
+
+
+@needs_dtensor
 def test_two_torchrun_nodes_match_one_node(tmp_path: Path) -> None:
     args = ["--backend", "fsdp2", "--runs-dir", str(tmp_path)]
     run_ok(["bash", "launch/torchrun_single_node.sh", *TINY, *args, "--name", "one"], _env(NPROC="2"))

@@ -18,7 +18,7 @@ OPTIMIZERS = ("sgdsai", "adamw", "sgd")
 
 # Learning rates picked by the sweep in docs/benchmarks.md (best final validation loss at
 # the default schedule); the job uses them when --lr is not given.
-DEFAULT_LR = {"sgdsai": 1.0, "adamw": 3e-3, "sgd": 1.0}
+DEFAULT_LR = {"sgdsai": 1.0, "adamw": 3e-3, "sgd": 0.1}
 
 
 @dataclass
