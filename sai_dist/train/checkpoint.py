@@ -20,11 +20,13 @@ because an SGD-SaI optimizer has no state to template from before its first real
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +51,15 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns when it runs without a process group; for --backend single that is the
+    intended use (and a single-process run can resume a sharded checkpoint)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
 
 
 def step_dir(root: str, step: int) -> str:
@@ -81,9 +92,12 @@ def save(root: str, step: int, model: nn.Module, optimizer: Any, engine: Any, me
         fmt = "deepspeed"
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save(
-            {"model": model_sd, "optim": optim_sd}, checkpoint_id=partial, no_dist=not dist.is_initialized()
-        )
+        with _single_process_ok():
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=partial,
+                no_dist=not dist.is_initialized(),
+            )
         fmt = "dcp"
     torch.save(rng_state(), os.path.join(partial, "rng", f"rank{_rank()}.pt"))
     _barrier()
@@ -178,7 +192,8 @@ def load(ckpt: str, model: nn.Module, optimizer: Any, engine: Any) -> dict[str, 
         if engine is not None:
             raise ValueError(f"{ckpt} is a DCP checkpoint; DeepSpeed resumes only its own checkpoints")
         state = {"model": get_model_state_dict(model), "optim": _optim_template(ckpt, model)}
-        dcp.load(state, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
         with warnings.catch_warnings():
             # set_state_dict probes the optimizer with zero gradients to create its state;
             # SGD-SaI rightly refuses to fix g-SNR from that and says so.

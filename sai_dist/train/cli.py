@@ -55,6 +55,8 @@ def spawn_local(cfg: TrainConfig, resume: str | None) -> int:
         ctx.Process(target=_child, args=(r, cfg.nproc, port, cfg.to_json(), resume), name=f"rank{r}")
         for r in range(cfg.nproc)
     ]
+    # A SIGTERM to this process (scheduler time-out, `kill`) must not orphan the ranks.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     for p in procs:
         p.start()
     code = 0
@@ -74,6 +76,7 @@ def spawn_local(cfg: TrainConfig, resume: str | None) -> int:
     except KeyboardInterrupt:
         code = 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for p in procs:
             if p.is_alive():
                 p.terminate()
@@ -109,5 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     raise SystemExit(main())
