@@ -1,0 +1,181 @@
+"""The training job's configuration: one dataclass, its command-line flags, and merging.
+
+Flags default to "not given" so that ``--resume`` can start from the saved ``config.json``
+and only the flags the user actually passes override it (e.g. ``--steps`` to extend a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKENDS = ("single", "ddp", "fsdp2", "hsdp", "deepspeed")
+OPTIMIZERS = ("sgdsai", "adamw", "sgd")
+
+# Learning rates picked by the sweep in docs/benchmarks.md (best final validation loss at
+# the default schedule); the job uses them when --lr is not given.
+DEFAULT_LR = {"sgdsai": 1.0, "adamw": 3e-3, "sgd": 0.1}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run. Saved as ``config.json`` in the run folder."""
+
+    # where
+    name: str | None = None
+    runs_dir: str = "runs"
+    # how it is distributed
+    backend: str = "fsdp2"
+    nproc: int = 2
+    device: str = "auto"
+    hsdp_shard_size: int | None = None
+    deepspeed_config: str | None = None
+    # model
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    seq_len: int = 128
+    dropout: float = 0.0
+    # data
+    data_dir: str | None = None
+    max_bytes: int = 4 << 20
+    global_batch: int = 16
+    seed: int = 0
+    # optimisation
+    optimizer: str = "sgdsai"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    steps: int = 300
+    # bookkeeping
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device {self.device!r}: choose auto, cpu or cuda")
+        for name in ("nproc", "steps", "global_batch", "eval_every", "eval_batches", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.backend == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("--backend deepspeed needs --deepspeed-config (e.g. configs/ds_zero2.json)")
+        if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
+            raise FileNotFoundError(f"--deepspeed-config {self.deepspeed_config!r}: no such file")
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config.json has unknown keys {unknown}")
+        data = dict(data)
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+
+# flag -> (dataclass field, type, help). Booleans are handled separately.
+_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--name", "name", str, "run name: the folder runs/<name> (default: <backend>-<optimizer>-<time>)"),
+    ("--runs-dir", "runs_dir", str, "parent folder of run folders (default: runs)"),
+    ("--backend", "backend", str, f"one of {', '.join(BACKENDS)} (default: fsdp2)"),
+    ("--nproc", "nproc", int, "local ranks to spawn when not started by a launcher (default: 2)"),
+    ("--device", "device", str, "auto (CUDA if available), cpu or cuda"),
+    (
+        "--hsdp-shard-size",
+        "hsdp_shard_size",
+        int,
+        "HSDP: ranks per shard group (default: ranks per node, or half the ranks on a single node)",
+    ),
+    ("--deepspeed-config", "deepspeed_config", str, "DeepSpeed JSON config (configs/ds_zero{1,2,3}.json)"),
+    ("--n-layers", "n_layers", int, "transformer blocks (default: 4)"),
+    ("--d-model", "d_model", int, "model width (default: 128)"),
+    ("--n-heads", "n_heads", int, "attention heads (default: 4)"),
+    ("--seq-len", "seq_len", int, "context length in bytes (default: 128)"),
+    ("--dropout", "dropout", float, "dropout probability (default: 0)"),
+    ("--data-dir", "data_dir", str, "folder of *.py files to train on (default: the standard library)"),
+    ("--max-bytes", "max_bytes", int, "corpus size cap in bytes (default: 4 MiB)"),
+    ("--global-batch", "global_batch", int, "sequences per step over all ranks (default: 16)"),
+    ("--seed", "seed", int, "seed of initialisation and data order (default: 0)"),
+    ("--optimizer", "optimizer", str, f"one of {', '.join(OPTIMIZERS)} (default: sgdsai)"),
+    (
+        "--lr",
+        "lr",
+        float,
+        "peak learning rate (default per optimizer: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        + ")",
+    ),
+    ("--momentum", "momentum", float, "momentum of sgdsai and sgd (default: 0.9)"),
+    ("--weight-decay", "weight_decay", float, "decoupled weight decay on matrices (default: 0.01)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps before cosine decay (default: 20)"),
+    ("--min-lr-ratio", "min_lr_ratio", float, "final lr as a fraction of the peak (default: 0.1)"),
+    ("--grad-clip", "grad_clip", float, "clip the global gradient norm; 0 disables (default: 1.0)"),
+    ("--steps", "steps", int, "optimizer steps (default: 300)"),
+    ("--eval-every", "eval_every", int, "validate every N steps (default: 50)"),
+    ("--eval-batches", "eval_batches", int, "validation batches (default: 4)"),
+    ("--ckpt-every", "ckpt_every", int, "checkpoint every N steps (default: 100; the last step always)"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, dest, typ, help_text in _FLAGS:
+        parser.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_text)
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="no tqdm bar (log lines only)",
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="continue from a run folder (its latest checkpoint) or a checkpoint folder; "
+        "the saved config is reused and flags given here override it",
+    )
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment.
+    parser.add_argument(
+        "--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+
+
+def merge(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """``base`` with every flag the user gave applied."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if "grad_clip" in given and given["grad_clip"] is not None and given["grad_clip"] <= 0:
+        given["grad_clip"] = None
+    cfg = dataclasses.replace(base, **given)
+    cfg.validate()
+    return cfg
+
+
+def load_json(path: str) -> TrainConfig:
+    with open(path) as f:
+        return TrainConfig.from_json(json.load(f))

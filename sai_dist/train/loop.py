@@ -1,0 +1,274 @@
+"""The training job itself: one function every rank runs, whatever started it.
+
+Per step ``s`` (0-based): learning rate ``lr_at(s)``, the batch ``train_batch(seed, s)``
+(this rank's rows of the global batch), forward under bf16 autocast on CUDA, backward,
+global-norm clipping, optimizer step. The logged loss is the mean over ranks, i.e. the loss
+of the global batch. Everything a step depends on is either a pure function of ``(seed, s)``
+or in the checkpoint, so a resumed run continues with exactly the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sai_dist.train import checkpoint as ckpt_io
+from sai_dist.train.backends import Setup, build, lr_at, set_lr
+from sai_dist.train.config import TrainConfig
+from sai_dist.train.data import load_corpus, train_batch, val_batches
+from sai_dist.train.distributed import DistEnv, device_for, init
+from sai_dist.train.model import GPT, GPTConfig, lm_loss
+from sai_dist.train.report import plot_gsnr, plot_losses, read_metrics
+
+# Fault injection for tests: rank 0 SIGKILLs itself right after this step (0: never).
+_DIE_AFTER_STEP = int(os.environ.get("SAI_DIST_TRAIN_DIE_AFTER_STEP", "0"))
+
+
+def default_name(cfg: TrainConfig) -> str:
+    return f"{cfg.backend}-{cfg.optimizer}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_dir_of_checkpoint(ckpt: str) -> str:
+    """``runs/<name>`` for ``runs/<name>/checkpoints/step_N``."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().float().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value.detach())
+
+
+class Metrics:
+    """Rank 0 appends JSON lines; on resume, records after the checkpoint are dropped so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, path: str, keep_until: int | None, active: bool) -> None:
+        self.path, self.active = path, active
+        if active and keep_until is not None:
+            kept = [r for r in read_metrics(path) if r["step"] <= keep_until]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _autocast(device: torch.device):  # type: ignore[no-untyped-def]
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(setup: Setup, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+    setup.model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in batches:
+        with _autocast(device):
+            total += lm_loss(setup.model(x.to(device)), y.to(device)).double()
+    setup.model.train()
+    return _mean_over_ranks(total / len(batches))
+
+
+def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> dict[str, Any]:
+    """Run the job on this rank; returns rank 0's summary (other ranks: the same keys)."""
+    t_start = time.perf_counter()
+    device = device_for(env, cfg.device)
+    if env is not None:
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Share the node's cores among its ranks instead of oversubscribing them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        init(env, device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+
+    ckpt_path = ckpt_io.resolve(resume) if resume else None
+    if ckpt_path:
+        run_dir = run_dir_of_checkpoint(ckpt_path)
+    else:
+        if cfg.name is None:
+            cfg.name = _broadcast(default_name(cfg))
+        run_dir = os.path.join(cfg.runs_dir, cfg.name)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    if rank == 0:
+        os.makedirs(ckpt_root, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_json(), f, indent=2)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    gcfg = GPTConfig(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.seq_len, cfg.dropout)
+    model = GPT(gcfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    local_world = env.local_world_size if env else 1
+    setup = build(cfg, model, device, local_world)
+
+    start = 0
+    if ckpt_path:
+        start = int(ckpt_io.load(ckpt_path, setup.model, setup.optimizer, setup.engine)["step"])
+        if start > cfg.steps:
+            raise ValueError(f"checkpoint is at step {start}, beyond --steps {cfg.steps}")
+    corpus = load_corpus(cfg.data_dir, cfg.max_bytes)
+    val = val_batches(corpus, cfg.seed, cfg.eval_batches, cfg.global_batch, cfg.seq_len, rank, world)
+    metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"), start if ckpt_path else None, rank == 0)
+    if not ckpt_path and rank == 0:
+        open(metrics.path, "w").close()
+    meta = {"backend": cfg.backend, "world_size": world, "optimizer": cfg.optimizer}
+
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.backend}x{world} {cfg.optimizer}", unit="step")
+    elif rank == 0:
+        print(
+            f"[sai-dist train] {run_dir}: {cfg.backend} on {world} rank(s), {device}, "
+            f"{n_params:,} parameters, steps {start}..{cfg.steps}",
+            flush=True,
+        )
+
+    tokens_per_step = cfg.global_batch * cfg.seq_len
+    timed_tokens, timed_s = 0, 0.0
+    val_loss = float("nan")
+    step_model = setup.engine if setup.engine is not None else setup.model
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        set_lr(setup.optimizer, lr)
+        x, y = train_batch(corpus, cfg.seed, step, cfg.global_batch, cfg.seq_len, rank, world)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device):
+            loss = lm_loss(step_model(x), y)
+        if setup.engine is not None:
+            setup.engine.backward(loss)
+            setup.engine.step()
+        else:
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
+            setup.optimizer.step()
+            setup.optimizer.zero_grad(set_to_none=True)
+        loss_value = _mean_over_ranks(loss)
+        dt = time.perf_counter() - t0
+        if step > start:  # the first step of a process includes warm-up and the g-SNR pass
+            timed_tokens += tokens_per_step
+            timed_s += dt
+        done = step + 1
+        metrics.write(
+            {
+                "kind": "train",
+                "step": done,
+                "loss": loss_value,
+                "lr": lr,
+                "tokens_per_s": tokens_per_step / dt,
+                "step_s": dt,
+            }
+        )
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val_loss = evaluate(setup, val, device)
+            metrics.write({"kind": "val", "step": done, "val_loss": val_loss})
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            ckpt_io.save(ckpt_root, done, setup.model, setup.optimizer, setup.engine, meta)
+        if done == _DIE_AFTER_STEP and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{loss_value:.3f}",
+                val=f"{val_loss:.3f}",
+                tok_s=f"{tokens_per_step / dt:,.0f}",
+                refresh=False,
+            )
+            bar.update(1)
+        elif rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+            print(
+                f"step {done}/{cfg.steps} loss {loss_value:.4f} val {val_loss:.4f} "
+                f"tok/s {tokens_per_step / dt:,.0f}",
+                flush=True,
+            )
+    if bar is not None:
+        bar.close()
+
+    summary = _finish(
+        cfg,
+        setup,
+        model,
+        run_dir,
+        rank,
+        world,
+        n_params,
+        corpus.describe(),
+        timed_tokens / timed_s if timed_s else float("nan"),
+        time.perf_counter() - t_start,
+    )
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _finish(
+    cfg: TrainConfig,
+    setup: Setup,
+    model: GPT,
+    run_dir: str,
+    rank: int,
+    world: int,
+    n_params: int,
+    corpus: dict[str, Any],
+    tokens_per_s: float,
+    wall_s: float,
+) -> dict[str, Any]:
+    """g-SNR table, plots and summary.json (rank 0 writes; every rank joins collectives)."""
+    from sai_dist.table import format_table, gsnr_table
+
+    table = gsnr_table(model, setup.optimizer) if cfg.optimizer == "sgdsai" else None
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl")) if rank == 0 else []
+    vals = [r["val_loss"] for r in records if r.get("kind") == "val"]
+    summary = {
+        "run_dir": run_dir,
+        "backend": cfg.backend,
+        "world_size": world,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.learning_rate,
+        "steps": cfg.steps,
+        "parameters": n_params,
+        "corpus": corpus,
+        "final_val_loss": vals[-1] if vals else None,
+        "tokens_per_s": tokens_per_s,
+        "wall_s_this_process": wall_s,
+    }
+    if rank == 0:
+        title = f"{cfg.name}: {cfg.backend} x{world}, {cfg.optimizer} lr {cfg.learning_rate:g}"
+        plot_losses(records, os.path.join(run_dir, "loss.png"), title)
+        if table is not None:
+            with open(os.path.join(run_dir, "gsnr_table.txt"), "w") as f:
+                f.write(format_table(table) + "\n")
+            with open(os.path.join(run_dir, "gsnr_table.json"), "w") as f:
+                json.dump(table, f, indent=2)
+            plot_gsnr(table, os.path.join(run_dir, "gsnr.png"), f"{cfg.name}: per-parameter SGD-SaI scale")
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(
+            f"[sai-dist train] done: {run_dir} (final val loss {summary['final_val_loss']}, "
+            f"{tokens_per_s:,.0f} tokens/s)",
+            flush=True,
+        )
+    return summary
