@@ -5,9 +5,8 @@ Runs under every launcher DeepSpeed users have:
 * ``deepspeed --hostfile launch/hostfile launch/ds_train.py --config configs/ds_zero2.json``
   (the launcher sets RANK/WORLD_SIZE/MASTER_ADDR and passes ``--local_rank``);
 * ``mpiexec -n 2 python launch/ds_train.py --config configs/ds_zero2.json`` (mpich or Open MPI
-  with mpi4py): ranks are discovered here with mpi4py and exported as RANK, WORLD_SIZE,
-  LOCAL_RANK; MASTER_ADDR defaults to 127.0.0.1 and MASTER_PORT to 29500 (set both for a
-  multi-host job);
+  with mpi4py): ranks come from the MPI environment; rank 0's address and a free port are
+  broadcast with mpi4py unless MASTER_ADDR/MASTER_PORT are set;
 * ``torchrun --nproc-per-node 2 launch/ds_train.py ...``.
 
 The model is an MLP regressing a fixed random teacher on synthetic data, sharded by rank,
@@ -27,25 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mpi_discovery() -> None:
-    """Export RANK/WORLD_SIZE/LOCAL_RANK from MPI when started by mpiexec/mpirun and no
-    launcher set them. DeepSpeed's own MPI discovery would pick MASTER_ADDR from
-    ``hostname -I``; here it stays under the user's control (default 127.0.0.1)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    mpi_env = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
-    if not any(k in os.environ for k in mpi_env):
-        return
-    from mpi4py import MPI
+def discover_launcher() -> None:
+    """Export torchrun-style RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for whichever launcher
+    started us (torchrun, the deepspeed launcher, SLURM srun, mpirun with mpi4py), using the
+    same detection as ``sai-dist train``. Under mpirun, rank 0's host and a free port are
+    broadcast with mpi4py unless MASTER_ADDR/MASTER_PORT are set. DeepSpeed's own MPI
+    discovery is left off: it would take MASTER_ADDR from ``hostname -I``."""
+    from sai_dist.train.distributed import detect
 
-    comm = MPI.COMM_WORLD
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    os.environ["RANK"] = str(comm.Get_rank())
-    os.environ["WORLD_SIZE"] = str(comm.Get_size())
-    os.environ["LOCAL_RANK"] = str(local.Get_rank())
-    os.environ["LOCAL_SIZE"] = str(local.Get_size())
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    env = detect()
+    if env is not None:
+        env.export()
 
 
 def make_model(width: int) -> nn.Module:
@@ -65,13 +56,13 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args()
 
-    mpi_discovery()
+    discover_launcher()
     import deepspeed
 
     import sai_dist
     import sai_dist.deepspeed as sds
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     deepspeed.init_distributed(dist_backend="gloo" if args.cpu else None, auto_mpi_discovery=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
