@@ -16,12 +16,17 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
-quiet=(-q --disable-pip-version-check)
+# pip's own exit status is kept; only its complaint about index folders that this
+# machine's pip configuration names but that do not exist is dropped from the log.
+pip_install() {
+  python -m pip install -q --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 # shellcheck disable=SC2086
-python -m pip install "${quiet[@]}" $torch_spec
-python -m pip install "${quiet[@]}" setuptools wheel numpy
-python -m pip install "${quiet[@]}" --no-build-isolation deepspeed==0.19.8 fairscale==0.4.13
-python -m pip install "${quiet[@]}" --no-build-isolation -e "$root[dev,mpi]"
+pip_install $torch_spec
+pip_install setuptools wheel numpy
+pip_install --no-build-isolation deepspeed==0.19.8 fairscale==0.4.13
+pip_install --no-build-isolation -e "$root[dev,mpi]"
 python - <<'PY'
 import torch, deepspeed, fairscale, mpi4py, sai_dist
 print(f"sai_dist {sai_dist.__version__}: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
