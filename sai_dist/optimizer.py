@@ -274,7 +274,11 @@ class SGDSaI(Optimizer):
             stepped.append((group, params))
 
         gsnr_max = self._gsnr_max()
-        fresh = [p for _, params in stepped for p in params if SCALE not in self.state.get(p, ())]
+        # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
+        # must not feed its gradient into the block statistics twice.
+        fresh = list(
+            dict.fromkeys(p for _, params in stepped for p in params if SCALE not in self.state.get(p, ()))
+        )
         if gsnr_max is None:
             # Step 1 fixes g-SNR from every block that has a gradient, across all groups.
             if not self._fix_gsnr(fresh, None):

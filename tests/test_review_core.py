@@ -1,0 +1,31 @@
+"""Regression tests from a correctness review of the core (single process)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from sai_dist import SGDSaI
+
+
+def test_parameter_listed_twice_counts_its_gradient_once_in_gsnr():
+    # torch.optim accepts a duplicated parameter (with a warning); its g-SNR must still be
+    # the g-SNR of the one tensor, not of its gradient concatenated with itself.
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3))
+    other = nn.Parameter(torch.randn(5))
+    grad_w, grad_o = torch.randn(4, 3), torch.randn(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dup = SGDSaI([w, w, other], momentum=0.0)
+    single = SGDSaI([nn.Parameter(w.detach().clone()), nn.Parameter(other.detach().clone())], momentum=0.0)
+    w.grad, other.grad = grad_w.clone(), grad_o.clone()
+    for p, g in zip(single.param_groups[0]["params"], (grad_w, grad_o), strict=True):
+        p.grad = g.clone()
+    dup.step()
+    single.step()
+    expected = (grad_w.norm() / (grad_w.std() + 1e-8)).item()
+    assert abs(float(dup.state[w]["gsnr"]) - expected) <= 1e-6 * expected
+    assert float(dup.state[w]["gsnr"]) == float(single.state[single.param_groups[0]["params"][0]]["gsnr"])
