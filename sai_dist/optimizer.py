@@ -14,6 +14,8 @@ then on each piece carries a fixed scale: no collective is issued after step 1.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,6 +37,25 @@ MOMENTUM = "momentum_buffer"
 GSNR = "gsnr"
 SCALE = "scale"
 GSNR_MAX = "gsnr_max"
+
+
+# Frames in these directories are library code; a warning is attributed to the first frame
+# outside them (the user's ``opt.step()`` line). A fixed stacklevel cannot do this: torch
+# wraps ``step`` in no_grad and profiling/hook wrappers, and integrations call it for users.
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` attributed to the caller outside sai_dist and torch."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _check_range(
@@ -208,10 +229,9 @@ class SGDSaI(Optimizer):
                 "changed. Check the loss, or let a GradScaler skip the step."
             )
         if gsnr_max is None and float(moments.sumsq.sum()) == 0.0:
-            warnings.warn(
+            _warn(
                 "SGDSaI: every gradient is zero at the first step; skipping it without fixing g-SNR, "
                 "applying weight decay or touching momentum.",
-                stacklevel=3,
             )
             return False
 
@@ -227,11 +247,10 @@ class SGDSaI(Optimizer):
         if degenerate and self.degenerate == "max":
             names = ", ".join(self._describe(b) for b in degenerate[:10])
             more = f" and {len(degenerate) - 10} more" if len(degenerate) > 10 else ""
-            warnings.warn(
+            _warn(
                 f"SGDSaI: gradient with zero spread (one element, all zeros or constant) at the g-SNR "
                 f"step in {names}{more}: no noise estimate, so it gets the largest regular g-SNR "
                 "(scale 1 when normalised). Pass degenerate='official' for the official formula.",
-                stacklevel=3,
             )
 
         max_t = torch.tensor(gsnr_max, dtype=torch.float32)
@@ -358,10 +377,9 @@ class SGDSaI(Optimizer):
             # A state dict without g-SNR is legitimate only if it was saved before the first
             # step. DCP's template for a fresh SGDSaI is empty (its zero-gradient probe step is
             # skipped), so plain dcp.load drops the whole optimizer state without a word.
-            warnings.warn(
+            _warn(
                 "SGDSaI.load_state_dict: the state dict holds no g-SNR, so the next step fixes g-SNR "
                 "from a fresh gradient. Expected if it was saved before the first step; if it was "
                 "restored with torch.distributed.checkpoint into a fresh optimizer, DCP's template held "
                 "no SGD-SaI state: load with sai_dist.checkpoint.load instead.",
-                stacklevel=2,
             )

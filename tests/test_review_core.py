@@ -29,3 +29,27 @@ def test_parameter_listed_twice_counts_its_gradient_once_in_gsnr():
     expected = (grad_w.norm() / (grad_w.std() + 1e-8)).item()
     assert abs(float(dup.state[w]["gsnr"]) - expected) <= 1e-6 * expected
     assert float(dup.state[w]["gsnr"]) == float(single.state[single.param_groups[0]["params"][0]]["gsnr"])
+
+
+def test_warnings_point_at_the_callers_step_line():
+    p = nn.Parameter(torch.randn(5))
+    opt = SGDSaI([p])
+    p.grad = torch.zeros(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert [w.filename for w in caught] == [__file__]
+
+    q = nn.Parameter(torch.randn(1))  # one element: degenerate-block warning
+    opt = SGDSaI([p, q])
+    p.grad, q.grad = torch.randn(5), torch.randn(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert [w.filename for w in caught] == [__file__]
+
+    fresh = SGDSaI([p])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(SGDSaI([p]).state_dict())
+    assert [w.filename for w in caught] == [__file__]
