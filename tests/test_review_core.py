@@ -53,3 +53,42 @@ def test_warnings_point_at_the_callers_step_line():
         warnings.simplefilter("always")
         fresh.load_state_dict(SGDSaI([p]).state_dict())
     assert [w.filename for w in caught] == [__file__]
+
+
+class _OwnsModuleAttribute(nn.Module):
+    """A user's model (not a wrapper) with a submodule that happens to be called
+    ``module`` and a parameter of its own whose short name clashes with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(3, 3)
+        self.weight = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) @ self.weight
+
+
+class _PureWrapper(nn.Module):
+    """Stands in for DDP: holds the user's model as ``module`` and nothing else."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_gsnr_table_keeps_a_users_submodule_called_module():
+    from sai_dist import gsnr_table
+
+    torch.manual_seed(0)
+    model = _OwnsModuleAttribute()
+    opt = SGDSaI(model.parameters())
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    names = {"module.weight", "module.bias", "weight"}
+    assert set(gsnr_table(model, opt)) == names
+    # Wrapper prefixes still go: DDP-style ``module.`` and torch.compile's ``_orig_mod.``.
+    assert set(gsnr_table(_PureWrapper(model), opt)) == names
+    assert set(gsnr_table(torch.compile(_PureWrapper(model)), opt)) == names
+    table = gsnr_table(model, opt)
+    assert table["weight"]["gsnr"] == float(opt.state[model.weight]["gsnr"])
+    assert table["module.weight"]["gsnr"] == float(opt.state[model.module.weight]["gsnr"])
