@@ -290,6 +290,7 @@ class SGDSaI(Optimizer):
                         "use dense gradients (e.g. nn.Embedding(sparse=False))."
                     )
                 layout.pieces(p)  # raises LayoutError for tensors it cannot map
+                layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
             stepped.append((group, params))
 
         gsnr_max = self._gsnr_max()
