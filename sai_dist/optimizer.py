@@ -134,11 +134,34 @@ class SGDSaI(Optimizer):
         self.normalize = normalize
         self.degenerate: DegeneratePolicy = degenerate
         self._layout: Layout | None = layout
+        # Whether the layout was picked here (and so can be rebuilt for copied tensors).
+        self._auto_layout = layout is None
         super().__init__(params, defaults)
         if self._layout is None:
-            self._layout = auto_layout(p for g in self.param_groups for p in g["params"])
-            for group in self.param_groups:
-                self._register(group)
+            self._attach_auto_layout()
+
+    def _attach_auto_layout(self) -> None:
+        self._layout = auto_layout(p for g in self.param_groups for p in g["params"])
+        for group in self.param_groups:
+            self._register(group)
+
+    # torch.optim.Optimizer pickles only defaults, state and param_groups; the optimizer-wide
+    # options live outside defaults, and a layout maps tensors by identity, so a copy
+    # (copy.deepcopy, torch.save of the object) rebuilds the automatic layout for its own
+    # tensors. An integration's explicit layout travels as is.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["normalize"] = self.normalize
+        state["degenerate"] = self.degenerate
+        state["_auto_layout"] = self._auto_layout
+        state["_layout"] = None if self._auto_layout else self._layout
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_layout") is None:
+            self._auto_layout = True
+            self._attach_auto_layout()
 
     # -- param groups --------------------------------------------------------------
 
@@ -158,6 +181,7 @@ class SGDSaI(Optimizer):
         if self.initialized:
             raise RuntimeError("SGDSaI.use_layout: g-SNR is already fixed; attach the layout before step 1")
         self._layout = layout
+        self._auto_layout = False
         for group in self.param_groups:
             self._register(group)
 

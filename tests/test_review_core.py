@@ -92,3 +92,32 @@ def test_gsnr_table_keeps_a_users_submodule_called_module():
     table = gsnr_table(model, opt)
     assert table["weight"]["gsnr"] == float(opt.state[model.weight]["gsnr"])
     assert table["module.weight"]["gsnr"] == float(opt.state[model.module.weight]["gsnr"])
+
+
+def test_deepcopy_and_pickle_of_model_and_optimizer_continue_identically():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = SGDSaI(model.parameters(), lr=0.1, normalize=False, degenerate="official")
+    data = [torch.randn(5, 3) for _ in range(4)]
+
+    def train(m: nn.Module, o: SGDSaI, batches: list[torch.Tensor]) -> None:
+        for x in batches:
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+
+    train(model, opt, data[:2])
+    copied_model, copied_opt = copy.deepcopy((model, opt))
+    buf = io.BytesIO()
+    torch.save((model, opt), buf)
+    buf.seek(0)
+    loaded_model, loaded_opt = torch.load(buf, weights_only=False)
+    train(model, opt, data[2:])
+    for m, o in ((copied_model, copied_opt), (loaded_model, loaded_opt)):
+        assert o.normalize is False and o.degenerate == "official"
+        train(m, o, data[2:])
+        for p, q in zip(m.parameters(), model.parameters(), strict=True):
+            assert torch.equal(p, q)
