@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests import review_ranks
 from tests.distributed import run_ranks
@@ -18,3 +19,24 @@ def test_gradient_placements_unlike_the_parameter_are_refused_with_nothing_chang
         for key in ("partial", "shard1"):
             assert "global shape (4, 6)" in out[key]
             assert out[f"{key}_unchanged"] and out[f"{key}_state"] == 0
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    return bool(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) <= rel)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_late_block_and_resume_before_it_match_single_process(world, tmp_path):
+    ref = review_ranks.late_reference()
+    assert "late.weight" in ref["table"] and ref["table"]["late.weight"]["scale"] > 0
+    for out in run_ranks(review_ranks.late_block_fsdp2, world, str(tmp_path / "ckpt"), timeout=240):
+        for run in ("straight", "resumed"):
+            got = out[run]
+            assert set(got["params"]) == set(ref["params"])
+            for name, expected in ref["params"].items():
+                assert _close(torch.tensor(got["params"][name]), expected, 1e-5), (run, name)
+            assert set(got["table"]) == set(ref["table"])
+            for name, row in ref["table"].items():
+                for key in ("gsnr", "scale"):
+                    assert abs(got["table"][name][key] - row[key]) <= 1e-6 * abs(row[key]), (run, name, key)
