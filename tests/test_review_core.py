@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -95,7 +97,6 @@ def test_gsnr_table_keeps_a_users_submodule_called_module():
 
 
 def test_deepcopy_and_pickle_of_model_and_optimizer_continue_identically():
-    import copy
     import io
 
     torch.manual_seed(0)
@@ -121,3 +122,21 @@ def test_deepcopy_and_pickle_of_model_and_optimizer_continue_identically():
         train(m, o, data[2:])
         for p, q in zip(m.parameters(), model.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.gpu
+def test_model_spanning_cpu_and_cuda_matches_the_cpu_run():
+    # Naive model parallelism / layers kept on the CPU: one optimizer, tensors on two devices.
+    torch.manual_seed(0)
+    cpu = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    mixed = copy.deepcopy(cpu)
+    mixed[1].cuda()
+    opts = [SGDSaI(m.parameters(), lr=0.1) for m in (cpu, mixed)]
+    for _ in range(3):
+        x = torch.randn(5, 3, dtype=torch.float64)
+        for m, o in zip((cpu, mixed), opts, strict=True):
+            o.zero_grad()
+            m[1](m[0](x).to(m[1].weight.device)).square().sum().backward()
+            o.step()
+    for p, q in zip(cpu.parameters(), mixed.parameters(), strict=True):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-12, atol=1e-12)
