@@ -253,9 +253,18 @@ class SGDSaI(Optimizer):
                 "changed. Check the loss, or let a GradScaler skip the step."
             )
         if gsnr_max is None and float(moments.sumsq.sum()) == 0.0:
+            # No tensor with a gradient at all is a different mistake from zero gradients: a
+            # step() before backward(), or an optimizer built from tensors the model no longer
+            # uses (e.g. model.parameters() taken before fully_shard replaced them).
+            hint = (
+                ""
+                if tensors
+                else " (no parameter has a gradient at all: was backward() called, and was SGDSaI built "
+                "from the parameters the model uses now, e.g. after fully_shard / DDP wrapping?)"
+            )
             _warn(
-                "SGDSaI: every gradient is zero at the first step; skipping it without fixing g-SNR, "
-                "applying weight decay or touching momentum.",
+                f"SGDSaI: every gradient is zero at the first step{hint}; skipping it without fixing "
+                "g-SNR, applying weight decay or touching momentum.",
             )
             return False
 

@@ -140,3 +140,20 @@ def test_model_spanning_cpu_and_cuda_matches_the_cpu_run():
             o.step()
     for p, q in zip(cpu.parameters(), mixed.parameters(), strict=True):
         torch.testing.assert_close(q.cpu(), p, rtol=1e-12, atol=1e-12)
+
+
+def test_first_step_without_any_gradient_says_so():
+    # The optimizer holds tensors the model no longer uses (built before a wrapper replaced
+    # the parameters): the skip warning must not only say "zero".
+    stale = nn.Linear(3, 2)
+    opt = SGDSaI(stale.parameters())
+    with pytest.warns(
+        UserWarning, match="every gradient is zero at the first step .no parameter has a gradient"
+    ):
+        opt.step()
+    assert not opt.initialized
+    stale.weight.grad = torch.zeros(2, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert len(caught) == 1 and "no parameter has a gradient" not in str(caught[0].message)
