@@ -119,3 +119,25 @@ def late_block_fsdp2(rank: int, world: int, save_dir: str) -> dict[str, Any]:
             "table": sai_dist.gsnr_table(model, opt),
         }
     return out
+
+
+def sub_world_meshes(rank: int, world: int) -> dict[str, Any]:
+    """Two 1-D meshes over halves of a 4-rank world (pipeline stages with FSDP2 each): each
+    half's SGDSaI reduces over its own mesh only. Every rank holds the same model; the
+    half's g-SNR must equal the single-process one on the whole tensors."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    halves = [[0, 1], [2, 3]]
+    meshes = [DeviceMesh("cpu", h) for h in halves]  # every rank builds both (new_group)
+    mesh = meshes[rank // 2]
+    g = torch.Generator().manual_seed(11 + rank // 2)  # the two stages hold different data
+    wholes = [torch.randn(5, 3, generator=g), torch.randn(1, 4, generator=g)]
+    grads = [torch.randn(5, 3, generator=g), 3.0 + torch.randn(1, 4, generator=g)]
+    params = [nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in wholes]
+    for p, gr in zip(params, grads, strict=True):
+        p.grad = distribute_tensor(gr, mesh, [Shard(0)])
+    opt = sai_dist.SGDSaI(params, lr=0.1)
+    opt.step()
+    expected = [float(gr.norm() / (gr.std() + 1e-8)) for gr in grads]
+    return {"gsnr": [float(opt.state[p]["gsnr"]) for p in params], "expected": expected}

@@ -40,3 +40,10 @@ def test_fsdp2_late_block_and_resume_before_it_match_single_process(world, tmp_p
             for name, row in ref["table"].items():
                 for key in ("gsnr", "scale"):
                     assert abs(got["table"][name][key] - row[key]) <= 1e-6 * abs(row[key]), (run, name, key)
+
+
+@pytest.mark.distributed
+def test_one_dimensional_meshes_over_part_of_the_world_reduce_over_their_own_ranks():
+    for out in run_ranks(review_ranks.sub_world_meshes, 4, timeout=180):
+        for got, expected in zip(out["gsnr"], out["expected"], strict=True):
+            assert abs(got - expected) <= 1e-6 * expected
