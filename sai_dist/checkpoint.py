@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -145,4 +146,7 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
         if not optim_state:
             # The checkpoint really holds no SGD-SaI state (saved before the first step).
             warnings.filterwarnings("ignore", message="SGDSaI.load_state_dict: the state dict holds no g-SNR")
-        _quiet_probe(set_optimizer_state_dict, model, opt, template[_OPTIM])
+        # Not strict: the entries left out above (a parameter that had no gradient when the
+        # checkpoint was saved) are absent on purpose; strict DCP refuses a partial state.
+        options = StateDictOptions(strict=False)
+        _quiet_probe(lambda: set_optimizer_state_dict(model, opt, template[_OPTIM], options=options))

@@ -14,6 +14,8 @@ then on each piece carries a fixed scale: no collective is issued after step 1.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,6 +37,25 @@ MOMENTUM = "momentum_buffer"
 GSNR = "gsnr"
 SCALE = "scale"
 GSNR_MAX = "gsnr_max"
+
+
+# Frames in these directories are library code; a warning is attributed to the first frame
+# outside them (the user's ``opt.step()`` line). A fixed stacklevel cannot do this: torch
+# wraps ``step`` in no_grad and profiling/hook wrappers, and integrations call it for users.
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` attributed to the caller outside sai_dist and torch."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _check_range(
@@ -113,11 +134,34 @@ class SGDSaI(Optimizer):
         self.normalize = normalize
         self.degenerate: DegeneratePolicy = degenerate
         self._layout: Layout | None = layout
+        # Whether the layout was picked here (and so can be rebuilt for copied tensors).
+        self._auto_layout = layout is None
         super().__init__(params, defaults)
         if self._layout is None:
-            self._layout = auto_layout(p for g in self.param_groups for p in g["params"])
-            for group in self.param_groups:
-                self._register(group)
+            self._attach_auto_layout()
+
+    def _attach_auto_layout(self) -> None:
+        self._layout = auto_layout(p for g in self.param_groups for p in g["params"])
+        for group in self.param_groups:
+            self._register(group)
+
+    # torch.optim.Optimizer pickles only defaults, state and param_groups; the optimizer-wide
+    # options live outside defaults, and a layout maps tensors by identity, so a copy
+    # (copy.deepcopy, torch.save of the object) rebuilds the automatic layout for its own
+    # tensors. An integration's explicit layout travels as is.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["normalize"] = self.normalize
+        state["degenerate"] = self.degenerate
+        state["_auto_layout"] = self._auto_layout
+        state["_layout"] = None if self._auto_layout else self._layout
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_layout") is None:
+            self._auto_layout = True
+            self._attach_auto_layout()
 
     # -- param groups --------------------------------------------------------------
 
@@ -137,6 +181,7 @@ class SGDSaI(Optimizer):
         if self.initialized:
             raise RuntimeError("SGDSaI.use_layout: g-SNR is already fixed; attach the layout before step 1")
         self._layout = layout
+        self._auto_layout = False
         for group in self.param_groups:
             self._register(group)
 
@@ -208,10 +253,18 @@ class SGDSaI(Optimizer):
                 "changed. Check the loss, or let a GradScaler skip the step."
             )
         if gsnr_max is None and float(moments.sumsq.sum()) == 0.0:
-            warnings.warn(
-                "SGDSaI: every gradient is zero at the first step; skipping it without fixing g-SNR, "
-                "applying weight decay or touching momentum.",
-                stacklevel=3,
+            # No tensor with a gradient at all is a different mistake from zero gradients: a
+            # step() before backward(), or an optimizer built from tensors the model no longer
+            # uses (e.g. model.parameters() taken before fully_shard replaced them).
+            hint = (
+                ""
+                if tensors
+                else " (no parameter has a gradient at all: was backward() called, and was SGDSaI built "
+                "from the parameters the model uses now, e.g. after fully_shard / DDP wrapping?)"
+            )
+            _warn(
+                f"SGDSaI: every gradient is zero at the first step{hint}; skipping it without fixing "
+                "g-SNR, applying weight decay or touching momentum.",
             )
             return False
 
@@ -227,11 +280,10 @@ class SGDSaI(Optimizer):
         if degenerate and self.degenerate == "max":
             names = ", ".join(self._describe(b) for b in degenerate[:10])
             more = f" and {len(degenerate) - 10} more" if len(degenerate) > 10 else ""
-            warnings.warn(
+            _warn(
                 f"SGDSaI: gradient with zero spread (one element, all zeros or constant) at the g-SNR "
                 f"step in {names}{more}: no noise estimate, so it gets the largest regular g-SNR "
                 "(scale 1 when normalised). Pass degenerate='official' for the official formula.",
-                stacklevel=3,
             )
 
         max_t = torch.tensor(gsnr_max, dtype=torch.float32)
@@ -271,10 +323,15 @@ class SGDSaI(Optimizer):
                         "use dense gradients (e.g. nn.Embedding(sparse=False))."
                     )
                 layout.pieces(p)  # raises LayoutError for tensors it cannot map
+                layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
             stepped.append((group, params))
 
         gsnr_max = self._gsnr_max()
-        fresh = [p for _, params in stepped for p in params if SCALE not in self.state.get(p, ())]
+        # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
+        # must not feed its gradient into the block statistics twice.
+        fresh = list(
+            dict.fromkeys(p for _, params in stepped for p in params if SCALE not in self.state.get(p, ()))
+        )
         if gsnr_max is None:
             # Step 1 fixes g-SNR from every block that has a gradient, across all groups.
             if not self._fix_gsnr(fresh, None):
@@ -354,10 +411,9 @@ class SGDSaI(Optimizer):
             # A state dict without g-SNR is legitimate only if it was saved before the first
             # step. DCP's template for a fresh SGDSaI is empty (its zero-gradient probe step is
             # skipped), so plain dcp.load drops the whole optimizer state without a word.
-            warnings.warn(
+            _warn(
                 "SGDSaI.load_state_dict: the state dict holds no g-SNR, so the next step fixes g-SNR "
                 "from a fresh gradient. Expected if it was saved before the first step; if it was "
                 "restored with torch.distributed.checkpoint into a fresh optimizer, DCP's template held "
                 "no SGD-SaI state: load with sai_dist.checkpoint.load instead.",
-                stacklevel=2,
             )

@@ -108,6 +108,21 @@ def _sum_chunks(x: Tensor, shift: Tensor | None) -> tuple[Tensor, Tensor]:
     return total, sumsq
 
 
+def _stack_cpu(values: list[Tensor]) -> Tensor:
+    """Stack per-piece scalars onto the CPU with one transfer per device: a model may span
+    devices (layers on several GPUs, or some kept on the CPU), and ``torch.stack`` refuses
+    tensors on different devices."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.stack(values).cpu()
+    out = torch.empty((len(values), *values[0].shape), dtype=torch.float64)
+    for indices in by_device.values():
+        out[indices] = torch.stack([values[i] for i in indices]).cpu()
+    return out
+
+
 def _all_reduce(buf: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """Sum ``buf`` over ``group``; a no-op when statistics are local."""
     if group is None or not dist.is_available() or not dist.is_initialized():
@@ -164,7 +179,7 @@ def reduce_block_moments(
     if blocks:
         index = torch.tensor(blocks, dtype=torch.long)
         first[:, 0].index_add_(0, index, torch.tensor(counts, dtype=torch.float64))
-        first[:, 1:].index_add_(0, index, torch.stack(partials).cpu())
+        first[:, 1:].index_add_(0, index, _stack_cpu(partials))
     first = _all_reduce(first, group)
     count, total, sumsq = first.unbind(1)
     mean = torch.where(count > 0, total / count.clamp_min(1), 0.0)
@@ -178,6 +193,6 @@ def reduce_block_moments(
             deviations.append(_sum_chunks(x, shift)[1])
     second = torch.zeros(num_blocks, dtype=torch.float64)
     if blocks:
-        second.index_add_(0, index, torch.stack(deviations).cpu())
+        second.index_add_(0, index, _stack_cpu(deviations))
     m2 = _all_reduce(second, group)
     return BlockMoments(count=count.clone(), total=total.clone(), sumsq=sumsq.clone(), m2=m2)

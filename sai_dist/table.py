@@ -19,6 +19,22 @@ def clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
+def _unwrapped_name(model: nn.Module, name: str) -> str:
+    """``clean_name`` that drops a ``module`` segment only where a pure wrapper put it: a
+    module with no parameters of its own whose only child is ``module`` (DDP, DeepSpeed's
+    engine). A user's own submodule that happens to be called ``module`` keeps its name, so
+    it cannot collide with a sibling parameter in the table."""
+    parts = name.split(".")
+    kept: list[str] = []
+    owner = model
+    for part in parts[:-1]:
+        pure_wrapper = not owner._parameters and list(owner._modules) == [part]
+        if part not in _WRAPPER_SEGMENTS or (part == "module" and not pure_wrapper):
+            kept.append(part)
+        owner = getattr(owner, part)
+    return ".".join([*kept, parts[-1]])
+
+
 def find_sgdsai(obj: Any) -> SGDSaI:
     """The :class:`SGDSaI` inside whatever a user holds: the optimizer itself, or a wrapper
     or engine that keeps it under ``.optimizer`` (DeepSpeed engines and ZeRO wrappers)."""
@@ -55,7 +71,7 @@ def gsnr_table(model: nn.Module, optimizer: Optimizer | Any) -> dict[str, dict[s
     for name, p in model.named_parameters():
         if id(p) in by_id:
             gsnr, scale = by_id[id(p)]
-            table[clean_name(name)] = {"gsnr": gsnr, "scale": scale, "numel": p.numel()}
+            table[_unwrapped_name(model, name)] = {"gsnr": gsnr, "scale": scale, "numel": p.numel()}
     return table
 
 

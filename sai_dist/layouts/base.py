@@ -74,6 +74,17 @@ class Layout(ABC):
         """The plain tensor the step's arithmetic runs on (a DTensor's local shard, say)."""
         return tensor
 
+    def check_grad(self, param: Tensor) -> None:
+        """Raise :class:`LayoutError` if ``param.grad`` (not ``None``) cannot be stepped
+        with ``param`` piece by piece: by default, their :meth:`local` tensors must have the
+        same shape. Called for every gradient before step() computes or modifies anything."""
+        grad_shape, param_shape = self.local(param.grad).shape, self.local(param).shape
+        if grad_shape != param_shape:
+            raise LayoutError(
+                f"SGDSaI: the gradient of {self.describe(param)} has local shape {tuple(grad_shape)}, "
+                f"not the parameter's {tuple(param_shape)}."
+            )
+
     def sources(self, params: Iterable[Tensor]) -> list[Source]:
         """``(local gradient, pieces)`` for every tensor in ``params`` that has a gradient:
         the input of :func:`sai_dist.stats.reduce_block_moments`."""

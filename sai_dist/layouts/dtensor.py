@@ -163,6 +163,29 @@ class DTensorLayout(Layout):
         # in-place updates reach the parameter and no collective is issued.
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
+    def check_grad(self, param: Tensor) -> None:
+        # The step runs on local tensors, so a gradient laid out differently from its
+        # parameter would be misread: a Partial gradient's local tensor is an unreduced
+        # summand (wrong g-SNR, replicas stepping apart), another sharding a shape mismatch.
+        grad = param.grad
+        if isinstance(param, DTensor) or isinstance(grad, DTensor):
+            same = (
+                isinstance(param, DTensor)
+                and isinstance(grad, DTensor)
+                and grad.device_mesh == param.device_mesh
+                and tuple(grad.placements) == tuple(param.placements)
+            )
+            if not same:
+                got = (
+                    f"placements {tuple(grad.placements)}" if isinstance(grad, DTensor) else "a plain tensor"
+                )
+                raise LayoutError(
+                    f"SGDSaI: the gradient of {self.describe(param)} has {got}, not the parameter's "
+                    "placements on the same mesh; redistribute it (e.g. grad.redistribute(param.device_mesh, "
+                    "param.placements)) before step()."
+                )
+        super().check_grad(param)
+
     def describe(self, param: Tensor) -> str:
         if isinstance(param, DTensor):
             return (
