@@ -85,6 +85,7 @@ def main() -> None:
     candidates = {
         "sgdsai (foreach)": lambda ps: SGDSaI(ps, lr=1e-3, foreach=True),
         "sgdsai (single-tensor)": lambda ps: SGDSaI(ps, lr=1e-3, foreach=False),
+        "sgdsai (fused)": lambda ps: SGDSaI(ps, lr=1e-3, fused=True),
         "torch SGD momentum (foreach)": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
         "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
     }

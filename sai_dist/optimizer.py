@@ -94,6 +94,9 @@ class SGDSaI(Optimizer):
         maximize: maximise the objective instead of minimising it.
         degenerate: ``"max"`` (default) or ``"official"``: what a block whose gradient has
             zero spread (one element, all zeros, constant) gets; see :mod:`sai_dist.gsnr`.
+        fused: apply each tensor's whole update in one ``torch.compile``'d kernel, the
+            bandwidth floor of 5 element-passes (foreach: 8). The first step compiles (tens
+            of seconds on a CPU). Default ``False``.
         foreach: batch the momentum and decay passes with foreach kernels; ``None`` picks
             them for CUDA tensors.
         layout: how the stepped tensors map onto model blocks. ``None`` picks the layout for
@@ -122,6 +125,7 @@ class SGDSaI(Optimizer):
         *,
         degenerate: DegeneratePolicy = "max",
         foreach: bool | None = None,
+        fused: bool = False,
         layout: Layout | None = None,
     ) -> None:
         if degenerate not in DEGENERATE_POLICIES:
@@ -129,7 +133,13 @@ class SGDSaI(Optimizer):
         if not isinstance(normalize, bool):
             raise ValueError(f"Invalid normalize: {normalize!r} (must be a bool)")
         defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, maximize=maximize, foreach=foreach
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
         )
         self.normalize = normalize
         self.degenerate: DegeneratePolicy = degenerate
@@ -202,8 +212,9 @@ class SGDSaI(Optimizer):
         _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         _check_range("weight_decay", group["weight_decay"], 0.0)
         _check_range("eps", group["eps"], 0.0)
-        if not isinstance(group["maximize"], bool):
-            raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool)")
+        for flag in ("maximize", "fused"):
+            if not isinstance(group.get(flag, False), bool):
+                raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be a bool)")
 
     def _register(self, group: dict[str, Any]) -> None:
         self.layout.register(group["params"])
@@ -375,7 +386,12 @@ class SGDSaI(Optimizer):
                     target[2].append(None)
                 target[3].append(scale)
 
-        common = dict(lr=group["lr"], weight_decay=group["weight_decay"], foreach=group["foreach"])
+        common = dict(
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            foreach=group["foreach"],
+            fused=group.get("fused", False),
+        )
         if with_buf[0]:
             sgd_sai(*with_buf, momentum=momentum, maximize=maximize, **common)
         if direct[0]:
