@@ -9,7 +9,6 @@ exception with its traceback, and kills every process on timeout.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -17,13 +16,9 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sai_dist.train.distributed import free_port
+
 DEFAULT_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:

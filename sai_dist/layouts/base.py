@@ -27,6 +27,23 @@ class LayoutError(RuntimeError):
     """A tensor reached the optimizer that its layout cannot map onto model blocks."""
 
 
+# Attribute FSDP1 (FullyShardedDataParallel) sets on every tensor it flattens, flat
+# parameters and the views it hands out with use_orig_params=True alike.
+_FSDP1_FLATTENED = "_fsdp_flattened"
+
+
+def refuse_fsdp1(param: Tensor) -> None:
+    """Raise :class:`LayoutError` for a tensor FSDP1 flattened: its g-SNR would be that of
+    a flat shard mixing several original parameters."""
+    if getattr(param, _FSDP1_FLATTENED, False):
+        raise LayoutError(
+            "SGDSaI was given a parameter flattened by FSDP1 (FullyShardedDataParallel), shape "
+            f"{tuple(param.shape)}: its g-SNR would be computed on a flat shard that mixes several "
+            "original parameters, not on the parameters themselves. Shard with FSDP2 "
+            "(torch.distributed.fsdp.fully_shard) instead; FSDP1 is not supported yet."
+        )
+
+
 class Layout(ABC):
     """Maps the tensors an optimizer steps onto blocks of the original model.
 

@@ -34,10 +34,8 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.layouts.base import Layout, LayoutError, refuse_fsdp1
 from sai_dist.stats import Piece
-
-_FSDP1_FLATTENED = "_fsdp_flattened"
 
 
 class DTensorLayout(Layout):
@@ -95,11 +93,7 @@ class DTensorLayout(Layout):
         for p in params:
             if id(p) in self._block_of:
                 continue
-            if getattr(p, _FSDP1_FLATTENED, False):
-                raise LayoutError(
-                    f"SGDSaI was given a parameter flattened by FSDP1 (shape {tuple(p.shape)}) next to "
-                    "DTensor parameters; shard the whole model with FSDP2 (fully_shard) instead."
-                )
+            refuse_fsdp1(p)
             if isinstance(p, DTensor):
                 self._check_mesh(p)
             self._block_of[id(p)] = len(self._tensors)

@@ -10,12 +10,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.layouts.base import Layout, LayoutError, refuse_fsdp1
 from sai_dist.stats import Piece
-
-# Attribute FSDP1 (FullyShardedDataParallel) sets on every tensor it flattens, flat
-# parameters and the views it hands out with use_orig_params=True alike.
-_FSDP1_FLATTENED = "_fsdp_flattened"
 
 
 class ReplicatedLayout(Layout):
@@ -31,13 +27,7 @@ class ReplicatedLayout(Layout):
 
     def register(self, params: Sequence[Tensor]) -> None:
         for p in params:
-            if getattr(p, _FSDP1_FLATTENED, False):
-                raise LayoutError(
-                    "SGDSaI was given a parameter flattened by FSDP1 (FullyShardedDataParallel), shape "
-                    f"{tuple(p.shape)}: its g-SNR would be computed on a flat shard that mixes several "
-                    "original parameters, not on the parameters themselves. Shard with FSDP2 "
-                    "(torch.distributed.fsdp.fully_shard) instead; FSDP1 is not supported yet."
-                )
+            refuse_fsdp1(p)
             if id(p) not in self._block_of:
                 self._block_of[id(p)] = len(self._tensors)
                 self._tensors.append(p)
