@@ -253,7 +253,9 @@ class SGDSaI(Optimizer):
         step, e.g. a mixed-precision wrapper's first call, must not fix g-SNR).
         """
         layout = self.layout
-        moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, layout.group)
+        # Late blocks may be fresh on some ranks only (OSS); the layout says which group is safe.
+        stats_group = layout.group if gsnr_max is None else layout.late_group
+        moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, stats_group)
         bad = (~moments.finite()).nonzero().flatten().tolist()
         if bad:
             names = ", ".join(self._describe(b) for b in bad[:10])
@@ -283,6 +285,7 @@ class SGDSaI(Optimizer):
         for p, group in ((p, g) for g in self.param_groups for p in g["params"]):
             for piece in layout.pieces(p):
                 eps[piece.block] = group["eps"]
+        eps = layout.block_eps(eps)
         g = block_gsnr(moments, eps.nan_to_num(self.defaults["eps"]), self.degenerate, fill=gsnr_max)
         if gsnr_max is None:
             gsnr_max = max_gsnr(g)

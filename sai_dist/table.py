@@ -10,8 +10,15 @@ from torch.optim import Optimizer
 from sai_dist.optimizer import GSNR, SCALE, SGDSaI
 
 # Prefixes wrappers insert into parameter names: DDP and DeepSpeed (module.), torch.compile
-# (_orig_mod.), FSDP1 and activation checkpointing wrappers.
-_WRAPPER_SEGMENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# (_orig_mod.), FSDP1 and fairscale FSDP (_fsdp_wrapped_module., fairscale's
+# FlattenParamsWrapper _fpw_module.) and activation checkpointing wrappers.
+_WRAPPER_SEGMENTS = (
+    "module",
+    "_orig_mod",
+    "_fsdp_wrapped_module",
+    "_fpw_module",
+    "_checkpoint_wrapped_module",
+)
 
 
 def clean_name(name: str) -> str:
@@ -37,12 +44,17 @@ def _unwrapped_name(model: nn.Module, name: str) -> str:
 
 def find_sgdsai(obj: Any) -> SGDSaI:
     """The :class:`SGDSaI` inside whatever a user holds: the optimizer itself, or a wrapper
-    or engine that keeps it under ``.optimizer`` (DeepSpeed engines and ZeRO wrappers)."""
+    or engine that keeps it under ``.optimizer`` (DeepSpeed engines and ZeRO wrappers) or
+    ``.optim`` (fairscale's OSS)."""
     seen = obj
     for _ in range(6):
         if isinstance(obj, SGDSaI):
             return obj
-        inner = getattr(obj, "sai_optimizer", None) or getattr(obj, "optimizer", None)
+        inner = (
+            getattr(obj, "sai_optimizer", None)
+            or getattr(obj, "optimizer", None)
+            or getattr(obj, "optim", None)
+        )
         if inner is None or inner is obj:
             break
         obj = inner

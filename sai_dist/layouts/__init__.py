@@ -2,7 +2,8 @@
 
 See :mod:`sai_dist.layouts.base` for the contract. :func:`auto_layout` picks the layout a
 plain ``SGDSaI(model.parameters())`` needs; integrations that rebind the optimizer's
-tensors (DeepSpeed ZeRO, fairscale) pass theirs explicitly.
+tensors (DeepSpeed ZeRO, fairscale OSS) attach theirs, and FSDP1 / fairscale FSDP models
+take ``layout=flat_param_layout(model)``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.layouts.flat_param import flat_param_layout
 from sai_dist.layouts.replicated import ReplicatedLayout
 
 
@@ -27,4 +29,4 @@ def auto_layout(params: Iterable[Tensor]) -> Layout:
     return ReplicatedLayout()
 
 
-__all__ = ["Layout", "LayoutError", "ReplicatedLayout", "auto_layout"]
+__all__ = ["Layout", "LayoutError", "ReplicatedLayout", "auto_layout", "flat_param_layout"]

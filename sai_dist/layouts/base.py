@@ -8,7 +8,8 @@ A layout answers three questions for :class:`sai_dist.SGDSaI`, which knows no wr
 3. on which plain tensor does the arithmetic of a step run (:meth:`Layout.local`).
 
 One small module per wrapper implements it (``replicated`` for single process and DDP,
-``dtensor`` for FSDP2/HSDP, flat-segment layouts for ZeRO). Everything that follows,
+``dtensor`` for FSDP2/HSDP, flat-segment layouts for ZeRO, FSDP1 and fairscale FSDP,
+``oss`` for fairscale OSS). Everything that follows,
 statistics, g-SNR and the per-piece scale applied every step, is shared.
 """
 
@@ -30,18 +31,28 @@ class LayoutError(RuntimeError):
 # Attribute FSDP1 (FullyShardedDataParallel) sets on every tensor it flattens, flat
 # parameters and the views it hands out with use_orig_params=True alike.
 _FSDP1_FLATTENED = "_fsdp_flattened"
+# Attribute fairscale's FullyShardedDataParallel sets on every parameter it manages (flat
+# or not, sharded or not): the tensor is a 1-D shard, padded, maybe mixing parameters.
+_FAIRSCALE_SHARDED = "_is_sharded"
 
 
-def refuse_fsdp1(param: Tensor) -> None:
-    """Raise :class:`LayoutError` for a tensor FSDP1 flattened: its g-SNR would be that of
-    a flat shard mixing several original parameters."""
+def refuse_flat_params(param: Tensor) -> None:
+    """Raise :class:`LayoutError` for a tensor FSDP1 or fairscale FSDP manages, reaching a
+    layout that maps tensors one-to-one onto blocks: its g-SNR would be that of a flat
+    shard (padding included, maybe mixing several parameters), not of a parameter. Those
+    wrappers need the flat-parameter layout, built from the wrapped model."""
     if getattr(param, _FSDP1_FLATTENED, False):
-        raise LayoutError(
-            "SGDSaI was given a parameter flattened by FSDP1 (FullyShardedDataParallel), shape "
-            f"{tuple(param.shape)}: its g-SNR would be computed on a flat shard that mixes several "
-            "original parameters, not on the parameters themselves. Shard with FSDP2 "
-            "(torch.distributed.fsdp.fully_shard) instead; FSDP1 is not supported yet."
-        )
+        wrapper = "FSDP1 (torch FullyShardedDataParallel)"
+    elif hasattr(param, _FAIRSCALE_SHARDED):
+        wrapper = "fairscale FullyShardedDataParallel"
+    else:
+        return
+    raise LayoutError(
+        f"SGDSaI was given a parameter flattened by {wrapper}, shape {tuple(param.shape)}: mapped one "
+        "tensor to one block, its g-SNR would be computed on a flat shard, not on the model's parameters. "
+        "Pass the flat-parameter layout built from the wrapped model: "
+        "SGDSaI(model.parameters(), ..., layout=sai_dist.layouts.flat_param_layout(model))."
+    )
 
 
 class Layout(ABC):
@@ -58,6 +69,20 @@ class Layout(ABC):
 
     def __init__(self) -> None:
         self._names: dict[int, str] = {}
+
+    @property
+    def late_group(self) -> dist.ProcessGroup | None:
+        """Process group for the statistics of blocks whose first gradient arrives after
+        step 1. Default: :attr:`group`. A layout where such a step may find fresh blocks on
+        some ranks only, each held whole by its rank (fairscale OSS), returns ``None`` so no
+        rank waits in a collective the others never join."""
+        return self.group
+
+    def block_eps(self, eps: Tensor) -> Tensor:
+        """Per-block epsilon ``[num_blocks]`` (float64), NaN where this rank's param groups
+        do not say; filled here for blocks the layout knows better (OSS: blocks owned by
+        other ranks, whose g-SNR enters the normalising max on every rank). Default: as is."""
+        return eps
 
     @abstractmethod
     def register(self, params: Sequence[Tensor]) -> None:

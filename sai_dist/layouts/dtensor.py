@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from sai_dist.layouts.base import Layout, LayoutError, refuse_fsdp1
+from sai_dist.layouts.base import Layout, LayoutError, refuse_flat_params
 from sai_dist.stats import Piece
 
 
@@ -93,7 +93,7 @@ class DTensorLayout(Layout):
         for p in params:
             if id(p) in self._block_of:
                 continue
-            refuse_fsdp1(p)
+            refuse_flat_params(p)
             if isinstance(p, DTensor):
                 self._check_mesh(p)
             self._block_of[id(p)] = len(self._tensors)

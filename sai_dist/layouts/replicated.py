@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from sai_dist.layouts.base import Layout, LayoutError, refuse_fsdp1
+from sai_dist.layouts.base import Layout, LayoutError, refuse_flat_params
 from sai_dist.stats import Piece
 
 
@@ -27,7 +27,7 @@ class ReplicatedLayout(Layout):
 
     def register(self, params: Sequence[Tensor]) -> None:
         for p in params:
-            refuse_fsdp1(p)
+            refuse_flat_params(p)
             if id(p) not in self._block_of:
                 self._block_of[id(p)] = len(self._tensors)
                 self._tensors.append(p)

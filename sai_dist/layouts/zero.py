@@ -53,6 +53,7 @@ __all__ = [
     "from_fp16_unfused",
     "from_zero3",
     "from_zero12",
+    "segments_in_range",
 ]
 
 
@@ -73,7 +74,9 @@ class FlatSegmentLayout(Layout):
     Args:
         group: process group the flat partitions are split over (statistics are summed
             over it), or ``None`` when every rank holds every element.
-        params: the original parameters, one per block, in block order.
+        params: the original parameters, one per block, in block order; ``None`` for a
+            block whose parameter object no longer exists (FSDP1 with
+            ``use_orig_params=False`` keeps only its metadata).
         names: their names (``model.named_parameters()``), same order.
         numels: their element counts (ZeRO-3 parameters report ``numel() == 0``).
     """
@@ -81,7 +84,7 @@ class FlatSegmentLayout(Layout):
     def __init__(
         self,
         group: dist.ProcessGroup | None,
-        params: Sequence[Tensor],
+        params: Sequence[Tensor | None],
         names: Sequence[str],
         numels: Sequence[int],
     ) -> None:
@@ -91,7 +94,7 @@ class FlatSegmentLayout(Layout):
         self.group = group
         self._params = list(params)
         self._numels = [int(n) for n in numels]
-        self._block_of_param = {id(p): b for b, p in enumerate(self._params)}
+        self._block_of_param = {id(p): b for b, p in enumerate(self._params) if p is not None}
         self._names = dict(enumerate(names))
         self._segments: dict[int, tuple[Segment, ...]] = {}
         self._flats: list[Tensor] = []
@@ -124,7 +127,7 @@ class FlatSegmentLayout(Layout):
         segs = self._segments.get(id(flat))
         if segs is None:
             raise LayoutError(
-                f"SGDSaI is stepping a tensor of shape {tuple(flat.shape)} that its DeepSpeed layout does "
+                f"SGDSaI is stepping a tensor of shape {tuple(flat.shape)} that its flat-segment layout does "
                 "not know: the wrapper's partitions changed after the layout was attached."
             )
         return segs
@@ -134,7 +137,7 @@ class FlatSegmentLayout(Layout):
         return self._block_of_param.get(id(param))
 
     @property
-    def block_params(self) -> list[Tensor]:
+    def block_params(self) -> list[Tensor | None]:
         return list(self._params)
 
     @property
@@ -246,17 +249,26 @@ def _single_group(groups: Sequence[Any], what: str) -> Any:
     return first
 
 
-def _contiguous_segments(
-    params: Sequence[Tensor], offsets: Sequence[int], blocks: Sequence[int], lo: int, hi: int
+def segments_in_range(
+    numels: Sequence[int], offsets: Sequence[int], blocks: Sequence[int], lo: int, hi: int
 ) -> list[Segment]:
-    """Segments of parameters at ``offsets`` of a flat group that fall in ``[lo, hi)``."""
+    """Segments of blocks laid out at ``offsets`` (``numels`` elements each) of a flat
+    tensor that fall in the rank's range ``[lo, hi)``, indexed relative to ``lo``. Whatever
+    of ``[lo, hi)`` no block covers (alignment or end padding) is in no segment."""
     segs = []
-    for p, off, b in zip(params, offsets, blocks, strict=True):
-        start, stop = max(off, lo), min(off + p.numel(), hi)
+    for n, off, b in zip(numels, offsets, blocks, strict=True):
+        start, stop = max(off, lo), min(off + n, hi)
         if start < stop:
             segs.append(Segment(b, start - lo, stop - lo, start - off))
     segs.sort(key=lambda s: s.start)
     return segs
+
+
+def _contiguous_segments(
+    params: Sequence[Tensor], offsets: Sequence[int], blocks: Sequence[int], lo: int, hi: int
+) -> list[Segment]:
+    """Segments of parameters at ``offsets`` of a flat group that fall in ``[lo, hi)``."""
+    return segments_in_range([p.numel() for p in params], offsets, blocks, lo, hi)
 
 
 def from_zero12(zero: Any, names: dict[int, str]) -> FlatSegmentLayout:

@@ -1,0 +1,269 @@
+r"""Flat-parameter layouts: FSDP1 and fairscale's FullyShardedDataParallel.
+
+Both wrappers concatenate the parameters of a wrapped module into one flat 1-D tensor,
+pad it, and give every rank of the sharding group one contiguous slice. What a rank steps
+is therefore a run of *segments* of original parameters plus padding, exactly the
+situation of DeepSpeed's ZeRO partitions, so this module only reads each wrapper's
+metadata into :class:`~sai_dist.layouts.zero.Segment`\ s and reuses
+:class:`~sai_dist.layouts.zero.FlatSegmentLayout` for everything else (statistics over
+the sharding group, padding in no segment, per-block element counts from the metadata).
+
+**FSDP1** (``torch.distributed.fsdp.FullyShardedDataParallel``). Every unit's
+``FlatParameter`` carries ``_shard_param_infos``: per original parameter ``i`` whether
+this rank's shard holds part of it (``in_shard``), where that part starts in the shard
+(``offset_in_shard``), how long it is (``numel_in_shard``) and where it starts inside the
+parameter (``intra_param_start_idx``). Alignment padding between parameters and the end
+padding of the last shard are in no entry. Element counts come from ``_shapes``.
+
+* ``use_orig_params=False``: the optimizer steps the sharded ``FlatParameter``; its
+  segments are ``[offset, offset + numel)`` for each parameter in the shard.
+* ``use_orig_params=True``: the optimizer steps the original parameters, each a 1-D view
+  ``flat[offset : offset + numel]`` of the shard (size 0 on ranks that hold none of it);
+  one segment ``[0, numel)`` starting at ``intra_param_start_idx``, or none.
+* Statistics are summed over the unit's ``process_group``: the whole world for
+  ``FULL_SHARD``/``SHARD_GRAD_OP``, the intra-node shard group for ``HYBRID_SHARD`` (the
+  replicas hold identical, already all-reduced copies, so each computes the same sums),
+  and no group for ``NO_SHARD`` (every rank holds everything).
+
+**fairscale** (``fairscale.nn.FullyShardedDataParallel``, 0.4.x). Each managed
+parameter (a ``FlatParameter`` when ``flatten_parameters=True``, else each original
+parameter) is sharded by ``_shard_parameters_``: rank ``r`` of ``W`` keeps
+``flatten(p).chunk(W)[r]`` zero-padded to the length ``c = ceil(N / W)`` of chunk 0, i.e.
+elements ``[min(r c, N), min((r + 1) c, N))`` of the ``N = p._orig_size.numel()`` real
+ones. A ``FlatParameter`` lays its originals end to end (``_param_numels``,
+``_param_shapes``, names from ``_param_infos``); anything else is one parameter.
+
+Blocks are numbered in the model's parameter order (owning module in ``model.modules()``
+order, then registration order), so :func:`sai_dist.gsnr_table` lists rows as
+``model.named_parameters()`` of the unwrapped model would. The table is gathered with a
+small ``all_reduce`` (MAX) over the sharding group on every call: call it on every rank.
+
+Nothing here imports either wrapper: the builders read attributes (duck typing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sai_dist.layouts.base import LayoutError
+from sai_dist.layouts.zero import FlatSegmentLayout, Segment, segments_in_range
+
+__all__ = [
+    "FlatParamLayout",
+    "flat_param_layout",
+    "from_fairscale_fsdp",
+    "from_fsdp1",
+]
+
+
+class FlatParamLayout(FlatSegmentLayout):
+    """A :class:`FlatSegmentLayout` whose blocks are the original parameters of an
+    FSDP1 or fairscale FSDP model, in the model's order, named by their unwrapped FQN.
+
+    ``gsnr_table`` is collective over :attr:`group` on every call (every rank must call
+    it): a rank only holds the g-SNR of the blocks its shards touch.
+    """
+
+    def gsnr_table(self, optimizer: Any, model: nn.Module) -> dict[str, dict[str, float | int]]:
+        # The original parameter objects may be gone (use_orig_params=False), so rows come
+        # from the layout's own names rather than model.named_parameters(). Refreshed on
+        # every call: with use_orig_params=True a late block can be fixed on some ranks
+        # only, so no rank can tell alone whether a cached table is stale.
+        del model
+        self.refresh_table(optimizer)
+        gsnr, scale = self.block_gsnr(optimizer)
+        table: dict[str, dict[str, float | int]] = {}
+        for b in range(self.num_blocks):
+            if math.isnan(float(gsnr[b])):
+                continue
+            table[self.block_name(b)] = {
+                "gsnr": float(gsnr[b]),
+                "scale": float(scale[b]),
+                "numel": self.block_numels[b],
+            }
+        return table
+
+
+@dataclass
+class _Block:
+    """One original parameter found in a wrapper's metadata."""
+
+    key: tuple[int, int]  # (owning module's position in model.modules(), position within)
+    name: str
+    numel: int
+    param: Tensor | None  # the original parameter object, where the wrapper keeps it
+
+
+class _Builder:
+    """Collects blocks and flat tensors, then numbers blocks in model order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.module_index = {id(m): i for i, m in enumerate(model.modules())}
+        self.prefix = {id(m): name for name, m in model.named_modules()}
+        self.blocks: list[_Block] = []
+        # (flat tensor, [(local block id, start, stop, offset)])
+        self.flats: list[tuple[Tensor, list[tuple[int, int, int, int]]]] = []
+        self.groups: list[dist.ProcessGroup | None] = []
+
+    def add_block(self, module: nn.Module, position: int, name: str, numel: int, param: Tensor | None) -> int:
+        key = (self.module_index.get(id(module), len(self.module_index)), position)
+        self.blocks.append(_Block(key, name, numel, param))
+        return len(self.blocks) - 1
+
+    def build(self) -> FlatParamLayout:
+        groups = {id(g): g for g in self.groups}
+        if len(groups) > 1:
+            raise LayoutError(
+                "SGDSaI: the FSDP units of this model shard over different process groups; the "
+                "flat-parameter layout reduces g-SNR statistics over one group."
+            )
+        group = self.groups[0] if self.groups else None
+        order = sorted(range(len(self.blocks)), key=lambda i: self.blocks[i].key)
+        index = {old: new for new, old in enumerate(order)}
+        blocks = [self.blocks[i] for i in order]
+        layout = FlatParamLayout(
+            group, [b.param for b in blocks], [b.name for b in blocks], [b.numel for b in blocks]
+        )
+        for flat, segs in self.flats:
+            layout.add_flat(flat, [Segment(index[b], start, stop, off) for b, start, stop, off in segs])
+        return layout
+
+
+def _clean(*parts: str) -> str:
+    from sai_dist.table import clean_name
+
+    return clean_name(".".join(p for p in parts if p))
+
+
+def _is_fsdp1_unit(module: nn.Module) -> bool:
+    handle = getattr(module, "_handle", None)
+    return handle is not None and hasattr(getattr(handle, "flat_param", None), "_shard_param_infos")
+
+
+def _is_fairscale_unit(module: nn.Module) -> bool:
+    return hasattr(module, "_num_flatten_params") and hasattr(module, "numel_padded_per_param")
+
+
+def from_fsdp1(model: nn.Module) -> FlatParamLayout:
+    """Layout of a model wrapped (possibly nested) with FSDP1, for the tensors
+    ``model.parameters()`` gives: flat parameters (``use_orig_params=False``) or the
+    original parameters' sharded views (``use_orig_params=True``)."""
+    b = _Builder(model)
+    units = [m for m in model.modules() if _is_fsdp1_unit(m)]
+    if not units:
+        raise LayoutError("SGDSaI: no FSDP1 unit with parameters found in the model")
+    for unit in units:
+        handle = unit._handle
+        flat = handle.flat_param
+        sharded = bool(handle.uses_sharded_strategy)
+        b.groups.append(
+            unit.process_group if sharded and dist.get_world_size(unit.process_group) > 1 else None
+        )
+        unit_prefix = b.prefix.get(id(unit), "")
+        infos = flat._shard_param_infos
+        orig = bool(handle._use_orig_params)
+        ids: list[int] = []
+        for i, ((_, module, _), shape, fqn) in enumerate(
+            zip(flat._param_infos, flat._shapes, flat._fqns, strict=True)
+        ):
+            param = flat._params[i] if orig else None
+            ids.append(b.add_block(module, i, _clean(unit_prefix, fqn), math.prod(shape), param))
+        if orig:
+            for i, info in enumerate(infos):
+                segs = []
+                if info.in_shard and info.numel_in_shard > 0:
+                    segs.append((ids[i], 0, info.numel_in_shard, info.intra_param_start_idx))
+                b.flats.append((flat._params[i], segs))
+        else:
+            segs = [
+                (
+                    ids[i],
+                    info.offset_in_shard,
+                    info.offset_in_shard + info.numel_in_shard,
+                    info.intra_param_start_idx,
+                )
+                for i, info in enumerate(infos)
+                if info.in_shard and info.numel_in_shard > 0
+            ]
+            b.flats.append((flat, segs))
+    return b.build()
+
+
+def fairscale_shard_range(numel: int, rank: int, world: int) -> tuple[int, int, int]:
+    """``(lo, hi, local)``: rank ``rank`` of ``world`` holds real elements ``[lo, hi)`` of
+    a flattened tensor of ``numel`` elements, in a local shard of ``local`` elements (the
+    rest is end padding), as fairscale's ``FullyShardedDataParallel._get_shard`` cuts it
+    with ``torch.chunk``."""
+    local = -(-numel // world)  # ceil: the length of chunk 0, which every shard is padded to
+    lo = min(rank * local, numel)
+    return lo, min(lo + local, numel), local
+
+
+def from_fairscale_fsdp(model: nn.Module) -> FlatParamLayout:
+    """Layout of a model wrapped (possibly nested) with fairscale's
+    ``FullyShardedDataParallel``, ``flatten_parameters`` True or False."""
+    b = _Builder(model)
+    units = [m for m in model.modules() if _is_fairscale_unit(m)]
+    if not units:
+        raise LayoutError("SGDSaI: no fairscale FullyShardedDataParallel unit found in the model")
+    # Where each still-registered parameter (flatten_parameters=False) lives in the model.
+    owner: dict[int, tuple[nn.Module, int]] = {}
+    for module in model.modules():
+        for pos, p in enumerate(module._parameters.values()):
+            if p is not None:
+                owner.setdefault(id(p), (module, pos))
+    for unit in units:
+        world, rank = int(unit.world_size), int(unit.rank)
+        unit_prefix = b.prefix.get(id(unit), "")
+        for i, p in enumerate(unit.params):
+            sharded = bool(p._is_sharded)
+            b.groups.append(unit.process_group if sharded else None)
+            total = int(p._orig_size.numel())
+            if i < unit._num_flatten_params:
+                ids = [
+                    b.add_block(module, k, _clean(unit_prefix, m_name, name), int(n), None)
+                    for k, ((m_name, module, name), n) in enumerate(
+                        zip(p._param_infos, p._param_numels, strict=True)
+                    )
+                ]
+                numels = [int(n) for n in p._param_numels]
+            else:
+                module, pos = owner.get(id(p), (unit, i))
+                ids = [b.add_block(module, pos, _clean(unit_prefix, unit._param_name_groups[i][0]), total, p)]
+                numels = [total]
+            if sum(numels) != total:
+                raise LayoutError(
+                    f"fairscale FSDP parameter {i}: metadata gives {sum(numels)} elements, not {total}"
+                )
+            lo, hi, local = fairscale_shard_range(total, rank, world) if sharded else (0, total, total)
+            if p.numel() != local:
+                raise LayoutError(
+                    f"fairscale FSDP parameter {i} holds {p.numel()} elements on rank {rank}, not the "
+                    f"{local} its shard should have: is the model unsharded (summon_full_params) right now?"
+                )
+            offsets = [sum(numels[:k]) for k in range(len(numels))]
+            segs = segments_in_range(numels, offsets, ids, lo, hi)
+            b.flats.append((p, [(s.block, s.start, s.stop, s.offset) for s in segs]))
+    return b.build()
+
+
+def flat_param_layout(model: nn.Module) -> FlatParamLayout:
+    """The layout for ``SGDSaI(model.parameters(), layout=...)`` of a model wrapped with
+    FSDP1 or fairscale's ``FullyShardedDataParallel`` (whichever it finds). Build it after
+    wrapping, on every rank."""
+    modules: Sequence[nn.Module] = list(model.modules())
+    if any(_is_fsdp1_unit(m) for m in modules):
+        return from_fsdp1(model)
+    if any(_is_fairscale_unit(m) for m in modules):
+        return from_fairscale_fsdp(model)
+    raise LayoutError(
+        "SGDSaI: flat_param_layout found neither an FSDP1 nor a fairscale FullyShardedDataParallel unit "
+        "in the model"
+    )
