@@ -385,8 +385,8 @@ def layout_moments(rank: int, world: int) -> dict[str, Any]:
 
 def refusals(rank: int, world: int) -> dict[str, str]:
     """The messages SGDSaI gives for tensors it cannot map: Partial placements, meshes over
-    different ranks, a tensor it was never given, and a real FSDP1 model (or FSDP1's own
-    refusal when it cannot run here)."""
+    different ranks and a tensor it was never given (FSDP1 without its layout:
+    tests/test_fsdp1.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
@@ -416,18 +416,4 @@ def refusals(rank: int, world: int) -> dict[str, str]:
         out["stranger"] = "no error"
     except LayoutError as e:
         out["stranger"] = str(e)
-
-    # FSDP1 on CPU: wrap for real; either FSDP1 refuses the machine or SGDSaI refuses it.
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-
-    try:
-        wrapped = FSDP1(nn.Linear(4, 4), use_orig_params=True, device_id=torch.device("cpu"))
-    except Exception as e:  # FSDP1's own refusal of a CPU-only machine
-        out["fsdp1"] = f"FSDP1 refused: {type(e).__name__}: {e}"
-    else:
-        try:
-            sai_dist.SGDSaI(wrapped.parameters())
-            out["fsdp1"] = "no error"
-        except LayoutError as e:
-            out["fsdp1"] = f"SGDSaI refused: {e}"
     return out
