@@ -81,6 +81,13 @@ class Layout(ABC):
     def num_blocks(self) -> int:
         """Size of the global block index space."""
 
+    def signature(self) -> list[object]:
+        """Per block, what every rank of :attr:`group` (and every data-parallel replica)
+        holds identically by contract: exchanged by SGDSaI's cross-rank consistency check,
+        so a different model on one rank is named instead of feeding the statistics
+        collectives buffers of another size. Default: one entry per block, the index."""
+        return list(range(self.num_blocks))
+
     @abstractmethod
     def pieces(self, param: Tensor) -> Sequence[Piece]:
         """The pieces of blocks that the stepped tensor ``param`` holds on this rank.
