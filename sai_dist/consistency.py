@@ -104,9 +104,9 @@ def check_ranks(
         return
     shown = {n: (refusal if n == "refusal" else values[n]) for n in differ}
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, shown, group=group)
+    dist.all_gather_object(gathered, {"when": when, **shown}, group=group)
     ranks = [dist.get_global_rank(group, r) for r in range(len(gathered))]
-    raise RankMismatchError(_message(differ, gathered, ranks, when))
+    raise RankMismatchError(_message(differ, gathered, ranks))
 
 
 def _differences(values: Sequence[Any], path: str) -> list[tuple[str, dict[str, list[int]]]]:
@@ -141,7 +141,15 @@ def _leaf(values: Sequence[Any], path: str) -> list[tuple[str, dict[str, list[in
     return [(path, by_value)]
 
 
-def _message(differ: list[str], gathered: list[dict[str, Any]], ranks: list[int], when: str) -> str:
+def _message(differ: list[str], gathered: list[dict[str, Any]], ranks: list[int]) -> str:
+    """The same text on every rank: built from the gathered values only."""
+    whens: dict[str, list[int]] = {}
+    for i, g in enumerate(gathered):
+        whens.setdefault(g["when"], []).append(i)
+    if len(whens) == 1:
+        when = next(iter(whens))
+    else:  # ranks in different calls
+        when = " / ".join(f"{w} ({_ranks(rs, ranks)})" for w, rs in whens.items())
     lines: list[str] = []
     if "refusal" in differ:
         for r, shown in zip(ranks, gathered, strict=True):
