@@ -51,9 +51,8 @@ def _params(blocks: int, sharded: bool) -> list[nn.Parameter]:
 
 def _step1_ms(params: list[nn.Parameter], check: bool, repeats: int = 10) -> float:
     """Median time of a step 1 (a fresh optimizer each time, so each step fixes g-SNR)."""
-    grads = [torch.ones_like(p) + 0.01 * torch.arange(p.numel()).reshape(p.shape) for p in params]
-    for p, gr in zip(params, grads, strict=True):
-        p.grad = gr
+    for p in params:
+        p.grad = torch.ones_like(p) * 1.5
     times = []
     for _ in range(repeats + 1):
         half = len(params) // 2
@@ -70,8 +69,9 @@ def _step1_ms(params: list[nn.Parameter], check: bool, repeats: int = 10) -> flo
 def _rank(rank: int, world: int, blocks: int) -> dict[str, float]:
     out: dict[str, float] = {}
     params = _params(blocks, sharded=False)
+    g = torch.Generator().manual_seed(1)  # the same gradient on every rank, as after DDP
     for p in params:
-        p.grad = torch.randn_like(p)
+        p.grad = torch.randn(p.shape, generator=g)
     opt = SGDSaI([{"params": params[: blocks // 2]}, {"params": params[blocks // 2 :]}])
     moments = reduce_block_moments(opt.layout.sources(params), blocks, None)
     out["fingerprint_ms"] = _median_ms(lambda: opt._step_fingerprint(None, moments))
