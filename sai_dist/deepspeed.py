@@ -30,7 +30,9 @@ parameter, the fp32 master weight, the momentum buffer and the fixed g-SNR and s
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
+import inspect
 import json
 import os
 import warnings
@@ -58,6 +60,7 @@ except ImportError:  # pragma: no cover - exercised on machines without DeepSpee
 
 __all__ = [
     "attach",
+    "check_config_params",
     "initialize",
     "install",
     "load_optimizer_state",
@@ -74,6 +77,54 @@ def _require_deepspeed() -> Any:
     if _ds is None:
         raise ImportError("sai_dist.deepspeed needs DeepSpeed: pip install 'sai_dist[deepspeed]'")
     return _ds
+
+
+# -- config validation ---------------------------------------------------------------
+
+# Keyword arguments of SGDSaI a JSON config can set (params and layout are not JSON).
+_CONFIG_KEYS = tuple(
+    n for n in inspect.signature(SGDSaI.__init__).parameters if n not in ("self", "params", "layout")
+)
+# Keys other optimizers take in DeepSpeed configs, with what to use instead.
+_CONFIG_HINTS = {
+    "max_grad_norm": 'clip with DeepSpeed\'s top-level "gradient_clipping" instead',
+    "betas": "Adam's betas have no counterpart: SGD-SaI has one momentum",
+    "nesterov": "SGD-SaI does not implement Nesterov momentum",
+}
+
+
+def check_config_params(params: Any) -> None:
+    """Validate the ``params`` of a DeepSpeed ``"optimizer": {"type": "SGDSaI", "params":
+    {...}}`` section before anything is built.
+
+    DeepSpeed passes ``params`` to ``SGDSaI(model_parameters, **params)``; an unknown key
+    (a typo such as ``"momentun"``, or another optimizer's option) would surface as a bare
+    ``TypeError`` from deep inside engine construction. Raises ``ValueError`` naming every
+    unknown key (with the closest SGD-SaI key) or the invalid value, as SGDSaI itself does
+    for its arguments. Pure: reads ``params``, builds nothing of the user's.
+    """
+    if params is None:
+        return
+    where = 'DeepSpeed config "optimizer": {"type": "SGDSaI", "params": ...}'
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: params must be a JSON object, got {type(params).__name__}")
+    unknown = [k for k in params if k not in _CONFIG_KEYS]
+    if unknown:
+        notes = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), _CONFIG_KEYS, n=1, cutoff=0.6)
+            hint = _CONFIG_HINTS.get(key) or (
+                f"did you mean {close[0]!r}?" if close else "not an SGDSaI option"
+            )
+            notes.append(f"{key!r} ({hint})")
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(notes)}. SGDSaI accepts: {', '.join(_CONFIG_KEYS)}"
+        )
+    try:
+        # Every value check SGDSaI makes, on a throwaway parameter.
+        SGDSaI([torch.nn.Parameter(torch.zeros(1))], **params)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 # -- registration ------------------------------------------------------------------
@@ -106,6 +157,9 @@ def install() -> None:
 
     @functools.wraps(configure)
     def _configure_optimizer(self: Any, client_optimizer: Any, model_parameters: Any) -> None:
+        if client_optimizer is None and self.optimizer_name() == OPTIMIZER_TYPE:
+            # Before DeepSpeed builds SGDSaI from the config: a clear error, nothing built.
+            check_config_params(self.optimizer_params())
         configure(self, client_optimizer, model_parameters)
         if isinstance(getattr(self, "basic_optimizer", None), SGDSaI):
             attach(self)
@@ -372,6 +426,7 @@ def initialize(
         named = isinstance(section, dict) and str(section.get("type", "")).lower() == OPTIMIZER_TYPE.lower()
         if named:
             section["type"] = OPTIMIZER_TYPE
+            check_config_params(section.get("params"))
         if named or isinstance(optimizer, SGDSaI):
             cfg.setdefault("zero_allow_untested_optimizer", True)
             if isinstance(optimizer, SGDSaI) and _offloads_optimizer(cfg):

@@ -14,6 +14,9 @@ then on each piece carries a fixed scale: no collective is issued after step 1.
 
 from __future__ import annotations
 
+import difflib
+import math
+import numbers
 import os
 import sys
 import warnings
@@ -21,13 +24,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sai_dist.consistency import check_ranks
 from sai_dist.functional import sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
-from sai_dist.stats import reduce_block_moments
+from sai_dist.stats import BlockMoments, reduce_block_moments
 
 __all__ = ["SGDSaI"]
 
@@ -59,14 +64,36 @@ def _warn(message: str) -> None:
 
 
 def _check_range(
-    name: str, value: Any, low: float, high: float | None = None, high_open: bool = False
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None = None,
+    high_open: bool = False,
+    low_open: bool = False,
 ) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number (not a
+    bool, not a Tensor) in the range. A NaN or inf hyperparameter would be baked into every
+    step, and g-SNR is fixed forever from the first."""
     if isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a Python float, got a Tensor")
-    ok = low <= value and (high is None or (value < high if high_open else value <= high))
+        raise ValueError(f"Invalid {name}: {name} must be a Python float, got a Tensor")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a real number, got {type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
+    above = low < value if low_open else low <= value
+    ok = above and (high is None or (value < high if high_open else value <= high))
     if not ok:
         bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
-        raise ValueError(f"Invalid {name}: {value!r} (must be >= {low}{bound})")
+        raise ValueError(f"Invalid {name}: {value!r} (must be {'>' if low_open else '>='} {low}{bound})")
+
+
+# The hyperparameters a param group may set. A param-group key one typo away from one of
+# them ("momentun", "weight_deacy") is refused: torch.optim keeps unknown keys silently
+# (schedulers and frameworks add their own, such as "initial_lr"), so the typo would
+# otherwise train with the default.
+_GROUP_KEYS = ("lr", "momentum", "weight_decay", "eps", "maximize", "foreach", "fused")
+# torch.optim.SGD options SGD-SaI does not implement: refused when set, not ignored.
+_UNSUPPORTED_KEYS = ("nesterov", "dampening")
 
 
 class SGDSaI(Optimizer):
@@ -99,9 +126,23 @@ class SGDSaI(Optimizer):
             of seconds on a CPU). Default ``False``.
         foreach: batch the momentum and decay passes with foreach kernels; ``None`` picks
             them for CUDA tensors.
+        check_ranks: when a multi-rank process group is initialised, check at the g-SNR
+            step, at the first step of blocks added later and in :meth:`load_state_dict`
+            that every rank holds the same param groups, hyperparameters, model and (for
+            replicated layouts) gradient statistics and loaded g-SNR, raising
+            :class:`~sai_dist.consistency.RankMismatchError` on every rank otherwise. The
+            ranks compared are the layout's group, or the whole world for layouts whose
+            statistics are local (DDP). ``False`` for ranks that step different tensors on
+            purpose (pipeline stages holding plain tensors, independent runs per rank).
         layout: how the stepped tensors map onto model blocks. ``None`` picks the layout for
             the tensors given (plain tensors, or DTensors from FSDP2/HSDP); integrations
             that rebind param groups pass their own.
+
+    Invalid input raises before anything is modified: hyperparameters out of range,
+    non-finite or of the wrong type (``ValueError`` naming it; ``eps`` must be > 0), a
+    param-group key that is a typo of a hyperparameter, complex parameters, sparse or
+    complex gradients, gradients that are not finite at the g-SNR step, and a state dict
+    from another model. See ``docs/input_validation.md``.
 
     State: per tensor, ``momentum_buffer`` (same placement as the parameter: a shard for a
     sharded one) and the CPU scalars ``gsnr``, ``scale`` and ``gsnr_max``. Their presence
@@ -126,12 +167,14 @@ class SGDSaI(Optimizer):
         degenerate: DegeneratePolicy = "max",
         foreach: bool | None = None,
         fused: bool = False,
+        check_ranks: bool = True,
         layout: Layout | None = None,
     ) -> None:
         if degenerate not in DEGENERATE_POLICIES:
             raise ValueError(f"Invalid degenerate: {degenerate!r} (must be one of {DEGENERATE_POLICIES})")
-        if not isinstance(normalize, bool):
-            raise ValueError(f"Invalid normalize: {normalize!r} (must be a bool)")
+        for flag, value in (("normalize", normalize), ("check_ranks", check_ranks)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid {flag}: {value!r} (must be a bool)")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -143,6 +186,7 @@ class SGDSaI(Optimizer):
         )
         self.normalize = normalize
         self.degenerate: DegeneratePolicy = degenerate
+        self.check_ranks = check_ranks
         self._layout: Layout | None = layout
         # Whether the layout was picked here (and so can be rebuilt for copied tensors).
         self._auto_layout = layout is None
@@ -163,12 +207,14 @@ class SGDSaI(Optimizer):
         state = super().__getstate__()
         state["normalize"] = self.normalize
         state["degenerate"] = self.degenerate
+        state["check_ranks"] = self.check_ranks
         state["_auto_layout"] = self._auto_layout
         state["_layout"] = None if self._auto_layout else self._layout
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("check_ranks", True)
         if self.__dict__.get("_layout") is None:
             self._auto_layout = True
             self._attach_auto_layout()
@@ -199,7 +245,7 @@ class SGDSaI(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._validate_group(group)
+            self._validate_group(group, len(self.param_groups) - 1)
             if self._layout is not None:
                 self._register(group)
         except Exception:
@@ -207,14 +253,52 @@ class SGDSaI(Optimizer):
             raise
 
     @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
-        _check_range("lr", group["lr"], 0.0)
-        _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
-        _check_range("eps", group["eps"], 0.0)
+    def _validate_group(group: dict[str, Any], index: int) -> None:
+        """Raise ``ValueError`` naming the culprit for a group's invalid hyperparameter, a
+        key that is a typo of one, or a complex parameter. ``group`` is complete (defaults
+        filled in); ``params`` may be saved indices (``load_state_dict``)."""
+        where = f" in param group {index}"
+        for key in group:
+            if not isinstance(key, str) or key in _GROUP_KEYS or key in ("params", "param_names"):
+                continue
+            if key in _UNSUPPORTED_KEYS:
+                if group[key]:
+                    raise ValueError(
+                        f"Invalid param-group key {key!r}{where}: SGDSaI does not implement "
+                        f"torch.optim.SGD's {key}; remove it"
+                    )
+                continue
+            close = difflib.get_close_matches(key, _GROUP_KEYS, n=1, cutoff=0.8)
+            if close:
+                raise ValueError(
+                    f"Unknown param-group key {key!r}{where}: did you mean {close[0]!r}? (SGDSaI's keys: "
+                    f"{', '.join(_GROUP_KEYS)})"
+                )
+        try:
+            _check_range("lr", group["lr"], 0.0)
+            _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+            _check_range("weight_decay", group["weight_decay"], 0.0)
+            # eps > 0: it is the only bound on g-SNR when a block's std is tiny, and g-SNR is
+            # fixed forever; with eps = 0 one near-constant block would own the max and
+            # freeze every other block, and degenerate="official" would divide by zero.
+            _check_range("eps", group["eps"], 0.0, low_open=True)
+        except ValueError as e:
+            raise ValueError(f"{e}{where}") from None
         for flag in ("maximize", "fused"):
             if not isinstance(group.get(flag, False), bool):
-                raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be a bool)")
+                raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be a bool){where}")
+        if group.get("foreach") not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be None or a bool){where}")
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if isinstance(p, Tensor) and p.is_complex():
+                name = f" ({names[i]})" if names is not None and i < len(names) else ""
+                raise ValueError(
+                    "SGDSaI does not support complex parameters: "
+                    f"param_groups[{index}]['params'][{i}]{name}, shape {tuple(p.shape)}, dtype {p.dtype}. "
+                    "g-SNR is a norm over a standard deviation of real numbers; hold the real and "
+                    "imaginary parts as real parameters instead."
+                )
 
     def _register(self, group: dict[str, Any]) -> None:
         self.layout.register(group["params"])
@@ -244,18 +328,111 @@ class SGDSaI(Optimizer):
                     return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
         return name
 
-    def _fix_gsnr(self, tensors: list[Tensor], gsnr_max: float | None) -> bool:
+    # -- cross-rank consistency ---------------------------------------------------
+
+    def _check_group(self) -> dist.ProcessGroup | None:
+        """The ranks that must agree on this optimizer, or ``None`` when there is nothing to
+        compare: the layout's group, or the world for layouts whose statistics are local
+        (DDP replicas are the classic case of ranks that must agree and never talk)."""
+        if not self.check_ranks or not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.layout.group
+        if group is None:
+            group = dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _group_fields(self, group: dict[str, Any], size: int) -> dict[str, Any]:
+        """What must be equal across ranks in a param group: its size (unless the layout
+        gives ranks different parameters) and the hyperparameters of the update
+        (foreach/fused only change rounding)."""
+        fields = {k: group.get(k) for k in ("lr", "momentum", "weight_decay", "eps", "maximize")}
+        if self.layout.ranks_hold_different_params:
+            return fields
+        return {"params": size, **fields}
+
+    def _common_fields(self, call: str, gsnr_max: float | None) -> dict[str, Any]:
+        return {
+            "call": call,
+            "options": {"normalize": self.normalize, "degenerate": self.degenerate},
+            "gsnr_max": gsnr_max,
+            "blocks": self.layout.signature(),
+        }
+
+    def _step_fingerprint(self, gsnr_max: float | None, moments: BlockMoments | None) -> dict[str, Any]:
+        """Fields of the step check (see :mod:`sai_dist.consistency`): which tensors have a
+        gradient, and for layouts whose statistics are local (each rank computes g-SNR from
+        its own copy of the gradient), the moments themselves."""
+        values: dict[str, Any] = {}
+        if moments is not None:
+            stats = torch.stack([moments.count, moments.total, moments.sumsq, moments.m2], 1).tolist()
+            values["gradient statistics"] = {
+                self.layout.block_name(b): dict(zip(("n", "sum", "sum_sq", "m2"), row, strict=True))
+                for b, row in enumerate(stats)
+                if row[0] > 0
+            }
+        tensors = {
+            f"param_groups[{gi}]['params'][{pi}]": "grad" if p.grad is not None else "no grad"
+            for gi, g in enumerate(self.param_groups)
+            for pi, p in enumerate(g["params"])
+        }
+        return {
+            **self._common_fields("step", gsnr_max),
+            "param_groups": [self._group_fields(g, len(g["params"])) for g in self.param_groups],
+            "tensors": {} if self.layout.ranks_hold_different_params else tensors,
+            "values": values,
+        }
+
+    # -- g-SNR ---------------------------------------------------------------------
+
+    def _agreed_moments(
+        self, tensors: list[Tensor], gsnr_max: float | None, refusal: BaseException | None
+    ) -> BlockMoments:
+        """Block moments of ``tensors``, once every rank has agreed (when ``check_ranks``)
+        that it may compute them; raises ``refusal`` (this rank's own validation error)
+        after joining the check, so peers raise instead of waiting in a collective.
+
+        Order: the fixed-size check comes before the statistics collectives, whose sizes
+        depend on the model, so a different model on one rank is named, not a hang. For
+        layouts with local statistics the moments are computed first (no collective) and
+        compared in the same check.
+        """
+        layout = self.layout
+        # Late blocks may be fresh on some ranks only (OSS): the layout names the group that
+        # is safe for them, and where that is no group, no rank may wait in a check either.
+        group = layout.group if gsnr_max is None else layout.late_group
+        check = self._check_group() if group is layout.group else None
+        moments = None
+        if refusal is None and group is None:
+            try:
+                moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, None)
+            except Exception as e:  # joins the check below as a refusal
+                refusal = e
+        if check is not None:
+            late = "the first step of blocks added after step 1"
+            when = "the g-SNR step (step 1)" if gsnr_max is None else late
+            fields = self._step_fingerprint(gsnr_max, moments if refusal is None else None)
+            text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
+            check_ranks(check, fields, refusal=text, when=when)
+        if refusal is not None:
+            raise refusal
+        if moments is None:
+            moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, group)
+        return moments
+
+    def _fix_gsnr(
+        self, tensors: list[Tensor], gsnr_max: float | None, refusal: BaseException | None = None
+    ) -> bool:
         """Compute and store g-SNR and scale for every block held by ``tensors``.
 
         ``gsnr_max is None`` means step 1: the normaliser is fixed here from these blocks.
         Otherwise the blocks are late arrivals scaled by the max fixed at step 1. Returns
         ``False``, changing nothing, when every gradient is exactly zero at step 1 (a probe
-        step, e.g. a mixed-precision wrapper's first call, must not fix g-SNR).
+        step, e.g. a mixed-precision wrapper's first call, must not fix g-SNR). With
+        ``refusal`` (this rank refused the step), joins the cross-rank check and raises it.
+        Collective over the check group and the layout's group: every rank calls it together.
         """
         layout = self.layout
-        # Late blocks may be fresh on some ranks only (OSS); the layout says which group is safe.
-        stats_group = layout.group if gsnr_max is None else layout.late_group
-        moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, stats_group)
+        moments = self._agreed_moments(tensors, gsnr_max, refusal)
         bad = (~moments.finite()).nonzero().flatten().tolist()
         if bad:
             names = ", ".join(self._describe(b) for b in bad[:10])
@@ -318,34 +495,36 @@ class SGDSaI(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimisation step; see the class docstring for the update.
 
-        Raises, with nothing modified: ``RuntimeError`` for sparse gradients, for tensors
-        the layout cannot map, and for non-finite gradients at the g-SNR step.
+        Raises, with nothing modified: ``RuntimeError`` for sparse or complex gradients, for
+        tensors the layout cannot map, and for non-finite gradients at the g-SNR step;
+        :class:`~sai_dist.consistency.RankMismatchError` when ranks disagree at a step that
+        fixes g-SNR (see ``check_ranks``). At later steps gradients are not inspected, as
+        in ``torch.optim``: a non-finite gradient then reaches the parameters (a GradScaler
+        skips such steps).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
-        layout = self.layout
-        stepped: list[tuple[dict[str, Any], list[Tensor]]] = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"SGDSaI does not support sparse gradients ({layout.describe(p)}); "
-                        "use dense gradients (e.g. nn.Embedding(sparse=False))."
-                    )
-                layout.pieces(p)  # raises LayoutError for tensors it cannot map
-                layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
-            stepped.append((group, params))
-
         gsnr_max = self._gsnr_max()
         # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
         # must not feed its gradient into the block statistics twice.
         fresh = list(
-            dict.fromkeys(p for _, params in stepped for p in params if SCALE not in self.state.get(p, ()))
+            dict.fromkeys(
+                p
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None and SCALE not in self.state.get(p, ())
+            )
         )
+        try:
+            stepped = self._validated_groups()
+        except Exception as refusal:
+            if gsnr_max is None or fresh:
+                # A step that fixes g-SNR is collective: peers must hear of the refusal.
+                self._fix_gsnr(fresh, gsnr_max, refusal)
+            raise
         if gsnr_max is None:
             # Step 1 fixes g-SNR from every block that has a gradient, across all groups.
             if not self._fix_gsnr(fresh, None):
@@ -356,6 +535,29 @@ class SGDSaI(Optimizer):
         for group, params in stepped:
             self._step_group(group, params)
         return loss
+
+    def _validated_groups(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Each group with its tensors that have a gradient; raises, before anything is
+        computed, for a gradient the step cannot take."""
+        layout = self.layout
+        stepped: list[tuple[dict[str, Any], list[Tensor]]] = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"SGDSaI does not support sparse gradients ({layout.describe(p)}); "
+                        "use dense gradients (e.g. nn.Embedding(sparse=False))."
+                    )
+                if p.grad.is_complex():
+                    raise RuntimeError(
+                        f"SGDSaI does not support complex gradients ({layout.describe(p)}, gradient dtype "
+                        f"{p.grad.dtype}); g-SNR is defined for real tensors."
+                    )
+                layout.pieces(p)  # raises LayoutError for tensors it cannot map
+                layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
+            stepped.append((group, params))
+        return stepped
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         layout = self.layout
@@ -403,13 +605,127 @@ class SGDSaI(Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------
 
+    def _tensor_name(self, gi: int, pi: int, p: Tensor) -> str:
+        """``param_groups[gi]['params'][pi]``, with the parameter's name when known."""
+        where = f"param_groups[{gi}]['params'][{pi}]"
+        pieces = self.layout.pieces(p)
+        if len(pieces) == 1 and pieces[0].span is None:
+            name = self.layout.block_name(pieces[0].block)
+            if name != f"block {pieces[0].block}":
+                return f"{where} ({name})"
+        return where
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the mismatch if ``state_dict`` cannot belong to this
+        optimizer. ``torch.optim`` checks group counts and sizes only; a state dict of
+        another model with the same counts would load momentum of the wrong shape."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("SGDSaI.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        prefix = (
+            "SGDSaI.load_state_dict: the state dict is not this optimizer's (another model or "
+            "param-group split?):"
+        )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{prefix} it has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{prefix} param group {gi} has {len(saved['params'])} parameters in it, "
+                    f"{len(group['params'])} here"
+                )
+            # The loaded hyperparameters replace the current ones: validate them too.
+            self._validate_group({**self.defaults, **saved}, gi)
+        maxima: set[float] = set()
+        entries = state_dict["state"]
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                entry = entries.get(key, {})
+                buf = entry.get(MOMENTUM)
+                if buf is not None and (not isinstance(buf, Tensor) or tuple(buf.shape) != tuple(p.shape)):
+                    got = tuple(buf.shape) if isinstance(buf, Tensor) else type(buf).__name__
+                    raise ValueError(
+                        f"{prefix} the momentum_buffer of {self._tensor_name(gi, pi, p)} has shape {got}, "
+                        f"the parameter {tuple(p.shape)}"
+                    )
+                pieces = len(self.layout.pieces(p))
+                for k in (GSNR, SCALE):
+                    if k in entry and torch.as_tensor(entry[k]).numel() != pieces:
+                        raise ValueError(
+                            f"{prefix} {k} of {self._tensor_name(gi, pi, p)} has "
+                            f"{torch.as_tensor(entry[k]).numel()} values, the tensor holds {pieces} "
+                            "block piece(s)"
+                        )
+                if GSNR_MAX in entry:
+                    maxima.add(float(entry[GSNR_MAX]))
+        if len(maxima) > 1:
+            raise ValueError(
+                f"SGDSaI.load_state_dict: the state dict holds {len(maxima)} different gsnr_max values "
+                f"({sorted(maxima)[:4]}); g-SNR is normalised by one max per model, so it was assembled from "
+                "different runs"
+            )
+
+    def _load_fingerprint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Fields of the load check: the g-SNR max, hyperparameters and per-tensor state keys
+        being loaded, and the scales of tensors that are whole blocks (the same on every
+        rank; a flat partition's pieces differ by rank)."""
+        entries = state_dict["state"]
+        gsnr_max = next((float(e[GSNR_MAX]) for e in entries.values() if GSNR_MAX in e), None)
+        tensors: dict[str, Any] = {}
+        scales: dict[str, float] = {}
+        for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups, strict=True)):
+            for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                entry = entries.get(key, {})
+                tensors[f"param_groups[{gi}]['params'][{pi}]"] = sorted(entry)
+                pieces = self.layout.pieces(p)
+                if SCALE in entry and len(pieces) == 1 and pieces[0].span is None:
+                    scales[self.layout.block_name(pieces[0].block)] = float(entry[SCALE])
+        return {
+            **self._common_fields("load_state_dict", gsnr_max),
+            "param_groups": [
+                self._group_fields({**self.defaults, **saved}, len(saved["params"]))
+                for saved in state_dict["param_groups"]
+            ],
+            **(
+                {"tensors": {}, "values": {}}
+                if self.layout.ranks_hold_different_params
+                else {"tensors": tensors, "values": {"loaded scales": scales}}
+            ),
+        }
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state; the g-SNR scalars inside it mean g-SNR is never recomputed.
 
         ``torch.optim.Optimizer`` casts loaded state to each parameter's dtype, which for a
         bf16 parameter would round the scales; they are set aside and restored as CPU
         float32.
+
+        Raises ``ValueError``, with nothing modified, for a state dict of another model or
+        param-group split (group count or sizes, a momentum buffer or g-SNR of another
+        shape, more than one ``gsnr_max``) or with invalid hyperparameters; and, when
+        ``check_ranks`` and a multi-rank group is initialised,
+        :class:`~sai_dist.consistency.RankMismatchError` on every rank when the ranks load
+        different g-SNR or hyperparameters. In that case it is collective: every rank of
+        the check group loads together, as DCP and DeepSpeed do.
         """
+        refusal: Exception | None = None
+        try:
+            self._check_loadable(state_dict)
+        except Exception as e:
+            refusal = e
+        check = self._check_group()
+        if check is not None:
+            if refusal is None:
+                fields = self._load_fingerprint(state_dict)
+            else:  # what this rank has; the refusal itself is what peers are told
+                fields = self._step_fingerprint(self._gsnr_max(), None)
+                fields["call"] = "load_state_dict"
+            text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
+            check_ranks(check, fields, refusal=text, when="load_state_dict")
+        if refusal is not None:
+            raise refusal
         state_dict = dict(state_dict)
         scalars: dict[Any, dict[str, Tensor]] = {}
         stripped: dict[Any, Any] = {}

@@ -47,8 +47,9 @@ def check(results: list[dict[str, Any]], key: str, ref: dict[Any, Any]) -> None:
         # Each rank stores g-SNR for the parameters it owns, and only those.
         assert 0 < run["owned"] == run["owned_state"]
         owned += run["owned"]
-        # Step 1: the two batched statistics passes over OSS's group; never again.
-        assert run["all_reduce"] == [2] + [0] * (R.STEPS - 1)
+        # Step 1: the cross-rank check (one fixed-size all_reduce) and the two batched
+        # statistics passes over OSS's group; never again.
+        assert run["all_reduce"] == [3] + [0] * (R.STEPS - 1)
     assert owned == len(ref["table"])  # the partitions cover every parameter once
 
 

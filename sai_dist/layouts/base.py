@@ -106,6 +106,20 @@ class Layout(ABC):
     def num_blocks(self) -> int:
         """Size of the global block index space."""
 
+    #: Whether the tensors each rank of :attr:`group` steps differ by design (fairscale OSS:
+    #: a different subset of whole blocks; FSDP1 with ``use_orig_params``: views that are
+    #: empty on some ranks and get no gradient there): then the sizes of this rank's param
+    #: groups, which of its tensors have gradients and the state it loads are not compared
+    #: by SGDSaI's cross-rank check; hyperparameters and :meth:`signature` still are.
+    ranks_hold_different_params: bool = False
+
+    def signature(self) -> list[object]:
+        """Per block, what every rank of :attr:`group` (and every data-parallel replica)
+        holds identically by contract: exchanged by SGDSaI's cross-rank consistency check,
+        so a different model on one rank is named instead of feeding the statistics
+        collectives buffers of another size. Default: one entry per block, the index."""
+        return list(range(self.num_blocks))
+
     @abstractmethod
     def pieces(self, param: Tensor) -> Sequence[Piece]:
         """The pieces of blocks that the stepped tensor ``param`` holds on this rank.

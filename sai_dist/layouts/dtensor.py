@@ -129,6 +129,10 @@ class DTensorLayout(Layout):
     def num_blocks(self) -> int:
         return len(self._tensors)
 
+    def signature(self) -> list[object]:
+        # A DTensor's shape is its global shape: the same on every rank.
+        return [tuple(t.shape) for t in self._tensors]
+
     def pieces(self, param: Tensor) -> Sequence[Piece]:
         cached = self._pieces.get(id(param))
         if cached is not None:

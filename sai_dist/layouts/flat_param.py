@@ -111,6 +111,7 @@ class _Builder:
         # (flat tensor, [(local block id, start, stop, offset)])
         self.flats: list[tuple[Tensor, list[tuple[int, int, int, int]]]] = []
         self.groups: list[dist.ProcessGroup | None] = []
+        self.varying_tensors = False
 
     def add_block(self, module: nn.Module, position: int, name: str, numel: int, param: Tensor | None) -> int:
         key = (self.module_index.get(id(module), len(self.module_index)), position)
@@ -133,6 +134,7 @@ class _Builder:
         )
         for flat, segs in self.flats:
             layout.add_flat(flat, [Segment(index[b], start, stop, off) for b, start, stop, off in segs])
+        layout.ranks_hold_different_params = self.varying_tensors
         return layout
 
 
@@ -176,6 +178,9 @@ def from_fsdp1(model: nn.Module) -> FlatParamLayout:
             param = flat._params[i] if orig else None
             ids.append(b.add_block(module, i, _clean(unit_prefix, fqn), math.prod(shape), param))
         if orig:
+            # A view with no element on this rank never gets a gradient here, so which
+            # tensors have one differs by rank (the cross-rank check must not compare it).
+            b.varying_tensors = True
             for i, info in enumerate(infos):
                 segs = []
                 if info.in_shard and info.numel_in_shard > 0:

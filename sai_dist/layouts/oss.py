@@ -69,6 +69,13 @@ class OSSLayout(Layout):
     def group(self) -> dist.ProcessGroup | None:  # type: ignore[override]
         return self.oss.group
 
+    ranks_hold_different_params = True
+
+    def signature(self) -> list[object]:
+        # Every rank knows every OSS parameter, owned or not.
+        self._refresh_index()
+        return [tuple(p.shape) for p in self._params]
+
     @property
     def late_group(self) -> dist.ProcessGroup | None:
         # A late block is fresh on its owner only, held whole there with a reduced gradient.

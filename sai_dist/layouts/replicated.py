@@ -36,6 +36,9 @@ class ReplicatedLayout(Layout):
     def num_blocks(self) -> int:
         return len(self._tensors)
 
+    def signature(self) -> list[object]:
+        return [tuple(t.shape) for t in self._tensors]
+
     def pieces(self, param: Tensor) -> Sequence[Piece]:
         block = self._block_of.get(id(param))
         if block is None:

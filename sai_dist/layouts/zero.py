@@ -159,6 +159,10 @@ class FlatSegmentLayout(Layout):
     def num_blocks(self) -> int:
         return len(self._params)
 
+    def signature(self) -> list[object]:
+        # Each rank holds other segments, but every rank knows every block's size.
+        return list(self._numels)
+
     def pieces(self, param: Tensor) -> Sequence[Piece]:
         return tuple(Piece(s.block, (s.start, s.stop)) for s in self.segments(param))
 
