@@ -276,4 +276,9 @@ def load_json(path: str) -> TrainConfig:
             data = json.load(f)
     except ValueError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return TrainConfig.from_json(data, source=path)
+    cfg = TrainConfig.from_json(data, source=path)
+    try:
+        _check_types(cfg)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return cfg
