@@ -152,8 +152,22 @@ def run_job(
     finally:
         sampler.stop.set()
         sampler.join()
+        # No stray worker may survive the script. torchrun gives each worker a session of
+        # its own, so its process group is not enough: ask the agent (SIGTERM stops its
+        # workers), then SIGKILL every worker the sampler saw, by pid.
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in {s["pid"] for s in sampler.samples} | set(_descendants(proc.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # no stray worker survives the script
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         log.close()
@@ -184,16 +198,23 @@ def memory_summary(samples: list[dict[str, Any]], steps: int, warmup_frac: float
         settled = [s for s in mine if start_step + warmup_frac * steps <= s["step"] < steps]
         if len(settled) < 3:
             continue
+        # Allocators settle slowly: a leak keeps the slope up in the second half, while
+        # one-off growth (arenas, caches filled by the first checkpoints) flattens.
+        mid = (settled[0]["step"] + settled[-1]["step"]) / 2
+        late = [s for s in settled if s["step"] >= mid]
+        points = [(s["step"], s["rss_mb"]) for s in settled]
         out.append(
             {
                 "rank": mine[0]["rank"],
                 "pid": pid,
                 "steps": [settled[0]["step"], settled[-1]["step"]],
                 "rss_first_mb": settled[0]["rss_mb"],
+                "rss_mid_mb": late[0]["rss_mb"],
                 "rss_last_mb": settled[-1]["rss_mb"],
                 "rss_max_mb": max(s["rss_mb"] for s in settled),
-                "slope_mb_per_1000_steps": round(
-                    _slope_per_1000([(s["step"], s["rss_mb"]) for s in settled]), 3
+                "slope_mb_per_1000_steps": round(_slope_per_1000(points), 3),
+                "slope_second_half_mb_per_1000_steps": round(
+                    _slope_per_1000([(s["step"], s["rss_mb"]) for s in late]), 3
                 ),
             }
         )
@@ -300,8 +321,9 @@ def main() -> int:
         for m in record["memory"][name]:
             print(
                 f"  {name:13s} rank {m['rank']} steps {m['steps'][0]}-{m['steps'][1]}: "
-                f"RSS {m['rss_first_mb']} -> {m['rss_last_mb']} MB (max {m['rss_max_mb']}), "
-                f"slope {m['slope_mb_per_1000_steps']} MB/1000 steps"
+                f"RSS {m['rss_first_mb']} -> {m['rss_mid_mb']} -> {m['rss_last_mb']} MB "
+                f"(max {m['rss_max_mb']}), slope {m['slope_mb_per_1000_steps']} MB/1000 steps, "
+                f"second half {m['slope_second_half_mb_per_1000_steps']}"
             )
     print(f"  written to {args.out}; {'OK' if ok else 'FAILED'}")
     if not args.keep:

@@ -17,6 +17,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from sai_dist.train.config import TrainConfig
 from sai_dist.train.loop import train
 from sai_dist.train.model import GPT, GPTConfig
 from tests.distributed import free_port
-from tests.test_train_launch import BIN, REPO, TINY, _env, _finish, _start, losses
+from tests.test_train_launch import BIN, REPO, TINY, _env, _start, losses
 
 SHAPE = dict(n_layers=1, d_model=32, n_heads=2, seq_len=32)
 
@@ -140,7 +142,9 @@ def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
 
 
-def _assert_unchanged(model: torch.nn.Module, optimizer: torch.optim.Optimizer, snap: tuple[dict, dict]) -> None:
+def _assert_unchanged(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, snap: tuple[dict, dict]
+) -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, snap[0][k]), f"model {k} was modified"
     osd = optimizer.state_dict()
@@ -225,16 +229,21 @@ def test_damaged_checkpoint_is_refused_naming_the_file(
 @pytest.mark.parametrize(
     ("over", "says"),
     [
-        ({"d_model": 48}, "tok_emb.weight has shape (256, 32) (float32) in the checkpoint, (256, 48) (float32) here"),
+        (
+            {"d_model": 48},
+            "tok_emb.weight has shape (256, 32) (float32) in the checkpoint, (256, 48) (float32) here",
+        ),
         ({"n_layers": 2}, "parameters not in the checkpoint: ['blocks.1."),
         ({"optimizer": "adamw"}, "holds sgdsai optimizer state; this run uses --optimizer adamw"),
     ],
     ids=["wider", "deeper", "other-optimizer"],
 )
-def test_checkpoint_of_another_model_is_refused(tmp_path: Path, single_run: Path, over: dict, says: str) -> None:
+def test_checkpoint_of_another_model_is_refused(
+    tmp_path: Path, single_run: Path, over: dict, says: str
+) -> None:
     cfg, model, setup = _live(tmp_path, **over)
     snap = _snapshot(model, setup.optimizer)  # type: ignore[attr-defined]
-    with pytest.raises(ckpt_io.CheckpointError, match="different model|optimizer state") as info:
+    with pytest.raises(ckpt_io.CheckpointError, match=r"different model|optimizer state") as info:
         _load(single_run / "checkpoints" / "step_000004", cfg, model, setup)
     assert says in str(info.value), str(info.value)
     _assert_unchanged(model, setup.optimizer, snap)  # type: ignore[attr-defined]
@@ -286,9 +295,51 @@ def torchrun(tmp_path: Path, name: str, *args: str, **env: str) -> str:
         "--resume",
         "auto",
     ]
-    code, out = _finish(_start(cmd, _env(**env)), timeout=240)
+    code, out = _finish_tree(_start(cmd, _env(**env)), timeout=240)
     assert code == 0, f"exit {code}:\n{out[-4000:]}"
     return out
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _finish_tree(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Wait for torchrun; on time-out stop it *and* its workers. torchrun puts each worker
+    in a session of its own, so killing torchrun's process group would orphan them: the
+    agent is asked first (SIGTERM, it stops its workers), then every descendant seen is
+    SIGKILLed by pid."""
+    tree: list[int] = []
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        tree = _descendants(proc.pid)  # before the agent exits and its workers are reparented
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = ""
+        raise AssertionError(f"{proc.args} timed out after {timeout} s:\n{(out or '')[-4000:]}") from None
+    finally:
+        for pid in [*tree, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def final_params(run: Path) -> dict[str, torch.Tensor]:
@@ -318,13 +369,20 @@ def assert_resumed_like_uninterrupted(run: Path, ref: Path, resumed_from: str) -
     assert losses(run) == losses(ref)
     assert sorted(losses(run)) == list(range(1, 13))
     first, computed, restarted = events(run)
-    assert (first["attempt"], first["gsnr"], computed["event"], computed["step"]) == (0, "pending", "gsnr_computed", 1)
+    assert (first["attempt"], first["gsnr"], computed["event"], computed["step"]) == (
+        0,
+        "pending",
+        "gsnr_computed",
+        1,
+    )
     # The restarted attempt found g-SNR in the optimizer before its first step (the
     # optimizer fixes it only when none is there), the very value attempt 0 computed, and
     # logged no computation of its own.
     assert (restarted["attempt"], restarted["resumed_from"], restarted["gsnr"]) == (1, resumed_from, "loaded")
     assert restarted["gsnr_max"] == computed["gsnr_max"] and math.isfinite(computed["gsnr_max"])
-    assert json.loads((run / "gsnr_table.json").read_text()) == json.loads((ref / "gsnr_table.json").read_text())
+    assert json.loads((run / "gsnr_table.json").read_text()) == json.loads(
+        (ref / "gsnr_table.json").read_text()
+    )
     assert not list((run / "checkpoints").glob("*.partial"))
     return diff
 
