@@ -1,15 +1,26 @@
 """Checkpoints of the training job: DCP for single/DDP/FSDP2/HSDP, the engine's own for
-DeepSpeed.
+DeepSpeed, written atomically and verified before anything is loaded.
 
 Layout of ``runs/<name>/checkpoints/``::
 
     step_000100/            one checkpoint (DCP files, or a DeepSpeed tag folder)
-        meta.json           step, format, world size, backend
+        meta.json           step, format, world size, backend, optimizer, model signature
         rng/rank<r>.pt      per-rank RNG states (CPU and CUDA)
+        manifest.json       size and SHA-256 of every other file in the folder
     LATEST                  name of the newest *complete* checkpoint
 
-A checkpoint is written under ``step_N.partial`` and renamed once every rank has finished,
-so a job killed while writing leaves the previous checkpoint as the latest.
+Atomicity: a checkpoint is written under ``step_N.partial``; once every rank has written
+its files, the files are hashed into ``manifest.json`` (each rank hashes a share), the
+folder is renamed to ``step_N`` and only then ``LATEST`` is replaced (write a temporary
+file, fsync, ``os.replace``). A job killed at any point of a save leaves the previous
+checkpoint complete and named by ``LATEST``; a leftover ``.partial`` folder is never read.
+
+Verification (:func:`verify`), before any live object is touched: every file the manifest
+names must exist with its recorded size and SHA-256, otherwise the load is refused with an
+error naming the file. Then :func:`check_compatible` compares the saved model signature
+(parameter names, shapes, dtypes) and optimizer with the live ones, naming the first
+mismatch. DCP loads into *copies* of the model's tensors, which are copied into the model
+only after the whole checkpoint was read, so a failure inside DCP cannot half-load it.
 
 Model and optimizer state go through :mod:`torch.distributed.checkpoint.state_dict`
 (fully-qualified names, sharding-independent), so a DDP checkpoint resumes under FSDP2 and
@@ -21,9 +32,11 @@ because an SGD-SaI optimizer has no state to template from before its first real
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -40,17 +53,40 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from sai_dist.train import faults
+
 LATEST = "LATEST"
 META = "meta.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "sai_dist.train.checkpoint/2"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_CHUNK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded: incomplete, corrupted, or for another model.
+    Raised before any model or optimizer state is modified."""
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 @contextlib.contextmanager
@@ -79,8 +115,82 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(root: str, step: int, model: nn.Module, optimizer: Any, engine: Any, meta: dict[str, Any]) -> str:
-    """Write the checkpoint of ``step`` under ``root``; every rank must call it."""
+def model_signature(module: nn.Module) -> dict[str, list[Any]]:
+    """``{name: [shape, dtype]}`` of every parameter of the *unwrapped* model: global
+    shapes (a DTensor's ``shape``, a ZeRO-3 parameter's ``ds_shape``), so the signature
+    does not depend on the backend or world size."""
+    sig: dict[str, list[Any]] = {}
+    for name, p in module.named_parameters():
+        shape = getattr(p, "ds_shape", None) or p.shape
+        sig[name] = [list(shape), str(p.dtype).removeprefix("torch.")]
+    return sig
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    # A rename is durable only once its directory is synced (power loss, node reboot).
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, text: str) -> None:
+    """Write ``path`` through a temporary file and ``os.replace``: readers see the old
+    content or the new one, never a prefix."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _files(folder: str) -> list[str]:
+    """Every regular file under ``folder`` (relative, sorted), the manifest excluded."""
+    out = []
+    for base, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(base, name), folder)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_share(folder: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """This rank's share of the files (every world-th name): each is hashed once."""
+    mine = names[_rank() :: _world()]
+    return {
+        n: {"bytes": os.path.getsize(os.path.join(folder, n)), "sha256": _sha256(os.path.join(folder, n))}
+        for n in mine
+    }
+
+
+def save(
+    root: str,
+    step: int,
+    model: nn.Module,
+    optimizer: Any,
+    engine: Any,
+    meta: dict[str, Any],
+) -> str:
+    """Write the checkpoint of ``step`` under ``root`` atomically; every rank must call it.
+
+    Returns the final folder. Until the rename at the end nothing but ``step_N.partial``
+    has changed, so a kill anywhere before leaves ``LATEST`` and its checkpoint as they were.
+    """
     final = step_dir(root, step)
     partial = final + ".partial"
     if _rank() == 0:
@@ -100,31 +210,73 @@ def save(root: str, step: int, model: nn.Module, optimizer: Any, engine: Any, me
             )
         fmt = "dcp"
     torch.save(rng_state(), os.path.join(partial, "rng", f"rank{_rank()}.pt"))
+    faults.maybe_die_in_save(step)  # test hook: this rank's files are written, the rest not
     _barrier()
     if _rank() == 0:
         with open(os.path.join(partial, META), "w") as f:
-            json.dump({**meta, "step": step, "format": fmt}, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
+            json.dump({**meta, "step": step, "format": fmt, "manifest": MANIFEST_FORMAT}, f, indent=2)
+    _barrier()
+    # Every rank lists the same complete folder and hashes its share of it.
+    names = _files(partial)
+    entries: dict[str, dict[str, Any]] = {}
+    for part in _all_gather(_hash_share(partial, names)):
+        entries.update(part)
+    if _rank() == 0:
+        _write_durably(
+            os.path.join(partial, MANIFEST),
+            json.dumps({"format": MANIFEST_FORMAT, "files": dict(sorted(entries.items()))}, indent=1),
+        )
+        # Re-saving a step (a run resumed from an earlier checkpoint) must not delete the
+        # old folder before the new one is in place: move it aside, rename, then drop it.
+        old = None
+        if os.path.exists(final):
+            old = f"{final}.old{os.getpid()}"
+            os.replace(final, old)
         os.replace(partial, final)
-        with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
-            f.write(os.path.basename(final) + "\n")
-        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+        _fsync_dir(root)
+        _write_durably(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
+# -- finding -----------------------------------------------------------------------------
+
+
+def _complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, META))
+
+
+def latest(root: str) -> str | None:
+    """The newest complete checkpoint under a ``checkpoints`` folder: the one ``LATEST``
+    names; if that is missing or incomplete (a kill between two renames of a re-save),
+    the highest ``step_N`` folder holding its ``meta.json``. ``None`` when there is none."""
+    pointer = os.path.join(root, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            candidate = os.path.join(root, f.read().strip())
+        if _complete(candidate):
+            return candidate
+    if not os.path.isdir(root):
+        return None
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name in os.listdir(root)
+        if (m := _STEP_DIR.match(name)) and _complete(os.path.join(root, name))
+    )
+    return os.path.join(root, steps[-1][1]) if steps else None
+
+
 def resolve(path: str) -> str:
     """The checkpoint folder ``path`` names: a checkpoint itself, a ``checkpoints`` folder or
-    a run folder (its latest complete checkpoint)."""
-    if os.path.isfile(os.path.join(path, META)):
+    a run folder (its newest complete checkpoint)."""
+    if _complete(path):
         return path
     for root in (os.path.join(path, "checkpoints"), path):
-        latest = os.path.join(root, LATEST)
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                candidate = os.path.join(root, f.read().strip())
-            if os.path.isfile(os.path.join(candidate, META)):
-                return candidate
+        found = latest(root)
+        if found is not None:
+            return found
     raise FileNotFoundError(
         f"--resume {path!r}: no checkpoint there (expected a run folder with checkpoints/{LATEST}, "
         f"or a checkpoint folder with {META})"
@@ -132,8 +284,112 @@ def resolve(path: str) -> str:
 
 
 def read_meta(ckpt: str) -> dict[str, Any]:
-    with open(os.path.join(ckpt, META)) as f:
-        return json.load(f)
+    path = os.path.join(ckpt, META)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint's metadata ({exc})") from None
+
+
+# -- verifying ---------------------------------------------------------------------------
+
+
+def _read_manifest(ckpt: str) -> dict[str, dict[str, Any]] | None:
+    path = os.path.join(ckpt, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError(f"format {manifest.get('format')!r}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path}: corrupted checkpoint manifest ({exc}); refusing to load {ckpt}"
+        ) from None
+    return files
+
+
+def _check_files(ckpt: str, files: dict[str, dict[str, Any]]) -> list[str]:
+    """Problems with this rank's share of the files: every rank checks presence and size
+    of all of them (cheap) and the SHA-256 of its share."""
+    problems = []
+    for name, entry in files.items():
+        path = os.path.join(ckpt, name)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing (the manifest lists it)")
+        elif os.path.getsize(path) != entry["bytes"]:
+            problems.append(
+                f"{path}: {os.path.getsize(path)} bytes, the manifest says {entry['bytes']} "
+                "(truncated or overwritten)"
+            )
+    if problems:
+        return problems
+    for name in sorted(files)[_rank() :: _world()]:
+        path = os.path.join(ckpt, name)
+        try:
+            if _sha256(path) != files[name]["sha256"]:
+                problems.append(f"{path}: SHA-256 differs from the manifest (corrupted)")
+        except OSError as exc:  # reported like the rest: a rank raising alone would hang its peers
+            problems.append(f"{path}: unreadable ({exc})")
+    return problems
+
+
+def verify(ckpt: str) -> dict[str, Any]:
+    """Check ``ckpt`` against its manifest and return its meta; collective when a process
+    group exists (every rank hashes a share and all learn the verdict).
+
+    Raises :class:`CheckpointError` naming the first bad file, on every rank. A checkpoint
+    written before manifests existed (no ``manifest`` key in its meta) loads with a warning.
+    """
+    files = _read_manifest(ckpt)
+    if files is None:
+        meta = read_meta(ckpt)
+        if "manifest" in meta:
+            raise CheckpointError(f"{os.path.join(ckpt, MANIFEST)}: missing; refusing to load {ckpt}")
+        warnings.warn(f"{ckpt}: written without a manifest; its files cannot be verified", stacklevel=2)
+        return meta
+    problems = [p for part in _all_gather(_check_files(ckpt, files)) for p in part]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"refusing to load checkpoint {ckpt}: {problems[0]}{more}")
+    return read_meta(ckpt)
+
+
+def check_compatible(ckpt: str, meta: dict[str, Any], expect: dict[str, Any]) -> None:
+    """Refuse a checkpoint written for another model or optimizer, naming the mismatch.
+
+    ``expect`` holds the live run's ``optimizer`` and ``model`` (a :func:`model_signature`);
+    keys absent from an older checkpoint's meta are not compared.
+    """
+    if "optimizer" in meta and "optimizer" in expect and meta["optimizer"] != expect["optimizer"]:
+        raise CheckpointError(
+            f"{ckpt} holds {meta['optimizer']} optimizer state; "
+            f"this run uses --optimizer {expect['optimizer']}"
+        )
+    saved, live = meta.get("model"), expect.get("model")
+    if saved is None or live is None:
+        return
+    missing = [k for k in live if k not in saved]
+    extra = [k for k in saved if k not in live]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"parameters not in the checkpoint: {missing[:5]}")
+        if extra:
+            parts.append(f"checkpoint parameters not in this model: {extra[:5]}")
+        raise CheckpointError(f"{ckpt} is for a different model: {'; '.join(parts)}")
+    for name, (shape, dtype) in live.items():
+        if list(saved[name][0]) != list(shape) or saved[name][1] != dtype:
+            raise CheckpointError(
+                f"{ckpt} is for a different model: {name} has shape {tuple(saved[name][0])} "
+                f"({saved[name][1]}) in the checkpoint, {tuple(shape)} ({dtype}) here"
+            )
+
+
+# -- loading -----------------------------------------------------------------------------
 
 
 def _set_path(root: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
@@ -180,27 +436,51 @@ def _optim_template(ckpt: str, model: nn.Module) -> dict[str, Any]:
     return template
 
 
-def load(ckpt: str, model: nn.Module, optimizer: Any, engine: Any) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG from ``ckpt``; returns its meta."""
-    meta = read_meta(ckpt)
+def load(
+    ckpt: str,
+    model: nn.Module,
+    optimizer: Any,
+    engine: Any,
+    expect: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from ``ckpt``; returns its meta.
+
+    Every rank must call it. Order: :func:`verify` (files), :func:`check_compatible`
+    (against ``expect``), then the load. A :class:`CheckpointError` from the first two
+    leaves every live object untouched.
+    """
+    meta = verify(ckpt)
+    check_compatible(ckpt, meta, expect or {})
     fmt = meta.get("format")
     if fmt == "deepspeed":
         if engine is None:
-            raise ValueError(f"{ckpt} is a DeepSpeed checkpoint; resume it with --backend deepspeed")
+            raise CheckpointError(f"{ckpt} is a DeepSpeed checkpoint; resume it with --backend deepspeed")
         engine.load_checkpoint(ckpt, tag="engine")
     elif fmt == "dcp":
         if engine is not None:
-            raise ValueError(f"{ckpt} is a DCP checkpoint; DeepSpeed resumes only its own checkpoints")
-        state = {"model": get_model_state_dict(model), "optim": _optim_template(ckpt, model)}
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+            raise CheckpointError(f"{ckpt} is a DCP checkpoint; DeepSpeed resumes only its own checkpoints")
+        # Copies, not the model's own tensors: get_model_state_dict aliases the parameters,
+        # and dcp.load fills tensors one by one, so a read failing half-way would leave a
+        # half-loaded model. The copies go into the model only once everything was read.
+        model_sd = {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+            for k, v in get_model_state_dict(model).items()
+        }
+        state = {"model": model_sd, "optim": _optim_template(ckpt, model)}
+        try:
+            with _single_process_ok():
+                dcp.load(state, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+        except Exception as exc:
+            raise CheckpointError(
+                f"{ckpt}: reading the checkpoint failed, nothing was loaded ({exc})"
+            ) from exc
         with warnings.catch_warnings():
             # set_state_dict probes the optimizer with zero gradients to create its state;
             # SGD-SaI rightly refuses to fix g-SNR from that and says so.
             warnings.filterwarnings("ignore", message="SGDSaI: every gradient is zero")
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
-        raise ValueError(f"{ckpt}: unknown checkpoint format {fmt!r}")
+        raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r}")
     rng_file = os.path.join(ckpt, "rng", f"rank{_rank()}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))

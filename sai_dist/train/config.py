@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,19 +64,56 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag of the first invalid setting.
+
+        Called before any process group or run folder exists, so a bad command line costs
+        nothing and leaves nothing behind.
+        """
+        _check_types(self)
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device {self.device!r}: choose auto, cpu or cuda")
-        for name in ("nproc", "steps", "global_batch", "eval_every", "eval_batches", "ckpt_every"):
+        for name in (
+            "nproc",
+            "steps",
+            "global_batch",
+            "eval_every",
+            "eval_batches",
+            "ckpt_every",
+            "n_layers",
+            "d_model",
+            "n_heads",
+            "seq_len",
+            "max_bytes",
+        ):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.hsdp_shard_size is not None and self.hsdp_shard_size < 1:
+            raise ValueError(f"--hsdp-shard-size must be >= 1, got {self.hsdp_shard_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"--d-model {self.d_model} must be divisible by --n-heads {self.n_heads}")
+        for name in ("warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        # NaN passes every ordered comparison, so finiteness is checked first.
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        _check_interval("momentum", self.momentum, 0.0, 1.0, "[0, 1)")
+        _check_interval("dropout", self.dropout, 0.0, 1.0, "[0, 1)")
+        _check_interval("weight_decay", self.weight_decay, 0.0, math.inf, ">= 0")
+        if not (math.isfinite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(
+                f"--grad-clip must be a finite number > 0 (or 0 to disable), got {self.grad_clip}"
+            )
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {list(self.betas)}")
+        for i, beta in enumerate(self.betas):
+            _check_interval(f"betas[{i}]", beta, 0.0, 1.0, "[0, 1)")
         if self.backend == "deepspeed" and not self.deepspeed_config:
             raise ValueError("--backend deepspeed needs --deepspeed-config (e.g. configs/ds_zero2.json)")
         if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
@@ -89,15 +127,70 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+    def from_json(cls, data: dict[str, Any], source: str = "config.json") -> TrainConfig:
+        """The config ``data`` describes; ``source`` names it in errors. Unknown keys (a
+        typo, a config from another version) are refused rather than ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"config.json has unknown keys {unknown}")
+            raise ValueError(f"{source}: unknown keys {unknown} (known: {', '.join(sorted(known))})")
         data = dict(data)
-        if "betas" in data:
+        if isinstance(data.get("betas"), list):
             data["betas"] = tuple(data["betas"])
         return cls(**data)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_interval(name: str, value: float, low: float, high: float, text: str) -> None:
+    """``low <= value < high`` and finite, else a ``ValueError`` naming the flag."""
+    label = _flag(name) if "[" not in name else f"--{name}"
+    if not (math.isfinite(value) and low <= value < high):
+        raise ValueError(f"{label} must be in {text}, got {value}")
+
+
+_NUMBER = (int, float)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Field types, for configs read from JSON (argparse already converts flags): a
+    string where a number belongs must fail here with the key's name, not deep inside
+    a rank. Annotations are strings here (``from __future__ import annotations``)."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        if value is None and kind.endswith("| None"):
+            continue
+        if kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind.startswith("float"):
+            ok = isinstance(value, _NUMBER) and not isinstance(value, bool)
+        elif kind.startswith("str"):
+            ok = isinstance(value, str)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind.startswith("tuple"):
+            ok = isinstance(value, tuple | list) and all(isinstance(b, _NUMBER) for b in value)
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{f.name} ({_flag(f.name)}): expected {kind}, got {value!r}")
+
+
+def check_world(cfg: TrainConfig, world_size: int) -> None:
+    """What the world size must divide: the global batch (every rank gets the same number
+    of rows) and, for HSDP, be divisible by the shard-group size. Raises ``ValueError``
+    naming the flags, before any model is built."""
+    if cfg.global_batch % world_size:
+        raise ValueError(
+            f"--global-batch {cfg.global_batch} is not divisible by the world size {world_size}: "
+            "every rank takes the same number of rows"
+        )
+    if cfg.backend == "hsdp" and cfg.hsdp_shard_size is not None and world_size % cfg.hsdp_shard_size:
+        raise ValueError(f"--hsdp-shard-size {cfg.hsdp_shard_size} must divide the world size {world_size}")
 
 
 # flag -> (dataclass field, type, help). Booleans are handled separately.
@@ -157,8 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         default=None,
-        help="continue from a run folder (its latest checkpoint) or a checkpoint folder; "
-        "the saved config is reused and flags given here override it",
+        help="continue from a run folder (its latest complete checkpoint) or a checkpoint folder; "
+        "the saved config is reused and flags given here override it. 'auto' (with --name): continue "
+        "runs/<name> if it has a checkpoint, else start it (the form for torchrun --max-restarts)",
     )
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment.
     parser.add_argument(
@@ -177,5 +271,14 @@ def merge(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
 
 
 def load_json(path: str) -> TrainConfig:
-    with open(path) as f:
-        return TrainConfig.from_json(json.load(f))
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    cfg = TrainConfig.from_json(data, source=path)
+    try:
+        _check_types(cfg)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return cfg

@@ -30,6 +30,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -200,14 +201,28 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     env.export()
-    from datetime import timedelta
-
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    store = _attempt_store(env, timeout)
     dist.init_process_group(
         backend,
-        init_method="env://",
+        init_method=None if store is not None else "env://",
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def _attempt_store(env: DistEnv, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun's c10d rendezvous the workers share the agent's TCPStore, which
+    outlives a restart; ``env://`` adds no per-attempt prefix, so a restarted attempt can
+    read the dead attempt's keys (gloo/NCCL addresses) and fail to connect or hang
+    (pytorch/pytorch#135712). The job keys its process group by the restart count instead.
+    ``None``: nothing to fix, ``env://`` as usual."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"sai_dist/attempt_{attempt}", client)

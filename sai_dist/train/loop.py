@@ -5,13 +5,17 @@ Per step ``s`` (0-based): learning rate ``lr_at(s)``, the batch ``train_batch(se
 global-norm clipping, optimizer step. The logged loss is the mean over ranks, i.e. the loss
 of the global batch. Everything a step depends on is either a pure function of ``(seed, s)``
 or in the checkpoint, so a resumed run continues with exactly the uninterrupted run's losses.
+
+Each start of the job on a run folder (the first attempt, a ``--resume``, a torchelastic
+restart) appends to ``events.jsonl``: which checkpoint it resumed from and whether SGD-SaI's
+g-SNR was loaded or computed in this attempt (and at which step), the observable that shows
+a resumed run never recomputes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -21,15 +25,13 @@ import torch
 import torch.distributed as dist
 
 from sai_dist.train import checkpoint as ckpt_io
+from sai_dist.train import faults
 from sai_dist.train.backends import Setup, build, lr_at, set_lr
-from sai_dist.train.config import TrainConfig
+from sai_dist.train.config import TrainConfig, check_world
 from sai_dist.train.data import load_corpus, train_batch, val_batches
 from sai_dist.train.distributed import DistEnv, device_for, init
 from sai_dist.train.model import GPT, GPTConfig, lm_loss
 from sai_dist.train.report import plot_gsnr, plot_losses, read_metrics
-
-# Fault injection for tests: rank 0 SIGKILLs itself right after this step (0: never).
-_DIE_AFTER_STEP = int(os.environ.get("SAI_DIST_TRAIN_DIE_AFTER_STEP", "0"))
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -55,6 +57,37 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value.detach())
+
+
+def _same_on_every_rank(what: str, value: Any) -> None:
+    """Raise on every rank when ranks disagree on ``value`` (a run folder or checkpoint seen
+    differently, say): training on would mix two runs, or hang in mismatched collectives."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        listing = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+        raise RuntimeError(
+            f"ranks disagree on {what} ({listing}); is the run folder on a shared file system?"
+        )
+
+
+def _gsnr_state(optimizer: Any) -> tuple[bool, float | None]:
+    """``(fixed, gsnr_max)`` of the SGD-SaI inside ``optimizer``; ``(False, None)`` for others."""
+    from sai_dist.table import find_sgdsai
+
+    try:
+        sai = find_sgdsai(optimizer)
+    except TypeError:
+        return False, None
+    if not sai.initialized:
+        return False, None
+    from sai_dist.optimizer import GSNR_MAX
+
+    # The normaliser fixed at step 1 is stored with every tensor's state; any one says it.
+    gmax = next(float(st[GSNR_MAX]) for st in sai.state.values() if GSNR_MAX in st)
+    return True, gmax
 
 
 class Metrics:
@@ -100,8 +133,10 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
         init(env, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    check_world(cfg, world)
 
     ckpt_path = ckpt_io.resolve(resume) if resume else None
+    _same_on_every_rank("the checkpoint to resume from", ckpt_path and os.path.abspath(ckpt_path))
     if ckpt_path:
         run_dir = run_dir_of_checkpoint(ckpt_path)
     else:
@@ -120,18 +155,36 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
     n_params = sum(p.numel() for p in model.parameters())
     local_world = env.local_world_size if env else 1
     setup = build(cfg, model, device, local_world)
+    # What a checkpoint must match to be loaded into this run (and what ours record).
+    expect = {"optimizer": cfg.optimizer, "model": ckpt_io.model_signature(model)}
 
     start = 0
     if ckpt_path:
-        start = int(ckpt_io.load(ckpt_path, setup.model, setup.optimizer, setup.engine)["step"])
+        start = int(ckpt_io.load(ckpt_path, setup.model, setup.optimizer, setup.engine, expect)["step"])
         if start > cfg.steps:
             raise ValueError(f"checkpoint is at step {start}, beyond --steps {cfg.steps}")
     corpus = load_corpus(cfg.data_dir, cfg.max_bytes)
     val = val_batches(corpus, cfg.seed, cfg.eval_batches, cfg.global_batch, cfg.seq_len, rank, world)
     metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"), start if ckpt_path else None, rank == 0)
+    events = Metrics(os.path.join(run_dir, "events.jsonl"), None, rank == 0)
     if not ckpt_path and rank == 0:
         open(metrics.path, "w").close()
-    meta = {"backend": cfg.backend, "world_size": world, "optimizer": cfg.optimizer}
+        open(events.path, "w").close()
+    meta = {"backend": cfg.backend, "world_size": world, "optimizer": cfg.optimizer, **expect}
+    gsnr_fixed, gsnr_max = _gsnr_state(setup.optimizer)
+    events.write(
+        {
+            "event": "start",
+            "attempt": faults.restart_count(),
+            "step": start,
+            "resumed_from": os.path.basename(ckpt_path) if ckpt_path else None,
+            "world_size": world,
+            # "loaded": the checkpoint carried it; "pending": step 1 (or the first step
+            # with gradients) of this attempt will compute it.
+            "gsnr": ("loaded" if gsnr_fixed else "pending") if cfg.optimizer == "sgdsai" else None,
+            "gsnr_max": gsnr_max,
+        }
+    )
 
     bar = None
     if rank == 0 and cfg.progress:
@@ -167,6 +220,10 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
             setup.optimizer.step()
             setup.optimizer.zero_grad(set_to_none=True)
         loss_value = _mean_over_ranks(loss)
+        if cfg.optimizer == "sgdsai" and not gsnr_fixed:
+            gsnr_fixed, gsnr_max = _gsnr_state(setup.optimizer)
+            if gsnr_fixed:
+                events.write({"event": "gsnr_computed", "step": step + 1, "gsnr_max": gsnr_max})
         dt = time.perf_counter() - t0
         if step > start:  # the first step of a process includes warm-up and the g-SNR pass
             timed_tokens += tokens_per_step
@@ -187,8 +244,7 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
             metrics.write({"kind": "val", "step": done, "val_loss": val_loss})
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             ckpt_io.save(ckpt_root, done, setup.model, setup.optimizer, setup.engine, meta)
-        if done == _DIE_AFTER_STEP and rank == 0:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
+        faults.maybe_die_after_step(done)  # test hook; off unless its variable is set
         if bar is not None:
             bar.set_postfix(
                 loss=f"{loss_value:.3f}",
