@@ -33,28 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sai_dist.train.distributed import free_port  # noqa: E402
+from sai_dist.train.processes import descendants, kill_all  # noqa: E402
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        for c in _children(p):
-            seen.append(c)
-            todo.append(c)
-    return seen
 
 
 def _worker_rank(pid: int) -> int | None:
@@ -101,7 +82,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(self.period):
             step = _steps_done(self.metrics)
-            for pid in _descendants(self.root_pid):
+            for pid in descendants(self.root_pid):
                 rank = _worker_rank(pid)
                 rss = _rss_mb(pid) if rank is not None else None
                 if rss is not None:
@@ -161,15 +142,7 @@ def run_job(
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in {s["pid"] for s in sampler.samples} | set(_descendants(proc.pid)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_all(proc, {s["pid"] for s in sampler.samples})
         log.close()
     if code != 0:
         raise SystemExit(f"{name} exited {code}; see {runs / f'{name}.log'}")

@@ -15,10 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from sai_dist.train.cli import main
 from sai_dist.train.config import TrainConfig
 from sai_dist.train.loop import train
 from sai_dist.train.model import GPT, GPTConfig
+from sai_dist.train.processes import wait_tree
 from tests.distributed import free_port
 from tests.test_train_launch import BIN, REPO, TINY, _env, _start, losses
 
@@ -295,51 +293,9 @@ def torchrun(tmp_path: Path, name: str, *args: str, **env: str) -> str:
         "--resume",
         "auto",
     ]
-    code, out = _finish_tree(_start(cmd, _env(**env)), timeout=240)
+    code, out = wait_tree(_start(cmd, _env(**env)), timeout=240)
     assert code == 0, f"exit {code}:\n{out[-4000:]}"
     return out
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
-
-
-def _finish_tree(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    """Wait for torchrun; on time-out stop it *and* its workers. torchrun puts each worker
-    in a session of its own, so killing torchrun's process group would orphan them: the
-    agent is asked first (SIGTERM, it stops its workers), then every descendant seen is
-    SIGKILLed by pid."""
-    tree: list[int] = []
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        tree = _descendants(proc.pid)  # before the agent exits and its workers are reparented
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            out = ""
-        raise AssertionError(f"{proc.args} timed out after {timeout} s:\n{(out or '')[-4000:]}") from None
-    finally:
-        for pid in [*tree, *_descendants(proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def final_params(run: Path) -> dict[str, torch.Tensor]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sai_dist.train.processes import wait_tree
 from tests.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,18 +82,7 @@ def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{proc.args} timed out after {timeout} s:\n{out[-4000:]}") from None
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stray children of a launcher
-        except ProcessLookupError:
-            pass
-    return proc.returncode, out
+    return wait_tree(proc, timeout)
 
 
 def run_ok(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> str:
