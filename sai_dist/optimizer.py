@@ -17,14 +17,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sai_dist.functional import sgd_sai
+from sai_dist.functional import fused_available, fused_unavailable_reason, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
 from sai_dist.stats import reduce_block_moments
@@ -69,6 +69,22 @@ def _check_range(
         raise ValueError(f"Invalid {name}: {value!r} (must be >= {low}{bound})")
 
 
+def _new_buffer(grad: Tensor, pieces: Sequence[Any], layout: Layout) -> Tensor:
+    """An uninitialised momentum buffer shaped like ``grad`` (the step fills every piece);
+    elements no piece covers (a flat partition's alignment padding) are zeroed so a
+    checkpoint never holds garbage."""
+    buf = torch.empty_like(grad).detach()
+    if any(piece.span is not None for piece in pieces):
+        flat = layout.local(buf).reshape(-1)
+        covered = torch.zeros(flat.numel(), dtype=torch.bool)
+        for piece in pieces:
+            if piece.span is None:
+                return buf
+            covered[piece.span[0] : piece.span[1]] = True
+        flat[~covered.to(flat.device)] = 0
+    return buf
+
+
 class SGDSaI(Optimizer):
     r"""SGD-SaI: momentum SGD whose per-block learning-rate scale is fixed at step 1.
 
@@ -94,11 +110,16 @@ class SGDSaI(Optimizer):
         maximize: maximise the objective instead of minimising it.
         degenerate: ``"max"`` (default) or ``"official"``: what a block whose gradient has
             zero spread (one element, all zeros, constant) gets; see :mod:`sai_dist.gsnr`.
-        fused: apply each tensor's whole update in one ``torch.compile``'d kernel, the
-            bandwidth floor of 5 element-passes (foreach: 8). The first step compiles (tens
-            of seconds on a CPU). Default ``False``.
-        foreach: batch the momentum and decay passes with foreach kernels; ``None`` picks
-            them for CUDA tensors.
+        fused: apply the whole update in one pass over memory (read p, g, m; write p, m:
+            the bandwidth floor; foreach takes 8 element-passes). ``None`` (default) uses it
+            wherever it is supported, falling back silently to foreach or the single-tensor
+            loop: on CPU float32 tensors a small C kernel built once with the system
+            compiler and cached (:mod:`sai_dist.native`), on CUDA a ``torch.compile``'d
+            kernel (compiled at the first step). ``True`` requires it (``RuntimeError``
+            with nothing changed when it is unavailable); ``False`` never uses it.
+        foreach: for tensors the fused kernel does not take (or with ``fused=False``),
+            batch the momentum and decay passes with foreach kernels; ``None`` picks them
+            for CUDA tensors.
         layout: how the stepped tensors map onto model blocks. ``None`` picks the layout for
             the tensors given (plain tensors, or DTensors from FSDP2/HSDP); integrations
             that rebind param groups pass their own.
@@ -125,7 +146,7 @@ class SGDSaI(Optimizer):
         *,
         degenerate: DegeneratePolicy = "max",
         foreach: bool | None = None,
-        fused: bool = False,
+        fused: bool | None = None,
         layout: Layout | None = None,
     ) -> None:
         if degenerate not in DEGENERATE_POLICIES:
@@ -212,9 +233,11 @@ class SGDSaI(Optimizer):
         _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         _check_range("weight_decay", group["weight_decay"], 0.0)
         _check_range("eps", group["eps"], 0.0)
-        for flag in ("maximize", "fused"):
-            if not isinstance(group.get(flag, False), bool):
-                raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be a bool)")
+        if not isinstance(group.get("maximize", False), bool):
+            raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool)")
+        for flag in ("fused", "foreach"):
+            if group.get(flag) is not None and not isinstance(group[flag], bool):
+                raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be None or a bool)")
 
     def _register(self, group: dict[str, Any]) -> None:
         self.layout.register(group["params"])
@@ -316,7 +339,8 @@ class SGDSaI(Optimizer):
         """Perform one optimisation step; see the class docstring for the update.
 
         Raises, with nothing modified: ``RuntimeError`` for sparse gradients, for tensors
-        the layout cannot map, and for non-finite gradients at the g-SNR step.
+        the layout cannot map, for non-finite gradients at the g-SNR step, and with
+        ``fused=True`` when the single-pass kernel is unavailable.
         """
         loss = None
         if closure is not None:
@@ -335,6 +359,15 @@ class SGDSaI(Optimizer):
                     )
                 layout.pieces(p)  # raises LayoutError for tensors it cannot map
                 layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
+            if group.get("fused") is True:
+                # Checked before g-SNR or any buffer is touched: a refused step changes nothing.
+                for device in {layout.local(p).device for p in params}:
+                    if not fused_available(device):
+                        raise RuntimeError(
+                            f"SGDSaI(fused=True): the single-pass kernel is unavailable on {device} "
+                            f"({fused_unavailable_reason(device)}); use fused=None (falls back to foreach) "
+                            "or fused=False"
+                        )
             stepped.append((group, params))
 
         gsnr_max = self._gsnr_max()
@@ -357,46 +390,47 @@ class SGDSaI(Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         layout = self.layout
         momentum = group["momentum"]
-        maximize = group["maximize"]
-        # Three kinds of work: tensors with a momentum buffer; tensors whose buffer is
-        # born this step (m = g, so the update uses the new buffer directly); and
-        # momentum-free updates along g.
-        with_buf: tuple[list[Tensor], list[Tensor], list[Tensor | None], list[float]] = ([], [], [], [])
-        direct: tuple[list[Tensor], list[Tensor], list[Tensor | None], list[float]] = ([], [], [], [])
+        # One sgd_sai call per group: every piece of every tensor, with its own scale as a
+        # coefficient (a segment of a flat partition is a view, stepped in place). A
+        # buffer born this step is allocated uninitialised and filled with +-g by the same
+        # pass that applies the update.
+        p_views: list[Tensor] = []
+        d_views: list[Tensor] = []
+        m_views: list[Tensor | None] = []
+        scales: list[float] = []
+        fresh: list[bool] = []
         for p in params:
             state = self.state[p]
-            scales = state[SCALE].reshape(-1).tolist()
             pieces = layout.pieces(p)
-            p_local = layout.local(p)
-            if momentum == 0:
-                target, direction = direct, layout.local(p.grad)
-            elif MOMENTUM not in state:
-                buf = torch.neg(p.grad) if maximize else torch.clone(p.grad)
-                state[MOMENTUM] = buf.detach()
-                target, direction = direct, layout.local(state[MOMENTUM])
-            else:
-                target = with_buf
-                direction = layout.local(p.grad)
+            p_local, g_local = layout.local(p), layout.local(p.grad)
+            born = False
+            buf_local: Tensor | None = None
+            if momentum != 0:
+                born = MOMENTUM not in state
+                if born:
+                    state[MOMENTUM] = _new_buffer(p.grad, pieces, layout)
                 buf_local = layout.local(state[MOMENTUM])
-                target[2].extend(piece.view(buf_local) for piece in pieces)
-            for piece, scale in zip(pieces, scales, strict=True):
-                target[0].append(piece.view(p_local))
-                target[1].append(piece.view(direction))
-                if target is direct:
-                    target[2].append(None)
-                target[3].append(scale)
-
-        common = dict(
+            for piece, scale in zip(pieces, state[SCALE].reshape(-1).tolist(), strict=True):
+                p_views.append(piece.view(p_local))
+                d_views.append(piece.view(g_local))
+                m_views.append(None if buf_local is None else piece.view(buf_local))
+                scales.append(scale)
+                fresh.append(born)
+        if not p_views:
+            return
+        sgd_sai(
+            p_views,
+            d_views,
+            m_views,
+            scales,
             lr=group["lr"],
+            momentum=momentum,
             weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
             foreach=group["foreach"],
-            fused=group.get("fused", False),
+            fused=group.get("fused"),
+            fresh=fresh,
         )
-        if with_buf[0]:
-            sgd_sai(*with_buf, momentum=momentum, maximize=maximize, **common)
-        if direct[0]:
-            # Fresh buffers already hold +-g; momentum-free updates negate g themselves.
-            sgd_sai(*direct, momentum=0.0, maximize=maximize and momentum == 0, **common)
 
     # -- checkpoints ---------------------------------------------------------------
 
