@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sai_dist import native
 from sai_dist.functional import fused_available, fused_unavailable_reason, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
@@ -74,6 +75,7 @@ def _new_buffer(grad: Tensor, pieces: Sequence[Any], layout: Layout) -> Tensor:
     elements no piece covers (a flat partition's alignment padding) are zeroed so a
     checkpoint never holds garbage."""
     buf = torch.empty_like(grad).detach()
+    native.advise_huge_pages(layout.local(buf))
     if any(piece.span is not None for piece in pieces):
         flat = layout.local(buf).reshape(-1)
         covered = torch.zeros(flat.numel(), dtype=torch.bool)
