@@ -191,10 +191,16 @@ def step_part(
             opt = SGDSaI(params, lr=1e-3, momentum=0.9, weight_decay=0.01)
             opt.step()
 
+        def sgd_first() -> None:
+            # torch's first step pays the same buffer allocation (first touch of new memory).
+            torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True).step()
+
         first_fn = first
         layout = auto_layout(params)
         layout.register(params)
         fns["sgdsai_first"] = first_fn
+        if "torch_sgd_fused" in fns:
+            fns["torch_sgd_fused_first"] = sgd_first
         fns["gsnr_statistics"] = lambda: reduce_block_moments(layout.sources(params), layout.num_blocks, None)
         del steady
     elif with_first:
@@ -225,6 +231,8 @@ def step_part(
     if "sgdsai_first" in ms:
         ratios["first_vs_steady"] = ms["sgdsai_first"] / ms["sgdsai"]
         ratios["statistics_vs_steady"] = ms["gsnr_statistics"] / ms["sgdsai"]
+        if "torch_sgd_fused_first" in ms:
+            ratios["torch_sgd_fused_first_vs_steady"] = ms["torch_sgd_fused_first"] / ms["torch_sgd_fused"]
     # Per-round ratios: their spread says how much the load moved the medians above.
     per_round = [
         s / f for s, f in zip(times["sgdsai"], times.get("torch_sgd_fused", times["sgdsai"]), strict=True)
@@ -411,12 +419,15 @@ def main() -> None:
     parser.add_argument("--e2e-steps", type=int, default=30)
     parser.add_argument("--e2e-runs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="comma list of torch.set_num_threads values to run the step part at (default: torch's)",
+    )
     parser.add_argument("--write", help="write the JSON result here")
     parser.add_argument("--plot", help="save a plot here (PNG)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"skipped": "--device cuda: no CUDA device on this machine"}))
@@ -428,7 +439,7 @@ def main() -> None:
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": thread_counts,
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "cpus": os.cpu_count(),
             "fused": "available"
@@ -439,17 +450,26 @@ def main() -> None:
     }
     if "step" in parts:
         result["step"] = {}
-        for set_name in sets:
-            shapes = SHAPE_SETS[set_name]
-            need = 8 * numel(shapes) + 8 * numel(shapes)  # params + grads, one optimizer's state
-            if need > available_bytes(device) - 2 * GiB:
-                result["step"][set_name] = {"skipped": f"needs at least {need / GiB:.1f} GiB"}
-                print(f"[{set_name}] skipped: needs at least {need / GiB:.1f} GiB", file=sys.stderr)
-                continue
-            params = make_params(shapes, device)
-            result["step"][set_name] = step_part(params, device, args.repeats, "first" in parts)
-            del params
-            gc.collect()
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for set_name in sets:
+                key = (
+                    set_name
+                    if len(thread_counts) == 1
+                    else f"{set_name}, {threads} thread{'s' * (threads > 1)}"
+                )
+                shapes = SHAPE_SETS[set_name]
+                need = 8 * numel(shapes) + 8 * numel(shapes)  # params + grads, one optimizer's state
+                if need > available_bytes(device) - 2 * GiB:
+                    result["step"][key] = {"skipped": f"needs at least {need / GiB:.1f} GiB"}
+                    print(f"[{key}] skipped: needs at least {need / GiB:.1f} GiB", file=sys.stderr)
+                    continue
+                params = make_params(shapes, device)
+                result["step"][key] = step_part(params, device, args.repeats, "first" in parts)
+                result["step"][key]["threads"] = threads
+                del params
+                gc.collect()
+        torch.set_num_threads(thread_counts[0])
         result["step"] = {k: v for k, v in result["step"].items() if "skipped" not in v} | {
             k: v for k, v in result["step"].items() if "skipped" in v
         }
