@@ -390,14 +390,18 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax = axes[-1]
     part = result["step"][sets[0]]
     if "sgdsai_first" in part["rows"]:
-        steady = part["rows"]["sgdsai"]["ms"]
-        names = ["sgdsai", "gsnr_statistics", "sgdsai_first"]
-        vals = [part["rows"][k]["ms"] / steady for k in names]
-        bars = ax.bar(range(3), vals, color=["C2", "C4", "C5"])
+        rows = part["rows"]
+        steady = rows["sgdsai"]["ms"]
+        labels = ["steady step", "g-SNR stats", "first step"]
+        vals = [1.0, rows["gsnr_statistics"]["ms"] / steady, rows["sgdsai_first"]["ms"] / steady]
+        if "torch_sgd_fused_first" in rows:
+            labels.append("torch SGD(fused)\nfirst / its steady")
+            vals.append(rows["torch_sgd_fused_first"]["ms"] / rows["torch_sgd_fused"]["ms"])
+        bars = ax.bar(range(len(vals)), vals, color=["C2", "C4", "C5", "C0"][: len(vals)])
         ax.bar_label(bars, fmt="%.2f")
-        ax.set_xticks(range(3), ["steady step", "g-SNR stats", "first step"])
+        ax.set_xticks(range(len(vals)), labels, fontsize=8)
         ax.axhline(2.5, color="C5", ls="--", lw=0.8)
-        ax.set_ylabel("time / steady SGD-SaI step")
+        ax.set_ylabel("time / steady step")
         ax.set_title(f"{sets[0]}: step 1 vs steady")
     fig.suptitle(
         f"{result['env']['device_name']}, torch {result['env']['torch']}, {result['env']['threads']} threads"
