@@ -356,6 +356,10 @@ def step(
         coef.data_ptr(),
         torch.get_num_threads(),
     )
+    # Writes through raw pointers bypass autograd's version counters; bump them as an
+    # in-place torch op would, so a graph that saved a parameter before the step still
+    # raises "modified by an inplace operation" instead of silently using new values.
+    torch.autograd.graph.increment_version([*params, *(m for m in buffers if m is not None)])
 
 
 def moments(tensors: Sequence[Tensor], shift: Tensor | None = None) -> Tensor:

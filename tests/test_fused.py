@@ -171,6 +171,23 @@ def test_zero_flat_segments_are_stepped_in_place_like_whole_blocks(monkeypatch):
 
 
 @needs_native
+def test_fused_step_bumps_autograd_versions_like_in_place_ops():
+    """A graph that saved a parameter before the step must notice the step, as it does for
+    torch's in-place updates."""
+    w = nn.Parameter(torch.randn(4, 3))
+    opt = SGDSaI([w], lr=0.1, fused=True)
+    w.grad = torch.randn(4, 3)
+    opt.step()  # step 1 fixes g-SNR and creates the buffer
+    x = torch.randn(2, 4, requires_grad=True)
+    y = (x @ w).square().sum()  # saves w for backward
+    versions = (w._version, opt.state[w]["momentum_buffer"]._version)
+    opt.step()
+    assert w._version > versions[0] and opt.state[w]["momentum_buffer"]._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@needs_native
 def test_native_moments_match_float64_torch_mixed_with_torch_pieces():
     """Statistics: native pieces (CPU float32, dense) and torch pieces (a strided view, a
     float64 tensor) in one reduction agree with float64 torch on the whole blocks."""
