@@ -11,25 +11,39 @@ with :math:`\beta` = ``momentum``, :math:`\eta` = ``lr``, :math:`\lambda` = ``we
 (decoupled, not scaled by g-SNR), :math:`s` the tensor's g-SNR scale and :math:`g` negated
 first when ``maximize``. With ``momentum == 0`` no buffer is kept and :math:`m = g`.
 
-Three implementations with the same contract:
+An fp32 step must read p, g, m and write p, m: 20 bytes per element, the floor. Four
+implementations share the contract:
 
 - ``_single_tensor_sgd_sai``: a plain loop, the readable reference;
-- ``_multi_tensor_sgd_sai``: batches the momentum and decay passes with ``torch._foreach_*``
-  kernels and applies the scaled update per tensor with ``add_(alpha=...)`` (a per-tensor
-  scalar needs no temporary, where ``_foreach_mul(bufs, scales)`` would allocate a second
-  copy of every buffer). 8 element-passes over memory per step;
-- ``_fused_sgd_sai``: one ``torch.compile``'d kernel per tensor that reads p, g, m once and
-  writes p, m once, the 5 passes that are the bandwidth floor. Opt-in (``fused=True``): the
-  first step compiles (tens of seconds on a CPU; needs a C++ compiler there, Triton on CUDA).
+- ``_multi_tensor_sgd_sai`` (foreach): batches the momentum and decay passes with
+  ``torch._foreach_*`` kernels and applies the scaled update per tensor with
+  ``add_(alpha=...)`` (a per-tensor scalar needs no temporary, where
+  ``_foreach_mul(bufs, scales)`` would allocate a second copy of every buffer). 8
+  element-passes per step;
+- ``_native_sgd_sai`` (fused, CPU): one call of a small C/OpenMP kernel
+  (:mod:`sai_dist.native`) over the whole list, reading and writing each element once;
+  built with the system compiler in well under a second and cached on disk;
+- ``_compiled_sgd_sai`` (fused, CUDA): one ``torch.compile``'d (Triton) kernel per tensor,
+  also one pass; flattened inputs and coefficient tensors, so one compilation serves every
+  shape, lr and scale.
+
+Selection (``fused``), as ``torch.optim`` does it: ``None`` (default) takes the fused
+kernel for every tensor it supports (CPU float32 dense tensors when the native kernels
+build; CUDA tensors when ``torch.compile`` works there) and the foreach/single-tensor path
+for the rest, silently; ``True`` insists and raises when the kernel is unavailable;
+``False`` never uses it. The per-tensor scale is a coefficient of the kernel, never a
+per-element buffer, so views into a flat partition (ZeRO segments) are stepped in place.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from sai_dist import native
 
 
 def sgd_sai(
@@ -43,37 +57,146 @@ def sgd_sai(
     weight_decay: float,
     maximize: bool,
     foreach: bool | None = None,
-    fused: bool = False,
+    fused: bool | None = None,
+    fresh: Sequence[bool] | None = None,
 ) -> None:
     """Apply one SGD-SaI step in place.
 
     Args:
         params, grads: plain (local) tensors of equal shapes.
         momentum_buffers: one entry per tensor; ``None`` means the tensor's first step and
-            the new buffer (``g``, cloned) is written back into the list. Ignored when
-            ``momentum == 0``.
+            the new buffer (``g``, negated when ``maximize``) is written back into the list.
+            Ignored when ``momentum == 0``.
         scales: the fixed g-SNR scale of each tensor.
-        foreach: use the batched implementation; ``None`` picks it for CUDA tensors.
-        fused: use the compiled single-pass kernel (takes precedence over ``foreach``).
+        foreach: for tensors the fused kernel does not take, use the batched
+            implementation; ``None`` picks it for CUDA tensors.
+        fused: ``None`` uses the single-pass kernel where supported and falls back
+            silently; ``True`` requires it (``RuntimeError`` when it cannot be built, with
+            nothing modified); ``False`` never uses it.
+        fresh: per tensor, whether its (already allocated) buffer's content is to be
+            replaced by ``g`` (negated when ``maximize``) this step, a first step whose
+            buffer the caller allocated, e.g. uninitialised, so the kernel fills it in the
+            same pass.
     """
-    if not (len(params) == len(grads) == len(momentum_buffers) == len(scales)):
+    n = len(params)
+    if not (len(grads) == len(momentum_buffers) == len(scales) == n):
         raise ValueError("params, grads, momentum_buffers and scales must have the same length")
-    if foreach is None:
-        foreach = bool(params) and all(p.is_cuda for p in params)
-    if fused:
-        impl = _fused_sgd_sai
+    if fresh is not None and len(fresh) != n:
+        raise ValueError("fresh must have one entry per tensor")
+    born = list(fresh) if fresh is not None else [False] * n
+    if momentum != 0:
+        for i, buf in enumerate(momentum_buffers):
+            if buf is None:
+                momentum_buffers[i] = torch.empty_like(grads[i]).detach()
+                born[i] = True
     else:
-        impl = _multi_tensor_sgd_sai if foreach else _single_tensor_sgd_sai
-    impl(
-        params,
-        grads,
-        momentum_buffers,
-        scales,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        maximize=maximize,
-    )
+        born = [False] * n
+
+    native_idx: list[int] = []
+    compiled_idx: list[int] = []
+    if fused is not False and n:
+        native_idx, compiled_idx, rest_idx = _route(params, grads, momentum_buffers, momentum, bool(fused))
+    else:
+        rest_idx = list(range(n))
+
+    def pick(
+        idx: list[int],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[float], list[bool]]:
+        return (
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [momentum_buffers[i] for i in idx],
+            [scales[i] for i in idx],
+            [born[i] for i in idx],
+        )
+
+    hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+    if native_idx:
+        _native_sgd_sai(*pick(native_idx), **hyper)
+    if compiled_idx:
+        _compiled_sgd_sai(*pick(compiled_idx), **hyper)
+    if rest_idx:
+        sub = pick(rest_idx)
+        use_foreach = foreach if foreach is not None else all(p.is_cuda for p in sub[0])
+        (_multi_tensor_sgd_sai if use_foreach else _single_tensor_sgd_sai)(*sub, **hyper)
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """Whether ``fused=None`` finds a single-pass kernel for float32 tensors on ``device``
+    (building or compiling it now if it was not yet)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return native.library() is not None
+    return _compile_failure(device.type) is None
+
+
+def fused_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why :func:`fused_available` is ``False`` for ``device`` (``None`` when it is not)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None if native.library() is not None else native.unavailable_reason()
+    return _compile_failure(device.type)
+
+
+def _route(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor | None],
+    momentum: float,
+    required: bool,
+) -> tuple[list[int], list[int], list[int]]:
+    """Split tensor indices into (native, compiled, rest). Decided before any tensor is
+    touched, so ``fused=True`` raises with nothing modified."""
+    native_idx: list[int] = []
+    compiled_idx: list[int] = []
+    rest: list[int] = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        m = buffers[i] if momentum != 0 else None
+        if p.device.type == "cpu":
+            (native_idx if native.supported(p, g, m) else rest).append(i)
+        elif (
+            p.dtype == g.dtype
+            and p.numel() >= 2
+            and all(t is None or (t.is_contiguous() and t.shape == p.shape) for t in (p, g, m))
+        ):
+            compiled_idx.append(i)
+        else:
+            rest.append(i)
+    if native_idx and native.library() is None:
+        if required:
+            raise RuntimeError(
+                f"sgd_sai(fused=True): the native CPU kernel is unavailable ({native.unavailable_reason()}); "
+                "use fused=None (falls back to foreach) or fused=False"
+            )
+        rest += native_idx
+        native_idx = []
+    if compiled_idx:
+        failure = _compile_failure(params[compiled_idx[0]].device.type)
+        if failure is not None:
+            if required:
+                raise RuntimeError(
+                    f"sgd_sai(fused=True): torch.compile cannot build the kernel ({failure}); "
+                    "use fused=None (falls back to foreach) or fused=False"
+                )
+            rest += compiled_idx
+            compiled_idx = []
+    return native_idx, compiled_idx, sorted(rest)
+
+
+def _coefficients(
+    scale: float, born: bool, *, lr: float, momentum: float, weight_decay: float, maximize: bool
+) -> tuple[int, tuple[float, float, float, float]]:
+    """Kind and ``(b, c, d, a)`` of one tensor's update, see :mod:`sai_dist.native`:
+    ``m = b m + c g`` (or ``m = c g`` when born), ``p = d p + a m`` (``m = g`` without
+    momentum)."""
+    sign = -1.0 if maximize else 1.0
+    decay = 1 - lr * weight_decay
+    alpha = -lr * scale
+    if momentum == 0:
+        return native.PLAIN, (0.0, 0.0, decay, sign * alpha)
+    if born:
+        return native.FRESH, (0.0, sign, decay, alpha)
+    return native.MOMENTUM, (momentum, sign * (1 - momentum), decay, alpha)
 
 
 def _single_tensor_sgd_sai(
@@ -81,6 +204,7 @@ def _single_tensor_sgd_sai(
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
     scales: list[float],
+    born: list[bool],
     *,
     lr: float,
     momentum: float,
@@ -91,8 +215,9 @@ def _single_tensor_sgd_sai(
         grad = -grad if maximize else grad
         if momentum != 0:
             buf = momentum_buffers[i]
-            if buf is None:
-                buf = momentum_buffers[i] = torch.clone(grad).detach()
+            assert buf is not None
+            if born[i]:
+                buf.copy_(grad)
             else:
                 buf.mul_(momentum).add_(grad, alpha=1 - momentum)
             grad = buf
@@ -106,6 +231,7 @@ def _multi_tensor_sgd_sai(
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
     scales: list[float],
+    born: list[bool],
     *,
     lr: float,
     momentum: float,
@@ -114,36 +240,73 @@ def _multi_tensor_sgd_sai(
 ) -> None:
     if not params:
         return
-    if maximize:
-        grads = torch._foreach_neg(grads)
     if momentum != 0:
-        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
+        old = [i for i, b in enumerate(born) if not b]
+        new = [i for i, b in enumerate(born) if b]
+        bufs: list[Tensor] = momentum_buffers  # type: ignore[assignment]
         if old:
-            # lerp(m, g, 1 - beta) = beta * m + (1 - beta) * g in one read-modify-write pass.
-            torch._foreach_lerp_([momentum_buffers[i] for i in old], [grads[i] for i in old], 1 - momentum)
-        for i, b in enumerate(momentum_buffers):
-            if b is None:
-                momentum_buffers[i] = torch.clone(grads[i]).detach()
-        directions = momentum_buffers
+            # lerp(m, g, 1 - beta) = beta * m + (1 - beta) * g in one read-modify-write pass;
+            # maximize folds into the weight's sign: lerp toward -g is m + w(-g - m).
+            old_bufs, old_grads = [bufs[i] for i in old], [grads[i] for i in old]
+            if maximize:
+                old_grads = torch._foreach_neg(old_grads)
+            torch._foreach_lerp_(old_bufs, old_grads, 1 - momentum)
+        if new:
+            new_bufs, new_grads = [bufs[i] for i in new], [grads[i] for i in new]
+            torch._foreach_copy_(new_bufs, new_grads)
+            if maximize:
+                torch._foreach_neg_(new_bufs)
+        directions = bufs
     else:
-        directions = grads
+        directions = torch._foreach_neg(grads) if maximize else grads
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     for param, direction, scale in zip(params, directions, scales, strict=True):
         param.add_(direction, alpha=-lr * scale)
 
 
+def _native_sgd_sai(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    scales: list[float],
+    born: list[bool],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    kinds: list[int] = []
+    coefs: list[tuple[float, float, float, float]] = []
+    for scale, b in zip(scales, born, strict=True):
+        kind, coef = _coefficients(
+            scale, b, lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
+        )
+        kinds.append(kind)
+        coefs.append(coef)
+    buffers = momentum_buffers if momentum != 0 else [None] * len(params)
+    native.step(params, grads, buffers, kinds, coefs)
+
+
+# -- compiled (CUDA) kernels ---------------------------------------------------------------
+
+
 def _momentum_kernel(p: Tensor, g: Tensor, m: Tensor, coef: Tensor) -> None:
-    # coef = [beta, sign * (1 - beta), decay, alpha]:
-    # m = beta m + (1 - beta) (sign g);  p = decay p + alpha m   (alpha = -lr s)
+    # coef = [b, c, d, a]: m = b m + c g;  p = d p + a m
     m.mul_(coef[0]).add_(g * coef[1])
     p.mul_(coef[2]).add_(m * coef[3])
 
 
-def _plain_kernel(p: Tensor, d: Tensor, coef: Tensor) -> None:
-    # coef = [decay, alpha]: p = decay p + alpha d, for momentum-free updates and a
-    # buffer's first step (m = g)
-    p.mul_(coef[0]).add_(d * coef[1])
+def _fresh_kernel(p: Tensor, g: Tensor, m: Tensor, coef: Tensor) -> None:
+    # coef = [_, c, d, a]: m = c g (a buffer's first step);  p = d p + a m
+    m.copy_(g * coef[1])
+    p.mul_(coef[2]).add_(m * coef[3])
+
+
+def _plain_kernel(p: Tensor, g: Tensor, coef: Tensor) -> None:
+    # coef = [_, _, d, a]: p = d p + a g, for momentum-free updates
+    p.mul_(coef[2]).add_(g * coef[3])
 
 
 @functools.cache
@@ -153,64 +316,50 @@ def _compiled(kernel: Callable[..., None]) -> Callable[..., None]:
     return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
-def _flat(t: Tensor) -> Tensor:
-    return t.view(-1)
+@functools.cache
+def _compile_failure(device_type: str) -> str | None:
+    """Compile the three kernels once on tiny tensors of ``device_type``; the reason it
+    failed, or ``None``. Run before any real tensor is touched, so a failure falls back
+    (or raises) with nothing half-stepped."""
+    try:
+        if device_type == "cuda":
+            import triton  # noqa: F401  (inductor's CUDA backend)
+        p, g, m = (torch.zeros(3, device=device_type) for _ in range(3))
+        coef = torch.zeros(4, device=device_type)
+        _compiled(_momentum_kernel)(p, g, m, coef)
+        _compiled(_fresh_kernel)(p, g, m, coef)
+        _compiled(_plain_kernel)(p, g, coef)
+    except Exception as exc:  # any compiler or backend failure means "not available"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
-def _fused_sgd_sai(
+def _compiled_sgd_sai(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
     scales: list[float],
+    born: list[bool],
     *,
     lr: float,
     momentum: float,
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    decay = 1 - lr * weight_decay
-    sign = -1.0 if maximize else 1.0
+    hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+    rows = [_coefficients(s, b, **hyper) for s, b in zip(scales, born, strict=True)]
     # Every tensor's coefficients go to the device in one transfer per step.
-    rows: list[list[float]] = []
-    for i, scale in enumerate(scales):
-        alpha = -lr * scale
-        if momentum == 0:
-            rows.append([decay, sign * alpha, 0.0, 0.0])
-        elif momentum_buffers[i] is None:
-            rows.append([decay, alpha, 0.0, 0.0])
-        else:
-            rows.append([momentum, sign * (1 - momentum), decay, alpha])
     coefs: dict[torch.device, Tensor] = {}
-    try:
-        for i, (param, grad, scale) in enumerate(zip(params, grads, scales, strict=True)):
-            if not (param.is_contiguous() and grad.is_contiguous()) or param.numel() < 2:
-                # Odd layouts and scalars are not worth a specialised kernel.
-                buffers = momentum_buffers[i : i + 1]
-                _single_tensor_sgd_sai(
-                    [param],
-                    [grad],
-                    buffers,
-                    [scale],
-                    lr=lr,
-                    momentum=momentum,
-                    weight_decay=weight_decay,
-                    maximize=maximize,
-                )
-                momentum_buffers[i] = buffers[0]
-                continue
-            if param.device not in coefs:
-                coefs[param.device] = torch.tensor(rows, dtype=torch.float32, device=param.device)
-            coef = coefs[param.device][i]
+    for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        if param.device not in coefs:
+            coefs[param.device] = torch.tensor([r[1] for r in rows], dtype=torch.float32, device=param.device)
+        coef = coefs[param.device][i]
+        kind = rows[i][0]
+        flat_p, flat_g = param.view(-1), grad.view(-1)
+        if kind == native.PLAIN:
+            _compiled(_plain_kernel)(flat_p, flat_g, coef)
+        else:
             buf = momentum_buffers[i]
-            if momentum == 0:
-                _compiled(_plain_kernel)(_flat(param), _flat(grad), coef)
-            elif buf is None:
-                buf = momentum_buffers[i] = (-grad if maximize else grad).clone().detach()
-                _compiled(_plain_kernel)(_flat(param), _flat(buf), coef)
-            else:
-                _compiled(_momentum_kernel)(_flat(param), _flat(grad), _flat(buf), coef)
-    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as exc:
-        raise RuntimeError(
-            "SGDSaI(fused=True) could not compile its kernel with torch.compile (a C++ compiler is "
-            "needed on CPU, Triton on CUDA); use fused=False"
-        ) from exc
+            assert buf is not None
+            kernel = _fresh_kernel if kind == native.FRESH else _momentum_kernel
+            _compiled(kernel)(flat_p, flat_g, buf.view(-1), coef)

@@ -20,7 +20,7 @@ import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sai_dist import native
 from sai_dist.consistency import check_ranks
-from sai_dist.functional import sgd_sai
+from sai_dist.functional import fused_available, fused_unavailable_reason, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
 from sai_dist.stats import BlockMoments, reduce_block_moments
@@ -96,6 +97,23 @@ _GROUP_KEYS = ("lr", "momentum", "weight_decay", "eps", "maximize", "foreach", "
 _UNSUPPORTED_KEYS = ("nesterov", "dampening")
 
 
+def _new_buffer(grad: Tensor, pieces: Sequence[Any], layout: Layout) -> Tensor:
+    """An uninitialised momentum buffer shaped like ``grad`` (the step fills every piece);
+    elements no piece covers (a flat partition's alignment padding) are zeroed so a
+    checkpoint never holds garbage."""
+    buf = torch.empty_like(grad).detach()
+    native.advise_huge_pages(layout.local(buf))
+    if any(piece.span is not None for piece in pieces):
+        flat = layout.local(buf).reshape(-1)
+        covered = torch.zeros(flat.numel(), dtype=torch.bool)
+        for piece in pieces:
+            if piece.span is None:
+                return buf
+            covered[piece.span[0] : piece.span[1]] = True
+        flat[~covered.to(flat.device)] = 0
+    return buf
+
+
 class SGDSaI(Optimizer):
     r"""SGD-SaI: momentum SGD whose per-block learning-rate scale is fixed at step 1.
 
@@ -121,11 +139,16 @@ class SGDSaI(Optimizer):
         maximize: maximise the objective instead of minimising it.
         degenerate: ``"max"`` (default) or ``"official"``: what a block whose gradient has
             zero spread (one element, all zeros, constant) gets; see :mod:`sai_dist.gsnr`.
-        fused: apply each tensor's whole update in one ``torch.compile``'d kernel, the
-            bandwidth floor of 5 element-passes (foreach: 8). The first step compiles (tens
-            of seconds on a CPU). Default ``False``.
-        foreach: batch the momentum and decay passes with foreach kernels; ``None`` picks
-            them for CUDA tensors.
+        fused: apply the whole update in one pass over memory (read p, g, m; write p, m:
+            the bandwidth floor; foreach takes 8 element-passes). ``None`` (default) uses it
+            wherever it is supported, falling back silently to foreach or the single-tensor
+            loop: on CPU float32 tensors a small C kernel built once with the system
+            compiler and cached (:mod:`sai_dist.native`), on CUDA a ``torch.compile``'d
+            kernel (compiled at the first step). ``True`` requires it (``RuntimeError``
+            with nothing changed when it is unavailable); ``False`` never uses it.
+        foreach: for tensors the fused kernel does not take (or with ``fused=False``),
+            batch the momentum and decay passes with foreach kernels; ``None`` picks them
+            for CUDA tensors.
         check_ranks: when a multi-rank process group is initialised, check at the g-SNR
             step, at the first step of blocks added later and in :meth:`load_state_dict`
             that every rank holds the same param groups, hyperparameters, model and (for
@@ -166,7 +189,7 @@ class SGDSaI(Optimizer):
         *,
         degenerate: DegeneratePolicy = "max",
         foreach: bool | None = None,
-        fused: bool = False,
+        fused: bool | None = None,
         check_ranks: bool = True,
         layout: Layout | None = None,
     ) -> None:
@@ -284,11 +307,11 @@ class SGDSaI(Optimizer):
             _check_range("eps", group["eps"], 0.0, low_open=True)
         except ValueError as e:
             raise ValueError(f"{e}{where}") from None
-        for flag in ("maximize", "fused"):
-            if not isinstance(group.get(flag, False), bool):
-                raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be a bool){where}")
-        if group.get("foreach") not in (None, True, False):
-            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be None or a bool){where}")
+        if not isinstance(group.get("maximize", False), bool):
+            raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool){where}")
+        for flag in ("fused", "foreach"):
+            if group.get(flag) not in (None, True, False):
+                raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be None or a bool){where}")
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
             if isinstance(p, Tensor) and p.is_complex():
@@ -478,14 +501,20 @@ class SGDSaI(Optimizer):
             )
 
         max_t = torch.tensor(gsnr_max, dtype=torch.float32)
+        # Rounded to float32 once for all blocks, then one row per tensor: a few small-tensor
+        # ops per parameter instead of six (step 1 of 148 tensors: ~4 ms less).
+        values32 = g.value.to(torch.float32)
+        scales32 = (g.value / divisor).to(torch.float32)
         for p in tensors:
             state = self.state[p]
-            blocks = [piece.block for piece in layout.pieces(p)]
-            value = g.value[blocks].to(torch.float32)
-            scale = (g.value[blocks] / divisor).to(torch.float32)
-            single = len(blocks) == 1
-            state[GSNR] = value[0].clone() if single else value
-            state[SCALE] = scale[0].clone() if single else scale
+            pieces = layout.pieces(p)
+            if len(pieces) == 1:
+                state[GSNR] = values32[pieces[0].block].clone()
+                state[SCALE] = scales32[pieces[0].block].clone()
+            else:
+                blocks = torch.tensor([piece.block for piece in pieces], dtype=torch.long)
+                state[GSNR] = values32[blocks]
+                state[SCALE] = scales32[blocks]
             state[GSNR_MAX] = max_t.clone()
         return True
 
@@ -496,7 +525,8 @@ class SGDSaI(Optimizer):
         """Perform one optimisation step; see the class docstring for the update.
 
         Raises, with nothing modified: ``RuntimeError`` for sparse or complex gradients, for
-        tensors the layout cannot map, and for non-finite gradients at the g-SNR step;
+        tensors the layout cannot map, for non-finite gradients at the g-SNR step, and with
+        ``fused=True`` when the single-pass kernel is unavailable;
         :class:`~sai_dist.consistency.RankMismatchError` when ranks disagree at a step that
         fixes g-SNR (see ``check_ranks``). At later steps gradients are not inspected, as
         in ``torch.optim``: a non-finite gradient then reaches the parameters (a GradScaler
@@ -556,52 +586,61 @@ class SGDSaI(Optimizer):
                     )
                 layout.pieces(p)  # raises LayoutError for tensors it cannot map
                 layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
+            if group.get("fused") is True:
+                for device in {layout.local(p).device for p in params}:
+                    if not fused_available(device):
+                        raise RuntimeError(
+                            f"SGDSaI(fused=True): the single-pass kernel is unavailable on {device} "
+                            f"({fused_unavailable_reason(device)}); use fused=None (falls back to foreach) "
+                            "or fused=False"
+                        )
             stepped.append((group, params))
         return stepped
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         layout = self.layout
         momentum = group["momentum"]
-        maximize = group["maximize"]
-        # Three kinds of work: tensors with a momentum buffer; tensors whose buffer is
-        # born this step (m = g, so the update uses the new buffer directly); and
-        # momentum-free updates along g.
-        with_buf: tuple[list[Tensor], list[Tensor], list[Tensor | None], list[float]] = ([], [], [], [])
-        direct: tuple[list[Tensor], list[Tensor], list[Tensor | None], list[float]] = ([], [], [], [])
+        # One sgd_sai call per group: every piece of every tensor, with its own scale as a
+        # coefficient (a segment of a flat partition is a view, stepped in place). A
+        # buffer born this step is allocated uninitialised and filled with +-g by the same
+        # pass that applies the update.
+        p_views: list[Tensor] = []
+        d_views: list[Tensor] = []
+        m_views: list[Tensor | None] = []
+        scales: list[float] = []
+        fresh: list[bool] = []
         for p in params:
             state = self.state[p]
-            scales = state[SCALE].reshape(-1).tolist()
             pieces = layout.pieces(p)
-            p_local = layout.local(p)
-            if momentum == 0:
-                target, direction = direct, layout.local(p.grad)
-            elif MOMENTUM not in state:
-                buf = torch.neg(p.grad) if maximize else torch.clone(p.grad)
-                state[MOMENTUM] = buf.detach()
-                target, direction = direct, layout.local(state[MOMENTUM])
-            else:
-                target = with_buf
-                direction = layout.local(p.grad)
+            p_local, g_local = layout.local(p), layout.local(p.grad)
+            born = False
+            buf_local: Tensor | None = None
+            if momentum != 0:
+                born = MOMENTUM not in state
+                if born:
+                    state[MOMENTUM] = _new_buffer(p.grad, pieces, layout)
                 buf_local = layout.local(state[MOMENTUM])
-                target[2].extend(piece.view(buf_local) for piece in pieces)
-            for piece, scale in zip(pieces, scales, strict=True):
-                target[0].append(piece.view(p_local))
-                target[1].append(piece.view(direction))
-                if target is direct:
-                    target[2].append(None)
-                target[3].append(scale)
-
-        common = dict(
+            for piece, scale in zip(pieces, state[SCALE].reshape(-1).tolist(), strict=True):
+                p_views.append(piece.view(p_local))
+                d_views.append(piece.view(g_local))
+                m_views.append(None if buf_local is None else piece.view(buf_local))
+                scales.append(scale)
+                fresh.append(born)
+        if not p_views:
+            return
+        sgd_sai(
+            p_views,
+            d_views,
+            m_views,
+            scales,
             lr=group["lr"],
+            momentum=momentum,
             weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
             foreach=group["foreach"],
-            fused=group.get("fused", False),
+            fused=group.get("fused"),
+            fresh=fresh,
         )
-        if with_buf[0]:
-            sgd_sai(*with_buf, momentum=momentum, maximize=maximize, **common)
-        if direct[0]:
-            # Fresh buffers already hold +-g; momentum-free updates negate g themselves.
-            sgd_sai(*direct, momentum=0.0, maximize=maximize and momentum == 0, **common)
 
     # -- checkpoints ---------------------------------------------------------------
 

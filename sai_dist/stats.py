@@ -12,7 +12,9 @@ every block, reduced across ranks:
 The reduction is two-pass and centred: pass 1 sums ``(n, sum x, sum x^2)``, which gives the
 global mean; pass 2 sums squared deviations from that mean. The one-pass
 ``sum x^2 - (sum x)^2 / n`` loses every digit of the variance in fp32 once
-``|mean| >> std``. All accumulation is float64.
+``|mean| >> std``. All accumulation is float64, and each pass reads every gradient element
+once: CPU float32 pieces in one call of :func:`sai_dist.native.moments` per pass (float64
+accumulators, no float64 copy of the gradient), other pieces a chunk at a time.
 
 Every block's moments travel in one tensor, so each pass is a single ``all_reduce`` over
 the layout's process group no matter how many parameters there are (146 separate gloo
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from sai_dist import native
 
 # Pass 2 upcasts to float64 chunk by chunk so the temporary stays small (32 MiB) even for
 # a vocabulary-sized block.
@@ -93,19 +97,39 @@ class BlockMoments:
         return self.total.isfinite() & self.sumsq.isfinite()
 
 
-def _sum_chunks(x: Tensor, shift: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(sum x, sum x^2)`` of a piece, or ``sum (x - shift)^2`` twice when shifted,
-    accumulated in float64 on the piece's device."""
+def _sum_chunks(x: Tensor, shift: Tensor | None) -> Tensor:
+    """``[sum (x - shift), sum (x - shift)^2]`` of a piece (``shift`` 0 when ``None``),
+    accumulated in float64 on the piece's device, for pieces the native kernel does not
+    take (GPU tensors, other dtypes, strided views). A chunk at a time is upcast (a private
+    copy, so the shift is subtracted in place), and the square-sum is a ``dot``: two
+    kernels per chunk and no temporary beyond the chunk."""
     flat = x.reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    sumsq = torch.zeros((), dtype=torch.float64, device=flat.device)
+    acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
     for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start : start + _CHUNK].to(torch.float64)
+        chunk = flat[start : start + _CHUNK].to(torch.float64, copy=True)
         if shift is not None:
-            chunk = chunk - shift
-        total += chunk.sum()
-        sumsq += chunk.square().sum()
-    return total, sumsq
+            chunk.sub_(shift)
+        acc[0] += chunk.sum()
+        acc[1] += torch.dot(chunk, chunk)
+    return acc
+
+
+def _piece_sums(views: list[Tensor], shifts: Tensor | None) -> Tensor:
+    """``[len(views), 2]`` float64 CPU: ``(sum (x - shift), sum (x - shift)^2)`` of every
+    piece. CPU float32 pieces go through one call of the native kernel (one read of each
+    element per pass, all pieces in one parallel region); the rest through torch."""
+    out = torch.zeros(len(views), 2, dtype=torch.float64)
+    fast = [i for i, v in enumerate(views) if native.supported(v)] if native.library() is not None else []
+    if fast:
+        fast_shift = None if shifts is None else shifts[fast]
+        out[fast] = native.moments([views[i] for i in fast], fast_shift)
+    slow = sorted(set(range(len(views))) - set(fast))
+    if slow:
+        partials = [
+            _sum_chunks(views[i], None if shifts is None else shifts[i].to(views[i].device)) for i in slow
+        ]
+        out[slow] = _stack_cpu(partials)
+    return out
 
 
 def _stack_cpu(values: list[Tensor]) -> Tensor:
@@ -162,37 +186,28 @@ def reduce_block_moments(
     Returns:
         :class:`BlockMoments`, identical on every rank of ``group``.
     """
-    sources = [(t, [p for p in pieces if p.counted]) for t, pieces in sources]
-
-    # Pass 1: (n, sum x, sum x^2) per block. The per-piece scalars stay on the device and
-    # are gathered in one transfer, not one sync per piece.
+    views: list[Tensor] = []
     blocks: list[int] = []
-    counts: list[int] = []
-    partials: list[Tensor] = []
     for tensor, pieces in sources:
         for piece in pieces:
-            x = piece.view(tensor)
-            blocks.append(piece.block)
-            counts.append(x.numel())
-            partials.append(torch.stack(_sum_chunks(x, None)))
+            if piece.counted:
+                views.append(piece.view(tensor))
+                blocks.append(piece.block)
+    index = torch.tensor(blocks, dtype=torch.long)
+
+    # Pass 1: (n, sum x, sum x^2) per block.
     first = torch.zeros(num_blocks, 3, dtype=torch.float64)
-    if blocks:
-        index = torch.tensor(blocks, dtype=torch.long)
-        first[:, 0].index_add_(0, index, torch.tensor(counts, dtype=torch.float64))
-        first[:, 1:].index_add_(0, index, _stack_cpu(partials))
+    if views:
+        counts = torch.tensor([v.numel() for v in views], dtype=torch.float64)
+        first[:, 0].index_add_(0, index, counts)
+        first[:, 1:].index_add_(0, index, _piece_sums(views, None))
     first = _all_reduce(first, group)
     count, total, sumsq = first.unbind(1)
     mean = torch.where(count > 0, total / count.clamp_min(1), 0.0)
 
     # Pass 2: squared deviations from the global mean.
-    deviations: list[Tensor] = []
-    for tensor, pieces in sources:
-        for piece in pieces:
-            x = piece.view(tensor)
-            shift = mean[piece.block].to(x.device)
-            deviations.append(_sum_chunks(x, shift)[1])
     second = torch.zeros(num_blocks, dtype=torch.float64)
-    if blocks:
-        second.index_add_(0, index, _stack_cpu(deviations))
+    if views:
+        second.index_add_(0, index, _piece_sums(views, mean[index])[:, 1])
     m2 = _all_reduce(second, group)
     return BlockMoments(count=count.clone(), total=total.clone(), sumsq=sumsq.clone(), m2=m2)

@@ -9,6 +9,7 @@ exception with its traceback, and kills every process on timeout.
 from __future__ import annotations
 
 import os
+import pickle
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +40,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
             "gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}"
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # By value (plain pickle): torch's queue pickler would share a CPU tensor through a
+        # file descriptor that the parent fetches from this process later, which fails
+        # whenever this process has already exited by then.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -87,7 +91,10 @@ def run_ranks(
                     # Peers of a failed rank usually hang in a collective; do not wait for them.
                     break
                 continue
-            (results if status == "ok" else errors)[rank] = payload
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 1)
