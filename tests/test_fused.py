@@ -247,7 +247,8 @@ def test_disabled_by_environment(monkeypatch):
 @pytest.mark.distributed
 def test_fsdp2_local_shards_fused_equals_foreach():
     """FSDP2 (2 gloo ranks): the default steps each DTensor's local shard in place through
-    the native kernel, equal to fused=False to 1e-6; three all-reduces at step 1 (check + two passes), none after."""
+    the native kernel, equal to fused=False to 1e-6; three all-reduces at step 1 (the
+    consistency check and two statistics passes), none after."""
     for out in run_ranks(fused_ranks.fused_vs_foreach_on_shards, 2, timeout=180):
         assert out["native_available"]
         assert out["native_calls"] == 5
