@@ -310,7 +310,8 @@ class SGDSaI(Optimizer):
         if not isinstance(group.get("maximize", False), bool):
             raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool){where}")
         for flag in ("fused", "foreach"):
-            if group.get(flag) not in (None, True, False):
+            # isinstance, not membership: 1 == True would slip through `in (None, True, False)`.
+            if group.get(flag) is not None and not isinstance(group[flag], bool):
                 raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be None or a bool){where}")
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):

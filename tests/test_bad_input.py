@@ -103,7 +103,7 @@ def gsnr(g: torch.Tensor, eps: float = 1e-8) -> float:
         ({"normalize": "yes"}, r"Invalid normalize: 'yes' \(must be a bool\)"),
         ({"check_ranks": 1}, r"Invalid check_ranks: 1 \(must be a bool\)"),
         ({"maximize": 1}, r"Invalid maximize: 1 \(must be a bool\)"),
-        ({"fused": None}, r"Invalid fused: None \(must be a bool\)"),
+        ({"fused": 1}, r"Invalid fused: 1 \(must be None or a bool\)"),
         ({"foreach": "yes"}, r"Invalid foreach: 'yes' \(must be None or a bool\)"),
     ],
 )
