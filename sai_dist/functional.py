@@ -138,6 +138,16 @@ def fused_unavailable_reason(device: torch.device | str) -> str | None:
     return _compile_failure(device.type)
 
 
+def require_fused(device: torch.device | str, caller: str = "sgd_sai") -> None:
+    """Raise ``RuntimeError`` naming why, if ``fused=True`` cannot run on ``device``."""
+    reason = fused_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(
+            f"{caller}(fused=True): the single-pass kernel is unavailable on {torch.device(device)} "
+            f"({reason}); use fused=None (falls back to foreach) or fused=False"
+        )
+
+
 def _route(
     params: list[Tensor],
     grads: list[Tensor],
@@ -162,22 +172,16 @@ def _route(
             compiled_idx.append(i)
         else:
             rest.append(i)
-    if native_idx and native.library() is None:
+    if native_idx and not fused_available("cpu"):
         if required:
-            raise RuntimeError(
-                f"sgd_sai(fused=True): the native CPU kernel is unavailable ({native.unavailable_reason()}); "
-                "use fused=None (falls back to foreach) or fused=False"
-            )
+            require_fused("cpu")
         rest += native_idx
         native_idx = []
     if compiled_idx:
-        failure = _compile_failure(params[compiled_idx[0]].device.type)
-        if failure is not None:
+        device = params[compiled_idx[0]].device
+        if not fused_available(device):
             if required:
-                raise RuntimeError(
-                    f"sgd_sai(fused=True): torch.compile cannot build the kernel ({failure}); "
-                    "use fused=None (falls back to foreach) or fused=False"
-                )
+                require_fused(device)
             rest += compiled_idx
             compiled_idx = []
     return native_idx, compiled_idx, sorted(rest)

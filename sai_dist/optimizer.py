@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from sai_dist import native
 from sai_dist.consistency import check_ranks
-from sai_dist.functional import fused_available, fused_unavailable_reason, sgd_sai
+from sai_dist.functional import require_fused, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
 from sai_dist.stats import BlockMoments, reduce_block_moments
@@ -589,12 +589,7 @@ class SGDSaI(Optimizer):
                 layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
             if group.get("fused") is True:
                 for device in {layout.local(p).device for p in params}:
-                    if not fused_available(device):
-                        raise RuntimeError(
-                            f"SGDSaI(fused=True): the single-pass kernel is unavailable on {device} "
-                            f"({fused_unavailable_reason(device)}); use fused=None (falls back to foreach) "
-                            "or fused=False"
-                        )
+                    require_fused(device, caller="SGDSaI")
             stepped.append((group, params))
         return stepped
 
