@@ -51,7 +51,6 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
 from sai_dist.train import faults
 
@@ -485,7 +484,3 @@ def load(
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
