@@ -116,6 +116,8 @@ def main() -> int:
             }
             with open(args.out, "w") as f:
                 json.dump(summary, f, indent=2)
+    # As in launch/torchrun_fsdp2.py: every rank leaves together, after rank 0's write.
+    torch.distributed.barrier()
     engine.destroy()
     torch.distributed.destroy_process_group()
     return 0

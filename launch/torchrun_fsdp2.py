@@ -132,6 +132,10 @@ def main() -> None:
         if rank == 0:
             torch.save(torch.tensor(start + args.steps), os.path.join(args.ckpt_dir, "step.pt"))
             print(f"saved step {start + args.steps} to {args.ckpt_dir}")
+    # Nobody tears down the process group while a peer still uses it (rank 0 writes
+    # step.pt after the collective save): a rank that exits first closes its gloo
+    # connections under the other, which then aborts at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 
