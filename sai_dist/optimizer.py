@@ -33,16 +33,10 @@ from sai_dist.consistency import check_ranks
 from sai_dist.functional import require_fused, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
+from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, SCALE
 from sai_dist.stats import BlockMoments, reduce_block_moments
 
 __all__ = ["SGDSaI"]
-
-# Keys of the per-tensor optimizer state. Besides the momentum buffer every entry is a
-# CPU float32 scalar (or one value per piece for tensors holding several blocks).
-MOMENTUM = "momentum_buffer"
-GSNR = "gsnr"
-SCALE = "scale"
-GSNR_MAX = "gsnr_max"
 
 
 # Frames in these directories are library code; a warning is attributed to the first frame

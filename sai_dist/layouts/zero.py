@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.state_keys import GSNR, SCALE
 from sai_dist.stats import Piece, _collective_device
 
 __all__ = [
@@ -182,8 +183,6 @@ class FlatSegmentLayout(Layout):
         together (the DeepSpeed integration does so after each step that fixes g-SNR and
         after loading state).
         """
-        from sai_dist.optimizer import GSNR, SCALE
-
         values = torch.full((self.num_blocks, 2), -math.inf, dtype=torch.float64)
         for flat in self._flats:
             state = optimizer.state.get(flat, {})

@@ -1,0 +1,25 @@
+"""Keys of SGD-SaI's per-tensor optimizer state.
+
+A concept the optimizer, the layouts, the integrations and checkpoints all share, so it
+lives below every one of them: ``layouts/zero.py`` reads the g-SNR scalars of a state
+dict without importing :mod:`sai_dist.optimizer` (which imports the layouts).
+
+- ``MOMENTUM``: the momentum buffer, same shape and placement as the parameter. Its dtype
+  is the storage tag (:mod:`sai_dist.momentum`): float32, bfloat16, or int8 codes.
+- ``MOMENTUM_SCALE``: int8 momentum only, one float32 scale per quantization block.
+- ``ROUNDING_STEP``: updates the tensor has had, a key of the stochastic-rounding
+  generator; present only when the tensor uses stochastic rounding.
+- ``GSNR``, ``SCALE``, ``GSNR_MAX``: CPU float32 g-SNR scalars (one value per piece for
+  tensors holding several blocks); their presence marks g-SNR as fixed.
+"""
+
+from __future__ import annotations
+
+MOMENTUM = "momentum_buffer"
+MOMENTUM_SCALE = "momentum_scale"
+ROUNDING_STEP = "rounding_step"
+GSNR = "gsnr"
+SCALE = "scale"
+GSNR_MAX = "gsnr_max"
+
+__all__ = ["GSNR", "GSNR_MAX", "MOMENTUM", "MOMENTUM_SCALE", "ROUNDING_STEP", "SCALE"]
