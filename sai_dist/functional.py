@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from sai_dist import native
+from sai_dist.momentum import STREAM_MOMENTUM, STREAM_PARAM, Rounding, decode, encode, round_to
 
 
 def sgd_sai(
@@ -59,6 +60,9 @@ def sgd_sai(
     foreach: bool | None = None,
     fused: bool | None = None,
     fresh: Sequence[bool] | None = None,
+    momentum_scales: Sequence[Tensor | None] | None = None,
+    rounding: Sequence[Rounding | None] | None = None,
+    round_params: bool = True,
 ) -> None:
     """Apply one SGD-SaI step in place.
 
@@ -77,6 +81,14 @@ def sgd_sai(
             replaced by ``g`` (negated when ``maximize``) this step, a first step whose
             buffer the caller allocated, e.g. uninitialised, so the kernel fills it in the
             same pass.
+        momentum_scales, rounding: low-precision storage (:mod:`sai_dist.momentum`). When
+            either is given, every tensor whose parameter or buffer is not float32 is
+            stepped by :func:`_low_precision_sgd_sai`: ``momentum_scales[i]`` holds the int8
+            block scales of an int8 buffer, ``rounding[i]`` the draws of its stochastic
+            rounding (``None``: round to nearest). float32 tensors take the paths above.
+        round_params: round 16-bit parameters stochastically (with ``rounding[i]``);
+            ``False`` rounds them to nearest. 16-bit momentum is always rounded
+            stochastically when ``rounding[i]`` is given.
     """
     n = len(params)
     if not (len(grads) == len(momentum_buffers) == len(scales) == n):
@@ -91,6 +103,32 @@ def sgd_sai(
                 born[i] = True
     else:
         born = [False] * n
+
+    if rounding is not None or momentum_scales is not None:
+        low = [
+            i
+            for i in range(n)
+            if params[i].dtype in _LOW or (momentum != 0 and momentum_buffers[i].dtype in (*_LOW, torch.int8))  # type: ignore[union-attr]
+        ]
+        if low:
+            _low_precision_sgd_sai(
+                [params[i] for i in low],
+                [grads[i] for i in low],
+                [momentum_buffers[i] for i in low],
+                [None if momentum_scales is None else momentum_scales[i] for i in low],
+                [scales[i] for i in low],
+                [born[i] for i in low],
+                [None if rounding is None else rounding[i] for i in low],
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                maximize=maximize,
+                round_params=round_params,
+            )
+            keep = sorted(set(range(n)) - set(low))
+            params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+            momentum_buffers = [momentum_buffers[i] for i in keep]
+            scales, born, n = [scales[i] for i in keep], [born[i] for i in keep], len(keep)
 
     native_idx: list[int] = []
     compiled_idx: list[int] = []
@@ -228,6 +266,53 @@ def _single_tensor_sgd_sai(
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         param.add_(grad, alpha=-lr * scales[i])
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _low_precision_sgd_sai(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    momentum_scales: list[Tensor | None],
+    scales: list[float],
+    born: list[bool],
+    rounding: list[Rounding | None],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool,
+    round_params: bool,
+) -> None:
+    """The reference for tensors stored in 16 bits or int8: the same update as
+    :func:`_single_tensor_sgd_sai`, computed in float32 from the decoded buffer and the
+    float32 gradient; the new buffer is encoded (stochastically rounded) and a 16-bit
+    parameter written back rounded stochastically (``round_params``) or to nearest."""
+    for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        work = torch.promote_types(param.dtype, torch.float32)  # float64 parameters stay float64
+        g = grad.to(work)
+        g = -g if maximize else g
+        key = rounding[i]
+        direction = g
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            assert buf is not None
+            if born[i]:
+                m = g
+            else:
+                m = decode(buf, momentum_scales[i]).to(work)
+                m.mul_(momentum).add_(g, alpha=1 - momentum)
+            if m is not buf:
+                encode(m, buf, momentum_scales[i], key, stream=STREAM_MOMENTUM)
+            direction = m
+        p32 = param if param.dtype == work else param.to(work)
+        if weight_decay != 0:
+            p32.mul_(1 - lr * weight_decay)
+        p32.add_(direction, alpha=-lr * scales[i])
+        if p32 is not param:
+            param.copy_(round_to(p32, param.dtype, key if round_params else None, STREAM_PARAM))
 
 
 def _multi_tensor_sgd_sai(

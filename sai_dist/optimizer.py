@@ -28,12 +28,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sai_dist import momentum as lowp
 from sai_dist import native
 from sai_dist.consistency import check_ranks
 from sai_dist.functional import require_fused, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
-from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, SCALE
+from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
 from sai_dist.stats import BlockMoments, reduce_block_moments
 
 __all__ = ["SGDSaI"]
@@ -91,11 +92,13 @@ _GROUP_KEYS = ("lr", "momentum", "weight_decay", "eps", "maximize", "foreach", "
 _UNSUPPORTED_KEYS = ("nesterov", "dampening")
 
 
-def _new_buffer(grad: Tensor, pieces: Sequence[Any], layout: Layout) -> Tensor:
-    """An uninitialised momentum buffer shaped like ``grad`` (the step fills every piece);
-    elements no piece covers (a flat partition's alignment padding) are zeroed so a
-    checkpoint never holds garbage."""
-    buf = torch.empty_like(grad).detach()
+def _new_buffer(
+    grad: Tensor, pieces: Sequence[Any], layout: Layout, dtype: torch.dtype | None = None
+) -> Tensor:
+    """An uninitialised momentum buffer shaped like ``grad`` (the step fills every piece),
+    of ``dtype`` (default: the gradient's); elements no piece covers (a flat partition's
+    alignment padding) are zeroed so a checkpoint never holds garbage."""
+    buf = torch.empty_like(grad, dtype=dtype).detach()
     native.advise_huge_pages(layout.local(buf))
     if any(piece.span is not None for piece in pieces):
         flat = layout.local(buf).reshape(-1)
@@ -186,6 +189,9 @@ class SGDSaI(Optimizer):
         fused: bool | None = None,
         check_ranks: bool = True,
         layout: Layout | None = None,
+        momentum_dtype: str | torch.dtype | None = None,
+        stochastic_rounding: bool | None = None,
+        seed: int = 0,
     ) -> None:
         if degenerate not in DEGENERATE_POLICIES:
             raise ValueError(f"Invalid degenerate: {degenerate!r} (must be one of {DEGENERATE_POLICIES})")
@@ -205,6 +211,10 @@ class SGDSaI(Optimizer):
         self.degenerate: DegeneratePolicy = degenerate
         self.check_ranks = check_ranks
         self._layout: Layout | None = layout
+        # Low-precision storage (sai_dist.momentum): optimizer-wide, like normalize.
+        self.momentum_dtype = lowp.check_settings(momentum_dtype, stochastic_rounding, seed)
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
         # Whether the layout was picked here (and so can be rebuilt for copied tensors).
         self._auto_layout = layout is None
         super().__init__(params, defaults)
@@ -225,6 +235,8 @@ class SGDSaI(Optimizer):
         state["normalize"] = self.normalize
         state["degenerate"] = self.degenerate
         state["check_ranks"] = self.check_ranks
+        for key in ("momentum_dtype", "stochastic_rounding", "seed"):
+            state[key] = getattr(self, key)
         state["_auto_layout"] = self._auto_layout
         state["_layout"] = None if self._auto_layout else self._layout
         return state
@@ -232,6 +244,8 @@ class SGDSaI(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("check_ranks", True)
+        for key, default in (("momentum_dtype", None), ("stochastic_rounding", None), ("seed", 0)):
+            self.__dict__.setdefault(key, default)
         if self.__dict__.get("_layout") is None:
             self._auto_layout = True
             self._attach_auto_layout()
@@ -263,6 +277,12 @@ class SGDSaI(Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate_group(group, len(self.param_groups) - 1)
+            gi = len(self.param_groups) - 1
+            names = group.get("param_names") or [""] * len(group["params"])
+            where = [
+                f"param_groups[{gi}]['params'][{i}]" + (f" ({n})" if n else "") for i, n in enumerate(names)
+            ]
+            lowp.check_params(group["params"], where, self.stochastic_rounding)
             if self._layout is not None:
                 self._register(group)
         except Exception:
@@ -581,6 +601,7 @@ class SGDSaI(Optimizer):
                     )
                 layout.pieces(p)  # raises LayoutError for tensors it cannot map
                 layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
+            self._check_low_precision(group, params)
             if group.get("fused") is True:
                 for device in {layout.local(p).device for p in params}:
                     require_fused(device, caller="SGDSaI")
@@ -599,6 +620,11 @@ class SGDSaI(Optimizer):
         m_views: list[Tensor | None] = []
         scales: list[float] = []
         fresh: list[bool] = []
+        # Low-precision storage (sai_dist.momentum): per view, int8 block scales and the
+        # draws of stochastic rounding; None throughout for float32 state and parameters.
+        q_views: list[Tensor | None] = []
+        keys: list[lowp.Rounding | None] = []
+        any_managed = False
         for p in params:
             state = self.state[p]
             pieces = layout.pieces(p)
@@ -608,14 +634,36 @@ class SGDSaI(Optimizer):
             if momentum != 0:
                 born = MOMENTUM not in state
                 if born:
-                    state[MOMENTUM] = _new_buffer(p.grad, pieces, layout)
+                    state[MOMENTUM] = _new_buffer(p.grad, pieces, layout, self._storage_dtype(p))
+                    if state[MOMENTUM].dtype == torch.int8:
+                        lengths = [piece.view(p_local).numel() for piece in pieces]
+                        state[MOMENTUM_SCALE] = p_local.new_zeros(
+                            lowp.num_scales(lengths), dtype=torch.float32
+                        )
                 buf_local = layout.local(state[MOMENTUM])
-            for piece, scale in zip(pieces, state[SCALE].reshape(-1).tolist(), strict=True):
+            stored = None if buf_local is None else buf_local.dtype
+            rounding = self._managed(p, stored) and lowp.uses_rounding(
+                p_local, stored, self.stochastic_rounding is not False
+            )
+            if rounding:
+                step = int(state.setdefault(ROUNDING_STEP, torch.tensor(0, dtype=torch.int64)))
+                offsets = layout.element_origin(p)[1]  # checked by _check_low_precision
+            start = 0
+            for k, (piece, scale) in enumerate(zip(pieces, state[SCALE].reshape(-1).tolist(), strict=True)):
                 p_views.append(piece.view(p_local))
                 d_views.append(piece.view(g_local))
                 m_views.append(None if buf_local is None else piece.view(buf_local))
                 scales.append(scale)
                 fresh.append(born)
+                n_scales = lowp.num_scales([p_views[-1].numel()])
+                q_views.append(
+                    state[MOMENTUM_SCALE][start : start + n_scales] if stored == torch.int8 else None
+                )
+                start += n_scales
+                keys.append(lowp.Rounding(self.seed, step, piece.block, offsets[k]) if rounding else None)
+            if rounding:
+                state[ROUNDING_STEP] += 1
+            any_managed = any_managed or self._managed(p, stored)
         if not p_views:
             return
         sgd_sai(
@@ -630,7 +678,56 @@ class SGDSaI(Optimizer):
             foreach=group["foreach"],
             fused=group.get("fused"),
             fresh=fresh,
+            momentum_scales=q_views if any(q is not None for q in q_views) else None,
+            rounding=keys if any_managed else None,
+            round_params=self.stochastic_rounding is not False,
         )
+
+    def _storage_dtype(self, p: Tensor) -> torch.dtype:
+        origin = self.layout.element_origin(p)
+        numel = p.numel() if origin is None else origin[0]
+        return lowp.storage_dtype(self.momentum_dtype, numel, self.layout.local(p.grad).dtype)
+
+    def _managed(self, p: Tensor, stored: torch.dtype | None) -> bool:
+        """Whether ``p`` is stepped by the low-precision path (sai_dist.momentum): its
+        parameter or buffer is not float32 and the layout gives element indices. Else the
+        paths of float32 state run, as they always did (16-bit tensors rounded to nearest
+        on layouts without element indices, see _check_low_precision)."""
+        sixteen = (torch.bfloat16, torch.float16)
+        low = self.layout.local(p).dtype in sixteen or stored in (*sixteen, torch.int8)
+        return low and self.layout.element_origin(p) is not None
+
+    def _check_low_precision(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Refuse, before anything is modified, a tensor whose int8/bf16 momentum or
+        stochastically rounded parameter needs element indices the layout cannot give."""
+        layout = self.layout
+        for p in params:
+            state = self.state.get(p, {})
+            if group["momentum"] == 0:
+                stored = None
+            elif MOMENTUM in state:
+                stored = layout.local(state[MOMENTUM]).dtype
+            else:
+                stored = self._storage_dtype(p)
+            if layout.element_origin(p) is not None:
+                continue
+            low_buffer = self.momentum_dtype is not None and stored not in (None, torch.float32)
+            rounded = self.stochastic_rounding is True and layout.local(p).dtype in (
+                torch.bfloat16,
+                torch.float16,
+            )
+            if low_buffer or rounded:
+                setting = (
+                    f"momentum_dtype={self.momentum_dtype!r}"
+                    if low_buffer
+                    else f"stochastic_rounding=True for a {layout.local(p).dtype} parameter"
+                )
+                raise ValueError(
+                    f"SGDSaI: {setting} is not supported for {layout.describe(p)} under "
+                    f"{type(layout).__name__}: its random draws and quantization blocks are keyed on the "
+                    "element's index in the original parameter, which this layout cannot give. Use "
+                    "momentum_dtype='float32' (and stochastic_rounding=False for 16-bit parameters) here."
+                )
 
     # -- checkpoints ---------------------------------------------------------------
 
@@ -679,6 +776,7 @@ class SGDSaI(Optimizer):
                         f"{prefix} the momentum_buffer of {self._tensor_name(gi, pi, p)} has shape {got}, "
                         f"the parameter {tuple(p.shape)}"
                     )
+                lowp.check_loaded(entry, self.layout, p, self._tensor_name(gi, pi, p))
                 pieces = len(self.layout.pieces(p))
                 for k in (GSNR, SCALE):
                     if k in entry and torch.as_tensor(entry[k]).numel() != pieces:
@@ -758,7 +856,17 @@ class SGDSaI(Optimizer):
         state_dict = dict(state_dict)
         scalars: dict[Any, dict[str, Tensor]] = {}
         stripped: dict[Any, Any] = {}
+        # Low-precision storage is set aside too (torch.optim would cast int8 codes and a
+        # bf16 buffer to the parameter's dtype) and restored, or converted, afterwards.
+        storage: dict[Any, dict[str, Any]] = {}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        dtypes = dict(zip(saved_ids, (p.dtype for g in self.param_groups for p in g["params"]), strict=True))
         for key, entry in state_dict["state"].items():
+            buf = entry.get(MOMENTUM)
+            keep_buf = self.momentum_dtype is None and (buf is None or buf.dtype == dtypes.get(key))
+            moved = (MOMENTUM_SCALE, ROUNDING_STEP) if keep_buf else (MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP)
+            storage[key] = {k: entry[k] for k in moved if k in entry}
+            entry = {k: v for k, v in entry.items() if k not in storage[key]}
             ours = {k: entry[k] for k in (GSNR, SCALE, GSNR_MAX) if k in entry}
             if ours:
                 scalars[key] = ours
@@ -771,6 +879,10 @@ class SGDSaI(Optimizer):
         for saved_id, param in zip(saved_ids, current, strict=True):
             for k, v in scalars.get(saved_id, {}).items():
                 self.state[param][k] = torch.as_tensor(v).detach().to("cpu", torch.float32)
+            if storage.get(saved_id):
+                lowp.restore_loaded(
+                    self.state[param], storage[saved_id], self.layout, param, self.momentum_dtype
+                )
         if not self.initialized:
             # A state dict without g-SNR is legitimate only if it was saved before the first
             # step. DCP's template for a fresh SGDSaI is empty (its zero-gradient probe step is

@@ -126,6 +126,14 @@ class Layout(ABC):
         Spans index the flattened :meth:`local` tensor. Raise :class:`LayoutError` for a
         tensor that was never registered."""
 
+    def element_origin(self, param: Tensor) -> tuple[int, list[int]] | None:
+        """Where the elements of ``param``'s pieces sit in their original parameter: its
+        number of elements, and per piece (in :meth:`pieces` order) the index of the
+        piece's first element in it, the rest following contiguously. Stochastic rounding
+        and int8 momentum are keyed on that index (:mod:`sai_dist.momentum`), the same on
+        every mesh. ``None`` when this layout cannot say; they are then refused by name."""
+        return None
+
     def local(self, tensor: Tensor) -> Tensor:
         """The plain tensor the step's arithmetic runs on (a DTensor's local shard, say)."""
         return tensor

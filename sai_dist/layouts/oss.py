@@ -111,6 +111,10 @@ class OSSLayout(Layout):
         # Only the owner steps (and so contributes) a block: counted once over the group.
         return (Piece(block),)
 
+    def element_origin(self, param: Tensor) -> tuple[int, list[int]] | None:
+        # Each stepped tensor is one whole parameter.
+        return param.numel(), [0]
+
     def block_eps(self, eps: Tensor) -> Tensor:
         # Every rank must compute the same g-SNR for every block (the max is over all of
         # them), so other ranks' blocks take the eps of their OSS param group too.

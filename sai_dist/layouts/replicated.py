@@ -50,3 +50,7 @@ class ReplicatedLayout(Layout):
                 "wrapper (e.g. sai_dist.deepspeed.initialize) instead."
             )
         return (Piece(block),)
+
+    def element_origin(self, param: Tensor) -> tuple[int, list[int]] | None:
+        # Each stepped tensor is one whole parameter.
+        return param.numel(), [0]

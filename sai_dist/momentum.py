@@ -1,0 +1,430 @@
+r"""Storage of the momentum buffer (float32, bfloat16, int8) and stochastic rounding.
+
+One module owns what the momentum is stored as, so the optimizer, the functional core,
+checkpoints and the memory accounting agree on it:
+
+- ``"float32"``: today's buffer, 4 B/element (the default; the fp32 path is untouched).
+- ``"bfloat16"``: 2 B/element, written with *stochastic rounding* (unbiased): with
+  :math:`\beta = 0.9` a round-to-nearest EMA drops every gradient contribution below half
+  a bf16 ulp of the buffer (:math:`(1-\beta)|g| < 2^{-9}|m|`), so small gradients vanish.
+- ``"int8"``: codes :math:`q \in [-127, 127]` plus one float32 scale per block of
+  :data:`BLOCK` consecutive elements of a piece, :math:`m = q\,s_k`,
+  :math:`s_k = \max_{i \in k} |m_i| / 127` (absmax, linear code map), codes rounded
+  stochastically: :math:`q = \lfloor m / s_k + u \rfloor`, :math:`u \sim U[0, 1)`. Blocks
+  are laid from each piece's first element and never straddle pieces; the last block of a
+  piece may be short. A parameter of fewer than :data:`SMALL` elements keeps float32
+  momentum (its scales would cost more than they save, and tiny tensors such as norms and
+  biases are the most sensitive); the rule looks at the *original* parameter's size, so
+  it is the same under every mesh. Bytes of a piece of ``n`` elements: ``n + 4 ceil(n/B)``.
+
+The update itself is computed in float32 whatever the storage: the buffer is decoded,
+:math:`m \leftarrow \beta m + (1-\beta) g` (or :math:`m = g` at first) and the parameter
+step use that float32 value, then the new buffer is encoded (:mod:`sai_dist.functional`).
+
+**Reproducible randomness.** Every random draw is a pure function of
+``(seed, stream, step, block, index)``, ``index`` the element's position in the flattened
+*original* parameter (never global torch RNG state): a resumed run draws the same bits,
+and a sharded run draws, for each element, the bits the single-process run draws for it.
+The generator is a counter-based hash built from one 32-bit finaliser
+
+.. code-block:: text
+
+    mix(x) = x ^= x >> 16; x = (x * 0x7feb352d) mod 2^32; x ^= x >> 15;
+             x = (x * 0x5bd1e995) mod 2^32; x ^= x >> 16
+    key    = mix(mix(mix(mix(seed mod 2^32) ^ stream) ^ (step mod 2^32)) ^ block)
+    bits   = mix(mix(key ^ (index mod 2^32)) ^ (index >> 32))
+
+written with int64 tensor ops whose products stay below 2^63 (a 32-bit value times a
+constant below 2^31), so the same formula in C (``uint32_t``) gives the same bits.
+``stream`` separates the momentum's draws (1) from the parameter's (2). From 32 bits:
+bfloat16 rounding adds the high 16 bits to the float32 bit pattern and truncates (exactly
+unbiased), int8 and float16 rounding use :math:`u = (\text{bits} \gg 8) / 2^{24}`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sai_dist.state_keys import MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP
+
+__all__ = [
+    "BLOCK",
+    "MOMENTUM_DTYPES",
+    "SMALL",
+    "Rounding",
+    "canonical_momentum_dtype",
+    "decode",
+    "encode",
+    "num_scales",
+    "state_bytes",
+    "storage_dtype",
+]
+
+#: Names accepted for ``momentum_dtype``.
+MOMENTUM_DTYPES = ("float32", "bfloat16", "int8")
+#: Elements per int8 quantization block (one float32 scale each).
+BLOCK = 2048
+#: Parameters with fewer elements keep float32 momentum under ``momentum_dtype="int8"``.
+SMALL = 4096
+#: Storage dtype of each ``momentum_dtype``.
+_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+_NAMES = {v: k for k, v in _STORAGE.items()}
+
+STREAM_MOMENTUM = 1
+STREAM_PARAM = 2
+_M32 = 0xFFFFFFFF
+_C1 = 0x7FEB352D
+_C2 = 0x5BD1E995
+# Rounding works on chunks of whole blocks so its int64 temporaries stay small (8 MiB).
+_CHUNK = 1 << 20
+
+
+def canonical_momentum_dtype(value: object) -> str:
+    """The name in :data:`MOMENTUM_DTYPES` for ``value`` (a name, ``torch.float32`` or
+    ``torch.bfloat16``); ``ValueError`` naming the setting otherwise."""
+    if isinstance(value, torch.dtype) and value in (torch.float32, torch.bfloat16):
+        return _NAMES[value]
+    if isinstance(value, str) and value in MOMENTUM_DTYPES:
+        return value
+    raise ValueError(
+        f"Invalid momentum_dtype: {value!r} (must be one of {', '.join(map(repr, MOMENTUM_DTYPES))}, "
+        "or torch.float32 / torch.bfloat16)"
+    )
+
+
+def storage_dtype(momentum_dtype: str | None, block_numel: int, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the buffer of a parameter of ``block_numel`` elements (the original
+    parameter's size) is stored in: the parameter's own for ``None`` (the default, as
+    before low-precision storage existed), float32 under int8 for parameters below
+    :data:`SMALL`."""
+    if momentum_dtype is None:
+        return param_dtype
+    if momentum_dtype == "int8" and block_numel < SMALL:
+        return torch.float32
+    return _STORAGE[momentum_dtype]
+
+
+def storage_name(dtype: torch.dtype) -> str | None:
+    """The ``momentum_dtype`` name of a stored buffer's dtype, ``None`` if it is not one."""
+    return _NAMES.get(dtype)
+
+
+def num_scales(piece_lengths: Sequence[int]) -> int:
+    """float32 scales of an int8 buffer whose pieces have these lengths (blocks restart at
+    each piece)."""
+    return sum(math.ceil(n / BLOCK) for n in piece_lengths)
+
+
+def state_bytes(
+    momentum_dtype: str | None, block_numel: int, piece_lengths: Sequence[int], param_dtype: torch.dtype
+) -> int:
+    """Exact bytes of the momentum state of one stored tensor: buffer plus scales."""
+    dtype = storage_dtype(momentum_dtype, block_numel, param_dtype)
+    n = sum(piece_lengths)
+    if dtype == torch.int8:
+        return n + 4 * num_scales(piece_lengths)
+    return n * dtype.itemsize
+
+
+# -- counter-based generator -----------------------------------------------------------------
+
+
+def _mix_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _C1) & _M32
+    x ^= x >> 15
+    x = (x * _C2) & _M32
+    x ^= x >> 16
+    return x
+
+
+def _mix_(x: Tensor) -> Tensor:
+    """:func:`_mix_int` in place on an int64 tensor of values in ``[0, 2^32)``."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(_C1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_C2).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
+    return x
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """Where one piece's random draws come from: the run's ``seed``, the tensor's update
+    count ``step``, its model ``block`` and ``offset``, the index of the piece's first
+    element in the flattened original parameter."""
+
+    seed: int
+    step: int
+    block: int
+    offset: int
+
+    def key(self, stream: int) -> int:
+        k = _mix_int(_mix_int(self.seed) ^ stream)
+        return _mix_int(_mix_int(k ^ (self.step & _M32)) ^ (self.block & _M32))
+
+    def bits(self, stream: int, start: int, n: int, device: torch.device) -> Tensor:
+        """32 random bits (int64 in ``[0, 2^32)``) for the piece's elements
+        ``start .. start + n``."""
+        index = torch.arange(self.offset + start, self.offset + start + n, dtype=torch.int64, device=device)
+        high = index >> 32
+        h = _mix_(index.bitwise_and_(_M32).bitwise_xor_(self.key(stream)))
+        return _mix_(h.bitwise_xor_(high))
+
+
+def _uniform(bits: Tensor) -> Tensor:
+    # 24 bits: exactly representable in float32, u in [0, 1).
+    return (bits >> 8).to(torch.float32).mul_(2.0**-24)
+
+
+def round_bfloat16(x: Tensor, bits: Tensor) -> Tensor:
+    """``x`` (float32) rounded stochastically to bfloat16: adding 16 random bits below the
+    kept ones and truncating rounds up with probability equal to the discarded fraction, so
+    the expectation is ``x``. Non-finite values round to nearest."""
+    noise = (bits >> 16).to(torch.int32)
+    rounded = (x.view(torch.int32) + noise).bitwise_and_(-65536).view(torch.float32)
+    out = rounded.to(torch.bfloat16)
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        out = torch.where(finite, out, x.to(torch.bfloat16))
+    return out
+
+
+def round_float16(x: Tensor, bits: Tensor) -> Tensor:
+    """``x`` (float32) rounded stochastically to float16: the nearest value ``y`` or its
+    neighbour toward ``x``, the latter with probability ``|x - y| / |neighbour - y|``."""
+    y = x.to(torch.float16)
+    toward = torch.where(x > y.to(torch.float32), math.inf, -math.inf).to(torch.float16)
+    other = torch.nextafter(y, toward)
+    y32, other32 = y.to(torch.float32), other.to(torch.float32)
+    gap = other32 - y32
+    frac = torch.where(gap != 0, (x - y32) / gap, 0.0)
+    frac = torch.where(torch.isfinite(frac), frac, 0.0)
+    return torch.where(_uniform(bits) < frac, other, y)
+
+
+def round_to(x: Tensor, dtype: torch.dtype, rounding: Rounding | None, stream: int, start: int = 0) -> Tensor:
+    """``x`` (float32) in ``dtype``: stochastically rounded with ``rounding``'s draws for
+    16-bit dtypes, to nearest when ``rounding`` is ``None`` (or for float32)."""
+    if dtype == x.dtype:
+        return x
+    if rounding is None or dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    flat_x, flat_out = x.reshape(-1).to(torch.float32), out.view(-1)
+    for lo in range(0, flat_x.numel(), _CHUNK):
+        hi = min(lo + _CHUNK, flat_x.numel())
+        bits = rounding.bits(stream, start + lo, hi - lo, x.device)
+        if dtype == torch.bfloat16:
+            flat_out[lo:hi] = round_bfloat16(flat_x[lo:hi], bits)
+        else:
+            flat_out[lo:hi] = round_float16(flat_x[lo:hi], bits)
+    return out
+
+
+# -- encode / decode -------------------------------------------------------------------------
+
+
+def _block_scales(x: Tensor) -> Tensor:
+    """absmax / 127 of each :data:`BLOCK` of the 1-D float32 ``x`` (the last may be short)."""
+    n = x.numel()
+    full = n // BLOCK * BLOCK
+    parts = []
+    if full:
+        parts.append(x[:full].view(-1, BLOCK).abs().amax(dim=1))
+    if full < n:
+        parts.append(x[full:].abs().amax().reshape(1))
+    return torch.cat(parts) / 127.0 if parts else x.new_zeros(0)
+
+
+def _per_element(scales: Tensor, n: int) -> Tensor:
+    return scales.repeat_interleave(BLOCK)[:n]
+
+
+def decode(buf: Tensor, scales: Tensor | None) -> Tensor:
+    """The float32 value of a piece's stored buffer (1-D view or any shape; ``scales``, its
+    int8 block scales, required for int8). float32 buffers come back as themselves."""
+    if buf.dtype == torch.int8:
+        assert scales is not None
+        flat = buf.reshape(-1).to(torch.float32)
+        return flat.mul_(_per_element(scales, flat.numel())).view(buf.shape)
+    return buf if buf.dtype == torch.float32 else buf.to(torch.float32)
+
+
+def encode(
+    value: Tensor,
+    buf: Tensor,
+    scales: Tensor | None,
+    rounding: Rounding | None,
+    *,
+    stream: int = STREAM_MOMENTUM,
+) -> None:
+    """Store the float32 ``value`` of one piece into its buffer ``buf`` (and, for int8,
+    its block ``scales``, written in place): stochastically rounded with ``rounding``'s
+    draws, to nearest when ``rounding`` is ``None`` (checkpoint conversion)."""
+    if buf.dtype == torch.float32:
+        buf.copy_(value)
+        return
+    if buf.dtype != torch.int8:
+        buf.copy_(round_to(value, buf.dtype, rounding, stream))
+        return
+    assert scales is not None
+    flat_v, flat_b = value.reshape(-1), buf.view(-1)
+    n = flat_v.numel()
+    scales.copy_(_block_scales(flat_v))
+    for lo in range(0, n, _CHUNK):  # _CHUNK is a multiple of BLOCK: chunks hold whole blocks
+        hi = min(lo + _CHUNK, n)
+        per = _per_element(scales[lo // BLOCK : (hi + BLOCK - 1) // BLOCK], hi - lo)
+        q = torch.where(per > 0, flat_v[lo:hi] / per, 0.0)
+        if rounding is None:
+            q = q.round_()
+        else:
+            q = q.add_(_uniform(rounding.bits(stream, lo, hi - lo, value.device))).floor_()
+        flat_b[lo:hi] = q.clamp_(-127, 127).to(torch.int8)
+
+
+def convert(
+    buf: Tensor, scales: Tensor | None, target: torch.dtype, spans: Sequence[tuple[int, int]]
+) -> tuple[Tensor, Tensor | None]:
+    """A loaded buffer of another storage dtype re-encoded as ``target`` piece by piece
+    (``spans``: ``(start, stop)`` of each piece in the flattened buffer, in order), rounding
+    to nearest: exact from int8 or bfloat16 to float32, one rounding otherwise. Elements
+    outside every piece (alignment padding) are zero."""
+    flat = buf.reshape(-1)
+    out = torch.zeros(buf.shape, dtype=target, device=buf.device)
+    out_flat = out.view(-1)
+    lengths = [stop - start for start, stop in spans]
+    new_scales = None
+    if target == torch.int8:
+        new_scales = torch.zeros(num_scales(lengths), dtype=torch.float32, device=buf.device)
+    k = 0
+    for (start, stop), n in zip(spans, lengths, strict=True):
+        nk = math.ceil(n / BLOCK)
+        old = None if scales is None else scales[k : k + nk]
+        new = None if new_scales is None else new_scales[k : k + nk]
+        encode(decode(flat[start:stop], old), out_flat[start:stop], new, None)
+        k += nk
+    return out, new_scales
+
+
+# -- the optimizer's per-tensor state ---------------------------------------------------------
+
+
+def check_settings(momentum_dtype: object, stochastic_rounding: object, seed: object) -> str | None:
+    """Validate the optimizer-wide keywords; the canonical ``momentum_dtype`` name
+    (``None``, the default, stays ``None``: the parameter's dtype)."""
+    name = None if momentum_dtype is None else canonical_momentum_dtype(momentum_dtype)
+    if stochastic_rounding is not None and not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"Invalid stochastic_rounding: {stochastic_rounding!r} (must be None or a bool)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**63))")
+    return name
+
+
+def check_params(params: Sequence[Tensor], where: Sequence[str], stochastic_rounding: bool | None) -> None:
+    """Refuse float16 parameters whose updates would be rounded to nearest: with 10
+    mantissa bits every update below 2^-11 of a weight (lr 1e-3 times a unit-scale
+    momentum already is, for weights above 0.5) rounds back to the old value, so those
+    weights silently stop training."""
+    if stochastic_rounding is not False:
+        return
+    for p, name in zip(params, where, strict=True):
+        if isinstance(p, Tensor) and p.dtype == torch.float16:
+            raise ValueError(
+                f"SGDSaI: {name} is a float16 parameter and stochastic_rounding=False: rounded to nearest, "
+                "every update smaller than 2^-11 of a weight is lost, so training stalls silently. Use "
+                "stochastic_rounding=None/True (unbiased rounding of the update), or keep float32 master "
+                "weights (torch.autocast / a mixed-precision wrapper) and step those."
+            )
+
+
+def uses_rounding(param: Tensor, stored: torch.dtype | None, round_param: bool) -> bool:
+    """Whether stepping ``param`` (local dtype) with a buffer stored as ``stored`` draws
+    random bits: a 16-bit or int8 buffer always, a 16-bit parameter when ``round_param``."""
+    low_buffer = stored is not None and stored != torch.float32
+    return low_buffer or (round_param and param.dtype in (torch.bfloat16, torch.float16))
+
+
+def piece_spans(layout: Any, param: Tensor) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each of ``param``'s pieces in its flattened local tensor."""
+    n = layout.local(param).numel()
+    return [(0, n) if pc.span is None else pc.span for pc in layout.pieces(param)]
+
+
+def check_loaded(entry: dict[str, Any], layout: Any, param: Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` when a loaded state entry's momentum storage
+    cannot be this tensor's: an unknown dtype, int8 codes without (or with the wrong number
+    of) block scales, scales beside a non-int8 buffer."""
+    buf, scales = entry.get(MOMENTUM), entry.get(MOMENTUM_SCALE)
+    if buf is None:
+        if scales is not None:
+            raise ValueError(f"SGDSaI.load_state_dict: {name} has a {MOMENTUM_SCALE} but no {MOMENTUM}")
+        return
+    if not isinstance(buf, Tensor) or not (buf.is_floating_point() or buf.dtype == torch.int8):
+        got = buf.dtype if isinstance(buf, Tensor) else type(buf).__name__
+        raise ValueError(
+            f"SGDSaI.load_state_dict: the {MOMENTUM} of {name} is stored as {got}; momentum is a "
+            "floating-point tensor or int8 codes"
+        )
+    if buf.dtype != torch.int8:
+        if scales is not None:
+            raise ValueError(
+                f"SGDSaI.load_state_dict: {name} has a {MOMENTUM_SCALE} beside a {buf.dtype} {MOMENTUM}; "
+                "only int8 momentum has block scales"
+            )
+        return
+    want = num_scales([b - a for a, b in piece_spans(layout, param)])
+    if (
+        not isinstance(scales, Tensor)
+        or scales.dim() != 1
+        or scales.dtype != torch.float32
+        or scales.numel() != want
+    ):
+        got = (
+            f"shape {tuple(scales.shape)}, dtype {scales.dtype}"
+            if isinstance(scales, Tensor)
+            else repr(type(scales))
+        )
+        raise ValueError(
+            f"SGDSaI.load_state_dict: the int8 {MOMENTUM} of {name} needs a 1-D float32 {MOMENTUM_SCALE} of "
+            f"{want} block scales (one per {BLOCK} elements of each piece), got {got}"
+        )
+
+
+def restore_loaded(
+    state: dict[str, Any], loaded: dict[str, Any], layout: Any, param: Tensor, momentum_dtype: str | None
+) -> None:
+    """Put a checked entry's momentum storage into ``state``, on the parameter's device,
+    converted (rounding to nearest, see :func:`convert`) when it was saved with another
+    ``momentum_dtype`` than this optimizer's."""
+    if ROUNDING_STEP in loaded:
+        state[ROUNDING_STEP] = torch.as_tensor(loaded[ROUNDING_STEP]).detach().to("cpu", torch.int64).clone()
+    buf = loaded.get(MOMENTUM)
+    if buf is None:
+        return
+    buf = buf.detach().to(device=param.device)
+    scales = loaded.get(MOMENTUM_SCALE)
+    local = layout.local(buf)
+    if scales is not None:
+        scales = scales.detach().to(device=local.device, dtype=torch.float32)
+    origin = layout.element_origin(param)
+    target = storage_dtype(momentum_dtype, param.numel() if origin is None else origin[0], param.dtype)
+    state.pop(MOMENTUM_SCALE, None)
+    if buf.dtype == target:
+        state[MOMENTUM] = buf
+        if scales is not None:
+            state[MOMENTUM_SCALE] = scales
+        return
+    new_local, new_scales = convert(local, scales, target, piece_spans(layout, param))
+    out = torch.empty_like(buf, dtype=target)
+    layout.local(out).copy_(new_local)
+    state[MOMENTUM] = out
+    if new_scales is not None:
+        state[MOMENTUM_SCALE] = new_scales
