@@ -302,7 +302,7 @@ def test_pieces_off_block_boundaries_within_one_quantization_step():
 
 def test_bad_settings_are_refused_by_name():
     p = nn.Parameter(torch.randn(10))
-    with pytest.raises(ValueError, match="momentum_dtype.*'float16'"):
+    with pytest.raises(ValueError, match=r"momentum_dtype.*'float16'"):
         SGDSaI([p], momentum_dtype="float16")
     with pytest.raises(ValueError, match="momentum_dtype"):
         SGDSaI([p], momentum_dtype=torch.int16)
@@ -328,7 +328,7 @@ def test_low_precision_on_a_layout_without_element_indices_is_refused_with_nothi
     opt = SGDSaI([w], momentum_dtype="int8", layout=_NoIndexLayout())
     w.grad = torch.randn(5000)
     before = w.detach().clone()
-    with pytest.raises(ValueError, match="momentum_dtype='int8'.*_NoIndexLayout"):
+    with pytest.raises(ValueError, match=r"momentum_dtype='int8'.*_NoIndexLayout"):
         opt.step()
     assert torch.equal(w, before) and not opt.state
 
