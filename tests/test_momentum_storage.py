@@ -374,3 +374,44 @@ def test_in_backward_takes_the_keywords_and_matches_the_normal_step():
     for p, q in zip(normal.parameters(), inb.parameters(), strict=True):
         assert torch.equal(p, q)
     assert runner.optimizer.state[next(inb.parameters())]["momentum_buffer"].dtype == torch.int8
+
+
+# -- accounting --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum_dtype", ["float32", "bfloat16", "int8", None])
+def test_accounting_predicts_the_measured_state_bytes(momentum_dtype, capsys):
+    import json
+
+    from sai_dist.memory.accounting import rank_memory
+    from sai_dist.memory.cli import add_arguments, report
+    from sai_dist.memory.models import resolve_model
+
+    model = _model(torch.bfloat16)
+    opt = SGDSaI(model.parameters(), momentum_dtype=momentum_dtype)
+    _train(model, opt, 1, torch.bfloat16)
+    measured = sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for k, t in st.items()
+        if k in ("momentum_buffer", "momentum_scale")
+    )
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    mem = rank_memory(shapes, "single", momentum_dtype=momentum_dtype, param_dtype="bfloat16")
+    assert mem.state["sgd_sai"] == measured
+    assert mem.params == mem.grads == 2 * sum(p.numel() for p in model.parameters()) and mem.master == 0
+    # The CLI reports the same through --json (gpt2 preset: int8 is ~1 B/element + scales).
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", "gpt2", "--strategies", "single", "--json"]
+        + ([] if momentum_dtype is None else ["--momentum-dtype", momentum_dtype])
+    )
+    spec = resolve_model("gpt2")
+    out = json.loads(json.dumps(report(spec, args)))
+    want = rank_memory([s for _, s in spec.params], "single", momentum_dtype=momentum_dtype)
+    assert out["strategies"]["single"]["state"]["sgd_sai"] == want.state["sgd_sai"]
+    with pytest.raises(ValueError, match="not zero2"):
+        rank_memory(shapes, "zero2", 2, momentum_dtype="int8")

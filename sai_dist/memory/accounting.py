@@ -183,17 +183,37 @@ def rank_memory(
     *,
     shard_size: int | None = None,
     largest_unit: int = 0,
+    momentum_dtype: str | None = None,
+    param_dtype: str = "float32",
 ) -> RankMemory:
     """Per-rank memory of ``strategy``; ``largest_unit`` is the element count of the largest
-    FSDP unit (a transformer block), for the transient unsharded parameters of FSDP2/ZeRO-3."""
+    FSDP unit (a transformer block), for the transient unsharded parameters of FSDP2/ZeRO-3.
+
+    ``momentum_dtype`` (SGD-SaI's storage, :mod:`sai_dist.momentum`) and ``param_dtype``
+    (``"bfloat16"``: pure bf16 parameters and gradients stepped with stochastic rounding,
+    no master copy) change the ``sgd_sai`` state and the parameter bytes; see
+    :func:`sgd_sai_state_bytes`."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    low_state = momentum_dtype is not None or param_dtype != "float32"
+    if param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown param_dtype {param_dtype!r} (choose from float32, bfloat16)")
+    if low_state and (strategy.startswith("zero") or offload):
+        raise ValueError(
+            f"momentum_dtype={momentum_dtype!r} / param_dtype={param_dtype!r}: low-precision SGD-SaI state "
+            f"is supported for single, ddp, fsdp2 and hsdp without offload, not {strategy}"
+            f"{' with offload' if offload else ''}"
+        )
+    if param_dtype == "bfloat16" and precision != "fp32":
+        raise ValueError(
+            "param_dtype='bfloat16' is pure bf16 training (no master weights): use precision fp32"
+        )
     if strategy == "single":
         world_size = 1
     total = sum(_numel(s) for s in shapes)
     e, e_pad = buffer_elements(shapes, strategy, world_size, shard_size=shard_size)
     mixed = precision == "bf16-mixed"
-    low = 2 if mixed else 4  # bytes of compute weights / gradients
+    low = 2 if mixed or param_dtype == "bfloat16" else 4  # bytes of compute weights / gradients
     buffers = transient = 0
     if strategy in ("single", "ddp"):
         params, grads = low * total, low * total
@@ -212,9 +232,14 @@ def rank_memory(
         master = 4 * e  # a clone even in fp32 (see the module docstring)
         transient = 2 * low * largest_unit  # gathered unit + prefetched next one
     else:  # fsdp2, hsdp: sharded fp32 params are the master weights under MixedPrecisionPolicy
-        params, grads, master = 4 * e_pad, 4 * e_pad, 0
+        sharded = 2 if param_dtype == "bfloat16" else 4
+        params, grads, master = sharded * e_pad, sharded * e_pad, 0
         transient = 2 * low * largest_unit
     state = {name: slots * 4 * e for name, slots in OPTIMIZERS.items()}
+    if low_state:
+        state["sgd_sai"] = sgd_sai_state_bytes(
+            shapes, strategy, world_size, momentum_dtype, param_dtype, shard_size=shard_size
+        )
     host: dict[str, int] = {}
     if offload:
         if strategy in ("fsdp2", "hsdp"):
@@ -244,3 +269,32 @@ def rank_memory(
 def sgd_sai_scalar_bytes(num_tensors: int) -> int:
     """CPU bytes of SGD-SaI's per-tensor scalars (g-SNR, scale, max: 3 float32 each)."""
     return 3 * 4 * num_tensors
+
+
+def sgd_sai_state_bytes(
+    shapes: Sequence[Shape],
+    strategy: str,
+    world_size: int,
+    momentum_dtype: str | None,
+    param_dtype: str = "float32",
+    *,
+    rank: int = 0,
+    shard_size: int | None = None,
+) -> int:
+    """Exact bytes of SGD-SaI's momentum state on ``rank``: per parameter, its local
+    elements (the whole tensor for single/ddp, the dim-0 shard for fsdp2/hsdp) stored as
+    :func:`sai_dist.momentum.storage_dtype` says (2 B bf16, 1 B + a 4 B scale per block of
+    2048 for int8, 4 B for parameters under 4096 elements under int8, the parameter's
+    dtype for ``None``)."""
+    import torch
+
+    from sai_dist import momentum as lowp
+
+    dtype = torch.bfloat16 if param_dtype == "bfloat16" else torch.float32
+    n = (shard_size or world_size) if strategy == "hsdp" else world_size
+    total = 0
+    for s in shapes:
+        numel = _numel(s)
+        local = numel if strategy in ("single", "ddp") else _dim0_shard(s, n, rank % n)[0]
+        total += lowp.state_bytes(momentum_dtype, numel, [local] if local else [], dtype)
+    return total

@@ -68,6 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument(
+        "--momentum-dtype",
+        choices=("float32", "bfloat16", "int8"),
+        default=None,
+        help="SGD-SaI momentum storage (default: the parameters' dtype); int8 = 1 B + 4 B per 2048",
+    )
+    parser.add_argument(
+        "--param-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: pure bf16 parameters and gradients stepped with stochastic rounding, no master",
+    )
+    parser.add_argument(
         "--offload", action="store_true", help="optimizer state (and master weights) on the host"
     )
     parser.add_argument(
@@ -137,7 +149,11 @@ def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
     shard = args.shard_size or max(d for d in range(1, min(8, world) + 1) if world % d == 0)
     strategies = _strategies(args.strategies)
     unit = largest_unit(spec.module)
-    single = rank_memory(shapes, "single", 1, args.precision)
+    low = dict(
+        momentum_dtype=getattr(args, "momentum_dtype", None),
+        param_dtype=getattr(args, "param_dtype", "float32"),
+    )
+    single = rank_memory(shapes, "single", 1, args.precision, **low)
     out: dict = dict(
         model=spec.name,
         parameters=spec.numel,
@@ -153,9 +169,11 @@ def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
         ),
     )
     out["savings_gib"] = {k: v / GIB for k, v in out["savings_bytes"].items()}
+    if low["momentum_dtype"] is not None or low["param_dtype"] != "float32":
+        out["sgd_sai_state"] = low
     out["strategies"] = {
         s: rank_memory(
-            shapes, s, world, args.precision, args.offload, shard_size=shard, largest_unit=unit
+            shapes, s, world, args.precision, args.offload, shard_size=shard, largest_unit=unit, **low
         ).as_dict()
         for s in strategies
     }
@@ -182,6 +200,7 @@ def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
             offload=args.offload,
             shard_size=shard,
             strategies=strategies,
+            **low,
         )
         out["planner"] = dict(
             device_mem=args.device_mem,

@@ -102,6 +102,8 @@ def plan(
     shard_size: int | None,
     strategies: tuple[str, ...] = STRATEGIES,
     optimizers: tuple[str, ...] = ("sgd_sai", "adamw"),
+    momentum_dtype: str | None = None,
+    param_dtype: str = "float32",
 ) -> list[tuple[RankMemory, list[Verdict]]]:
     """For each strategy, whether each optimizer fits ``budget`` device bytes per rank."""
     shapes = [s for _, s in spec.params]
@@ -109,7 +111,15 @@ def plan(
     out = []
     for strategy in strategies:
         mem = rank_memory(
-            shapes, strategy, world_size, precision, offload, shard_size=shard_size, largest_unit=unit
+            shapes,
+            strategy,
+            world_size,
+            precision,
+            offload,
+            shard_size=shard_size,
+            largest_unit=unit,
+            momentum_dtype=momentum_dtype,
+            param_dtype=param_dtype,
         )
         out.append((mem, [Verdict(strategy, o, mem.total(o, activations), budget) for o in optimizers]))
     return out
