@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
+from sai_dist.state_keys import MOMENTUM_SCALE, ROUNDING_STEP
 from sai_dist.table import find_sgdsai
 
 __all__ = ["load", "optimizer_state_template", "save", "state_dict"]
@@ -66,7 +67,7 @@ def state_dict(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     }
 
 
-def optimizer_state_template(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+def optimizer_state_template(model: nn.Module, optimizer: Any, metadata: Any | None = None) -> dict[str, Any]:
     """An optimizer state dict DCP can load SGD-SaI state into.
 
     Parameters with state keep it (as ``get_optimizer_state_dict`` gives it); every other
@@ -74,7 +75,15 @@ def optimizer_state_template(model: nn.Module, optimizer: Any) -> dict[str, Any]
     parameter (a DTensor keeps its mesh and placements, which is what lets DCP reshard into
     it) in groups with momentum, and 0-d CPU float32 ``gsnr``/``scale``/``gsnr_max`` (one
     value per piece for a tensor holding several blocks).
+
+    Low-precision state (:mod:`sai_dist.momentum`): with the checkpoint's ``metadata``
+    (``reader.read_metadata()``), the placeholder takes the dtype the checkpoint saved
+    the buffer in (bf16, int8 codes: DCP would otherwise cast codes into a float
+    placeholder and they would be misread), plus ``momentum_scale`` of the saved shape and
+    ``rounding_step``; ``load_state_dict`` then converts to this optimizer's
+    ``momentum_dtype`` where they differ.
     """
+    saved = {} if metadata is None else metadata.state_dict_metadata
     opt: SGDSaI = find_sgdsai(optimizer)
     osd = _quiet_probe(get_optimizer_state_dict, model, opt)
     # Per parameter: real state where it exists. (An entry can exist and be empty: a
@@ -88,7 +97,14 @@ def optimizer_state_template(model: nn.Module, optimizer: Any) -> dict[str, Any]
             shape: tuple[int, ...] = () if n == 1 else (n,)
             entry: dict[str, Any] = {k: torch.zeros(shape, dtype=torch.float32) for k in _SCALARS}
             if group["momentum"] != 0:
-                entry[MOMENTUM] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                meta = saved.get(f"{_OPTIM}.state.{fqn}.{MOMENTUM}")
+                dtype = getattr(getattr(meta, "properties", None), "dtype", None) or p.dtype
+                entry[MOMENTUM] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                meta = saved.get(f"{_OPTIM}.state.{fqn}.{MOMENTUM_SCALE}")
+                if meta is not None:
+                    entry[MOMENTUM_SCALE] = torch.zeros(tuple(meta.size), dtype=torch.float32)
+            if f"{_OPTIM}.state.{fqn}.{ROUNDING_STEP}" in saved:
+                entry[ROUNDING_STEP] = torch.zeros((), dtype=torch.int64)
             state[fqn] = entry
     osd["state"] = state
     return osd
@@ -114,7 +130,22 @@ def _dcp(fn: Any, state: dict[str, Any], checkpoint_id: str, kwargs: dict[str, A
 def save(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) -> None:
     """Save model and optimizer with ``dcp.save``; ``kwargs`` go to it (storage_writer,
     process_group, ...)."""
+    _refuse_sharded_int8(find_sgdsai(optimizer))
     _dcp(dcp.save, state_dict(model, optimizer), checkpoint_id, kwargs)
+
+
+def _refuse_sharded_int8(opt: SGDSaI) -> None:
+    """int8 block scales are per rank (blocks restart at each shard), which DCP's plain
+    replicated tensors cannot hold: refuse, on every rank alike, before writing."""
+    if opt.layout.group is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size(opt.layout.group) > 1 and opt.momentum_dtype == "int8":
+        raise ValueError(
+            "sai_dist.checkpoint.save: momentum_dtype='int8' under a sharded layout "
+            f"({type(opt.layout).__name__}) is not supported by the DCP checkpoint yet (per-rank block "
+            "scales); save opt.state_dict() per rank with torch.save (same-world-size resume is "
+            "bit-identical), or use momentum_dtype='bfloat16', which DCP reshards."
+        )
 
 
 def _saved_keys(checkpoint_id: str, storage_reader: Any | None) -> set[str]:
@@ -131,8 +162,10 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
     ``kwargs`` go to ``dcp.load`` (storage_reader, process_group, ...).
     """
     opt = find_sgdsai(optimizer)
-    template = {_MODEL: get_model_state_dict(model), _OPTIM: optimizer_state_template(model, opt)}
-    saved = _saved_keys(checkpoint_id, kwargs.get("storage_reader"))
+    reader = kwargs.get("storage_reader")
+    metadata = (reader if reader is not None else dcp.FileSystemReader(checkpoint_id)).read_metadata()
+    template = {_MODEL: get_model_state_dict(model), _OPTIM: optimizer_state_template(model, opt, metadata)}
+    saved = set(metadata.state_dict_metadata)
     optim_state = template[_OPTIM]["state"]
     for fqn in list(optim_state):
         entry = {k: v for k, v in optim_state[fqn].items() if f"{_OPTIM}.state.{fqn}.{k}" in saved}

@@ -415,3 +415,65 @@ def test_accounting_predicts_the_measured_state_bytes(momentum_dtype, capsys):
     assert out["strategies"]["single"]["state"]["sgd_sai"] == want.state["sgd_sai"]
     with pytest.raises(ValueError, match="not zero2"):
         rank_memory(shapes, "zero2", 2, momentum_dtype="int8")
+
+
+# -- DCP checkpoints and the training job ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "momentum_dtype,param_dtype", [("int8", torch.float32), ("bfloat16", torch.bfloat16)]
+)
+def test_dcp_checkpoint_resume_is_bit_identical(tmp_path, momentum_dtype, param_dtype):
+    import sai_dist.checkpoint as ckpt
+
+    straight = _model(param_dtype)
+    opt = SGDSaI(straight.parameters(), momentum_dtype=momentum_dtype, seed=4)
+    _train(straight, opt, 5, param_dtype)
+    first = _model(param_dtype)
+    opt1 = SGDSaI(first.parameters(), momentum_dtype=momentum_dtype, seed=4)
+    _train(first, opt1, 2, param_dtype)
+    ckpt.save(str(tmp_path / "c"), first, opt1)
+    resumed = _model(param_dtype, seed=5)
+    opt2 = SGDSaI(resumed.parameters(), momentum_dtype=momentum_dtype, seed=4)
+    ckpt.load(str(tmp_path / "c"), resumed, opt2)
+    w = next(resumed.parameters())
+    assert (
+        opt2.state[w]["momentum_buffer"].dtype
+        == opt1.state[next(first.parameters())]["momentum_buffer"].dtype
+    )
+    _train(resumed, opt2, 3, param_dtype, start=2)
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # Into an optimizer of another momentum_dtype: converted, not misread.
+    other = SGDSaI(_model(param_dtype).parameters(), momentum_dtype="float32")
+    model_o = _model(param_dtype)
+    other = SGDSaI(model_o.parameters(), momentum_dtype="float32")
+    ckpt.load(str(tmp_path / "c"), model_o, other)
+    src = opt1.state[next(first.parameters())]
+    want = lowp.decode(src["momentum_buffer"].reshape(-1), src.get("momentum_scale"))
+    assert torch.equal(other.state[next(model_o.parameters())]["momentum_buffer"].reshape(-1), want)
+
+
+def test_train_job_takes_momentum_dtype(tmp_path):
+    from sai_dist.train.config import TrainConfig
+    from sai_dist.train.loop import train
+    from tests.test_train import TINY as tiny
+
+    cfg = TrainConfig(
+        name="lowp",
+        runs_dir=str(tmp_path),
+        backend="single",
+        steps=4,
+        warmup_steps=1,
+        eval_every=2,
+        ckpt_every=2,
+        progress=False,
+        lr=0.5,
+        momentum_dtype="int8",
+        **tiny,
+    )
+    cfg.validate()
+    summary = train(cfg, None)
+    assert math.isfinite(summary["final_val_loss"])
+    with pytest.raises(ValueError, match="--momentum-dtype"):
+        TrainConfig(momentum_dtype="int4").validate()

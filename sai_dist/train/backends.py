@@ -61,7 +61,13 @@ def make_optimizer(cfg: TrainConfig, named: Iterable[tuple[str, Tensor]]) -> Opt
     groups = param_groups(named, cfg.weight_decay)
     lr = cfg.learning_rate
     if cfg.optimizer == "sgdsai":
-        return SGDSaI(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return SGDSaI(
+            groups,
+            lr=lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            momentum_dtype=cfg.momentum_dtype,
+        )
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":

@@ -50,6 +50,8 @@ class TrainConfig:
     optimizer: str = "sgdsai"
     lr: float | None = None
     momentum: float = 0.9
+    # sgdsai's momentum storage (sai_dist.momentum): None = the parameters' dtype
+    momentum_dtype: str | None = None
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 20
@@ -102,6 +104,10 @@ class TrainConfig:
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
         _check_interval("momentum", self.momentum, 0.0, 1.0, "[0, 1)")
+        if self.momentum_dtype not in (None, "float32", "bfloat16", "int8"):
+            raise ValueError(
+                f"--momentum-dtype must be float32, bfloat16 or int8, got {self.momentum_dtype!r}"
+            )
         _check_interval("dropout", self.dropout, 0.0, 1.0, "[0, 1)")
         _check_interval("weight_decay", self.weight_decay, 0.0, math.inf, ">= 0")
         if not (math.isfinite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0):
@@ -226,6 +232,12 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
         + ")",
     ),
     ("--momentum", "momentum", float, "momentum of sgdsai and sgd (default: 0.9)"),
+    (
+        "--momentum-dtype",
+        "momentum_dtype",
+        str,
+        "sgdsai momentum storage: float32, bfloat16 or int8 (default: the parameters' dtype)",
+    ),
     ("--weight-decay", "weight_decay", float, "decoupled weight decay on matrices (default: 0.01)"),
     ("--warmup-steps", "warmup_steps", int, "linear warm-up steps before cosine decay (default: 20)"),
     ("--min-lr-ratio", "min_lr_ratio", float, "final lr as a fraction of the peak (default: 0.1)"),
