@@ -21,6 +21,14 @@ Parts (all on by default except the 1B set and the end-to-end job):
 ``collectives``
     On 2 gloo ranks, a 12-layer GPT (148 parameter tensors) under FSDP2: collectives issued
     by ``opt.step()`` at steps 1-3 (counted by tests/collectives.py).
+``lowp`` (opt-in: ``--parts lowp``)
+    Low-precision state (:mod:`sai_dist.momentum`) on the first ``--lowp-layers`` layers of
+    GPT-2 small's shapes (7.1 M elements a layer; the embeddings are left out so the run
+    stays within a shared machine's memory), interleaved: the fp32-state step against int8
+    and bf16 momentum with fp32 parameters, and bf16 parameters and gradients with int8
+    and bf16 momentum (stochastic rounding). Minimum traffic per element: 20 bytes fp32,
+    16 bf16 momentum, 14 int8 momentum (+4 per 2048), 8 bf16 parameters with int8, 12 with
+    bf16 momentum; achieved bytes/element are reported against the triad's.
 ``e2e`` (``--e2e``)
     ``python -m sai_dist.train`` (FSDP2, 2 ranks, CPU) with SGD-SaI and with AdamW,
     alternated, median tokens/s over the timed steps.
@@ -261,6 +269,46 @@ def step_part(
     }
 
 
+def lowp_part(layers: int, repeats: int) -> dict[str, Any]:
+    shapes = gpt_shapes(50257, 1024, 768, layers)[2:]  # no embeddings
+    n = numel(shapes)
+    # name: (param dtype, momentum_dtype, minimum bytes per element)
+    cases = {
+        "fp32_state": (torch.float32, None, 20.0),
+        "int8_momentum": (torch.float32, "int8", 14.0 + 4 / 2048),
+        "bf16_momentum": (torch.float32, "bfloat16", 16.0),
+        "bf16_params_int8_momentum": (torch.bfloat16, "int8", 8.0 + 4 / 2048),
+        "bf16_params_bf16_momentum": (torch.bfloat16, "bfloat16", 12.0),
+    }
+    fns: dict[str, Callable[[], Any]] = {}
+    for name, (dtype, momentum_dtype, _) in cases.items():
+        params = make_params(shapes, torch.device("cpu"))
+        for p in params:
+            p.data = p.data.to(dtype)
+            p.grad = p.grad.to(dtype)
+        opt = SGDSaI(params, lr=1e-3, momentum=0.9, weight_decay=0.01, momentum_dtype=momentum_dtype)
+        opt.step()  # g-SNR and buffers: the steady step is timed
+        fns[name] = opt.step
+    a, b, c = torch.randn(n), torch.randn(n), torch.empty(n)
+    fns["triad"] = lambda: torch.add(a, b, alpha=3.0, out=c)
+    times = interleaved(fns, torch.device("cpu"), repeats)
+    ms = {k: median_ms(v) for k, v in times.items()}
+    triad_gbs = 12 * n / (ms["triad"] / 1e3) / 1e9
+    out: dict[str, Any] = {"elements": n, "layers": layers, "triad_GBps": triad_gbs, "cases": {}}
+    for name, (_, _, nbytes) in cases.items():
+        gbs = nbytes * n / (ms[name] / 1e3) / 1e9
+        out["cases"][name] = {
+            "ms": ms[name],
+            "ratio_to_fp32_state": ms[name] / ms["fp32_state"],
+            "min_bytes_per_element": nbytes,
+            "achieved_GBps": gbs,
+            "fraction_of_triad": gbs / triad_gbs,
+            # Time per element at the triad's bandwidth, in bytes: what the step really costs.
+            "effective_bytes_per_element": ms[name] / 1e3 * triad_gbs * 1e9 / n,
+        }
+    return out
+
+
 def _count_collectives(rank: int, world: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
@@ -426,6 +474,7 @@ def main() -> None:
     parser.add_argument(
         "--parts", default="step,first,collectives", help="comma list of step,first,collectives"
     )
+    parser.add_argument("--lowp-layers", type=int, default=2, help="GPT-2 small layers of the lowp part")
     parser.add_argument("--e2e", action="store_true", help="also time the training job (a few minutes)")
     parser.add_argument("--e2e-steps", type=int, default=30)
     parser.add_argument("--e2e-runs", type=int, default=2)
@@ -459,6 +508,9 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
     }
+    if "lowp" in parts:
+        result["lowp"] = lowp_part(args.lowp_layers, args.repeats)
+        print(json.dumps(result["lowp"], indent=1))
     if "step" in parts:
         result["step"] = {}
         for threads in thread_counts:
