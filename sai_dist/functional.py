@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from sai_dist import native
+from sai_dist import native, native_lowp
 from sai_dist.momentum import STREAM_MOMENTUM, STREAM_PARAM, Rounding, decode, encode, round_to
 
 
@@ -124,6 +124,7 @@ def sgd_sai(
                 weight_decay=weight_decay,
                 maximize=maximize,
                 round_params=round_params,
+                fused=fused,
             )
             keep = sorted(set(range(n)) - set(low))
             params, grads = [params[i] for i in keep], [grads[i] for i in keep]
@@ -285,12 +286,38 @@ def _low_precision_sgd_sai(
     weight_decay: float,
     maximize: bool,
     round_params: bool,
+    fused: bool | None = None,
 ) -> None:
     """The reference for tensors stored in 16 bits or int8: the same update as
     :func:`_single_tensor_sgd_sai`, computed in float32 from the decoded buffer and the
     float32 gradient; the new buffer is encoded (stochastically rounded) and a 16-bit
-    parameter written back rounded stochastically (``round_params``) or to nearest."""
+    parameter written back rounded stochastically (``round_params``) or to nearest.
+
+    Unless ``fused=False``, CPU tensors the single-pass kernel takes
+    (:mod:`sai_dist.native_lowp`: the same update and random bits in one read and one
+    write of every element) go through it; the loop below is the definition it is tested
+    against."""
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        buf = momentum_buffers[i] if momentum != 0 else None
+        if (
+            fused is not False
+            and native_lowp.supported(param, grad, buf)
+            and native_lowp.library() is not None
+        ):
+            _, coef = _coefficients(
+                scales[i], born[i], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
+            )
+            native_lowp.step_piece(
+                param,
+                grad,
+                buf,
+                momentum_scales[i],
+                born=born[i],
+                coef=coef,
+                rounding=rounding[i],
+                round_param=round_params,
+            )
+            continue
         work = torch.promote_types(param.dtype, torch.float32)  # float64 parameters stay float64
         g = grad.to(work)
         g = -g if maximize else g

@@ -477,3 +477,58 @@ def test_train_job_takes_momentum_dtype(tmp_path):
     assert math.isfinite(summary["final_val_loss"])
     with pytest.raises(ValueError, match="--momentum-dtype"):
         TrainConfig(momentum_dtype="int4").validate()
+
+
+# -- the native kernel against the torch reference ----------------------------------------------
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16, torch.int8, None])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_native_kernel_matches_torch_reference(param_dtype, buf_dtype, maximize):
+    from sai_dist import native_lowp
+
+    if native_lowp.library() is None:
+        pytest.skip(f"no native kernel: {native_lowp._reason}")
+    n = 5000  # two full blocks and a short one
+
+    def run(fused):
+        torch.manual_seed(0)
+        p = torch.randn(n).to(param_dtype)
+        buf = None if buf_dtype is None else torch.empty(n, dtype=buf_dtype)
+        sc = torch.zeros(lowp.num_scales([n])) if buf_dtype == torch.int8 else None
+        for t in range(3):
+            g = (torch.randn(n, generator=torch.Generator().manual_seed(t)) * 1e-2).to(param_dtype)
+            sgd_sai(
+                [p],
+                [g],
+                [buf],
+                [0.8],
+                lr=0.3,
+                momentum=0.0 if buf is None else 0.9,
+                weight_decay=0.01,
+                maximize=maximize,
+                fused=fused,
+                fresh=[t == 0],
+                momentum_scales=[sc],
+                rounding=[lowp.Rounding(1, t, 0, 100)],
+            )
+        return p, buf, sc
+
+    kp, kb, ks = run(None)
+    rp, rb, rs = run(False)
+    # Same random bits; float32 arithmetic may differ in the last bit (torch fuses a
+    # multiply-add), moving a rare stochastic rounding across its threshold by one unit.
+    unit = 2.0**-7 if param_dtype == torch.bfloat16 else 2.0**-22
+    gap = (kp.float() - rp.float()).abs() / rp.float().abs().clamp_min(1e-2)
+    assert float(gap.max()) <= 2 * unit
+    if param_dtype == torch.bfloat16:  # float32 values differ in the last bits everywhere
+        assert float((kp == rp).float().mean()) > 0.99
+    if kb is not None:
+        if buf_dtype == torch.int8:
+            torch.testing.assert_close(ks, rs, rtol=1e-6, atol=0)
+            assert int((kb.int() - rb.int()).abs().max()) <= 1
+        else:
+            torch.testing.assert_close(kb.float(), rb.float(), rtol=2**-7, atol=0)
+        if buf_dtype != torch.float32:
+            assert float((kb == rb).float().mean()) > 0.99

@@ -1,0 +1,245 @@
+r"""Single-pass CPU kernel for low-precision SGD-SaI state (:mod:`sai_dist.momentum`).
+
+One call per piece reads ``p``, ``g``, ``m`` (and, for int8, the block's scale) once and
+writes ``p``, ``m`` (and the scale) once, for parameters {float32, bfloat16} (gradient of
+the same dtype) × momentum {float32, bfloat16, int8}. Per block of
+:data:`~sai_dist.momentum.BLOCK` elements of the piece (OpenMP splits the blocks):
+
+.. math::
+    m' = b\,\hat m + c\,g \;(\text{or } c\,g \text{ when born}),\qquad
+    p' = d\,p + a\,m'
+
+in float32 (``-std=c99``: no FMA contraction), ``\hat m`` the decoded buffer; ``m'`` is
+kept in a block-sized stack buffer so the int8 absmax scale of the block is known before
+its codes are written. Stochastic rounding draws the bits of the documented counter-based
+hash (:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the same keys computed
+in Python), so the kernel and the torch reference round with the same random bits; their
+float32 arithmetic may differ in the last bit (torch's vectorized ``add(alpha=)`` fuses a
+multiply-add), which changes a stochastic rounding only when the value sits within that
+bit of its threshold (tested: all elements within one unit of the stored type, > 99 %
+identical).
+
+Built like :mod:`sai_dist.native` (system compiler, cached by source, compiler and
+machine; ``SAI_DIST_NATIVE=0`` disables it, and the torch reference runs instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sai_dist import native
+from sai_dist.momentum import BLOCK, STREAM_MOMENTUM, STREAM_PARAM, Rounding
+
+__all__ = ["library", "step_piece", "supported"]
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define BLOCK SAI_BLOCK
+
+static inline uint32_t mix(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x5bd1e995u; x ^= x >> 16;
+    return x;
+}
+static inline uint32_t draw(uint32_t key, int64_t index) {
+    return mix(mix(key ^ (uint32_t)index) ^ (uint32_t)((uint64_t)index >> 32));
+}
+static inline float bf16_to_f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t f_to_bf16_nearest(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if (isnan(f)) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline uint16_t f_to_bf16_sr(float f, uint32_t bits) {
+    if (!isfinite(f)) return f_to_bf16_nearest(f);
+    uint32_t u; memcpy(&u, &f, 4);
+    u += bits >> 16;
+    return (uint16_t)(u >> 16);
+}
+
+/* pk: 0 float32, 1 bfloat16 parameter (and gradient); mk: 0 float32, 1 bfloat16, 2 int8,
+   -1 no momentum. coef = {b, c, d, a}; born: m' = c g. round_p: stochastic rounding of a
+   bfloat16 parameter (else nearest). */
+void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk, int mk,
+                    int born, const float *coef, uint32_t key_m, uint32_t key_p, int64_t offset,
+                    int round_p, int nthreads) {
+    const float b = coef[0], c = coef[1], d = coef[2], a = coef[3];
+    const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)
+    for (int64_t k = 0; k < nblocks; k++) {
+        float mn[BLOCK];
+        const int64_t s = k * BLOCK, e = s + BLOCK < n ? s + BLOCK : n, len = e - s;
+        float absmax = 0.0f;
+        const float old_scale = (mk == 2 && !born) ? scales[k] : 0.0f;
+        for (int64_t j = 0; j < len; j++) {
+            const int64_t i = s + j;
+            const float gi = pk ? bf16_to_f(((const uint16_t *)g)[i]) : ((const float *)g)[i];
+            float v;
+            if (mk < 0) {
+                v = gi;
+            } else if (born) {
+                v = c * gi;
+            } else {
+                float mo;
+                if (mk == 0) mo = ((float *)m)[i];
+                else if (mk == 1) mo = bf16_to_f(((uint16_t *)m)[i]);
+                else mo = (float)((int8_t *)m)[i] * old_scale;
+                float mb = mo * b;
+                float cg = gi * c;
+                v = mb + cg;
+            }
+            mn[j] = v;
+            const float av = fabsf(v);
+            if (av > absmax) absmax = av;
+        }
+        float scale = absmax / 127.0f;
+        if (mk == 2) scales[k] = scale;
+        for (int64_t j = 0; j < len; j++) {
+            const int64_t i = s + j;
+            const float v = mn[j];
+            if (mk == 0) {
+                ((float *)m)[i] = v;
+            } else if (mk == 1) {
+                ((uint16_t *)m)[i] = f_to_bf16_sr(v, draw(key_m, offset + i));
+            } else if (mk == 2) {
+                float q = scale > 0.0f ? v / scale : 0.0f;
+                const float u = (float)(draw(key_m, offset + i) >> 8) * 5.9604644775390625e-08f;
+                q = floorf(q + u);
+                if (q > 127.0f) q = 127.0f;
+                if (q < -127.0f) q = -127.0f;
+                ((int8_t *)m)[i] = (int8_t)q;
+            }
+            if (pk) {
+                const float po = bf16_to_f(((uint16_t *)p)[i]);
+                float pd = po * d;
+                float am = v * a;
+                float pn = pd + am;
+                ((uint16_t *)p)[i] = round_p ? f_to_bf16_sr(pn, draw(key_p, offset + i))
+                                             : f_to_bf16_nearest(pn);
+            } else {
+                float *pp = (float *)p;
+                float pd = pp[i] * d;
+                float am = v * a;
+                pp[i] = pd + am;
+            }
+        }
+    }
+}
+""".replace("SAI_BLOCK", str(BLOCK))
+
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno", "-fopenmp"]
+_reason: str | None = None
+_PK = {torch.float32: 0, torch.bfloat16: 1}
+_MK = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use; ``None`` when unavailable."""
+    global _reason
+    if os.environ.get("SAI_DIST_NATIVE", "1") == "0":
+        _reason = "disabled by SAI_DIST_NATIVE=0"
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None or sys.platform not in ("linux", "darwin"):
+        _reason = "no C compiler or unsupported platform"
+        return None
+    try:
+        key = hashlib.sha256(
+            "\0".join([_SOURCE, " ".join(_FLAGS), native._compiler_identity(cc), platform.machine()]).encode()
+        ).hexdigest()[:16]
+        directory = native._cache_dir()
+        target = os.path.join(directory, f"sai_lowp_{key}.so")
+        if not os.path.exists(target):
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=directory) as tmp:
+                src, out = os.path.join(tmp, "sai_lowp.c"), os.path.join(tmp, "sai_lowp.so")
+                with open(src, "w") as f:
+                    f.write(_SOURCE)
+                proc = subprocess.run(
+                    [cc, *_FLAGS, src, "-o", out, "-lm"],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+                os.replace(out, target)
+        lib = ctypes.CDLL(target)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _reason = f"building the low-precision kernel failed: {exc}"
+        return None
+    ptr, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
+    lib.sai_lowp_piece.argtypes = [ptr, ptr, ptr, ptr, i64, i32, i32, i32, ptr, u32, u32, i64, i32, i32]
+    lib.sai_lowp_piece.restype = None
+    _reason = None
+    return lib
+
+
+def supported(param: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
+    """Contiguous CPU tensors: parameter float32 or bfloat16 with a gradient of its dtype,
+    buffer float32, bfloat16 or int8 (or none)."""
+    tensors = [t for t in (param, grad, buf) if t is not None]
+    return (
+        param.dtype in _PK
+        and grad.dtype == param.dtype
+        and (buf is None or buf.dtype in _MK)
+        and all(t.device.type == "cpu" and t.is_contiguous() and t.shape == param.shape for t in tensors)
+        and all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+    )
+
+
+def step_piece(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    scales: Tensor | None,
+    *,
+    born: bool,
+    coef: Sequence[float],
+    rounding: Rounding | None,
+    round_param: bool,
+) -> None:
+    """One piece through the kernel; ``coef = (b, c, d, a)`` as in :mod:`sai_dist.native`."""
+    lib = library()
+    assert lib is not None
+    n = param.numel()
+    if n == 0:
+        return
+    coef_t = torch.tensor(list(coef), dtype=torch.float32)
+    key_m = rounding.key(STREAM_MOMENTUM) if rounding is not None else 0
+    key_p = rounding.key(STREAM_PARAM) if rounding is not None else 0
+    lib.sai_lowp_piece(
+        param.data_ptr(),
+        grad.data_ptr(),
+        0 if buf is None else buf.data_ptr(),
+        0 if scales is None else scales.data_ptr(),
+        n,
+        _PK[param.dtype],
+        -1 if buf is None else _MK[buf.dtype],
+        int(born),
+        coef_t.data_ptr(),
+        key_m,
+        key_p,
+        0 if rounding is None else rounding.offset,
+        int(round_param and rounding is not None),
+        torch.get_num_threads(),
+    )
+    torch.autograd.graph.increment_version([t for t in (param, buf) if t is not None])
