@@ -50,96 +50,113 @@ _SOURCE = r"""
 #include <math.h>
 
 #define BLOCK SAI_BLOCK
+#ifdef SAI_MULTIVERSION
+#define SAI_TARGETS __attribute__((target_clones("avx2", "default")))
+#else
+#define SAI_TARGETS
+#endif
+#define INLINE static inline __attribute__((always_inline))
 
-static inline uint32_t mix(uint32_t x) {
+INLINE uint32_t mix(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x5bd1e995u; x ^= x >> 16;
     return x;
 }
-static inline uint32_t draw(uint32_t key, int64_t index) {
+INLINE uint32_t draw(uint32_t key, int64_t index) {
     return mix(mix(key ^ (uint32_t)index) ^ (uint32_t)((uint64_t)index >> 32));
 }
-static inline float bf16_to_f(uint16_t h) {
+INLINE float bf16_to_f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
 }
-static inline uint16_t f_to_bf16_nearest(float f) {
+/* Branch-free (vectorizable): non-finite values round to nearest (NaN stays NaN, quiet). */
+INLINE uint16_t f_to_bf16(float f, uint32_t add, int stochastic) {
     uint32_t u; memcpy(&u, &f, 4);
-    if (isnan(f)) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-static inline uint16_t f_to_bf16_sr(float f, uint32_t bits) {
-    if (!isfinite(f)) return f_to_bf16_nearest(f);
-    uint32_t u; memcpy(&u, &f, 4);
-    u += bits >> 16;
-    return (uint16_t)(u >> 16);
+    const uint32_t nearest = u + 0x7fffu + ((u >> 16) & 1u);
+    const int finite = (u & 0x7f800000u) != 0x7f800000u;
+    const int nan = !finite && (u & 0x007fffffu);
+    uint32_t r = (stochastic && finite) ? u + (add >> 16) : (finite ? nearest : u);
+    r = nan ? (u | 0x00400000u) : r;
+    return (uint16_t)(r >> 16);
 }
 
-/* pk: 0 float32, 1 bfloat16 parameter (and gradient); mk: 0 float32, 1 bfloat16, 2 int8,
-   -1 no momentum. coef = {b, c, d, a}; born: m' = c g. round_p: stochastic rounding of a
-   bfloat16 parameter (else nearest). */
-void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk, int mk,
-                    int born, const float *coef, uint32_t key_m, uint32_t key_p, int64_t offset,
-                    int round_p, int nthreads) {
+/* One block; PK: 0 float32, 1 bfloat16 parameter (and gradient); MK: 0 float32,
+   1 bfloat16, 2 int8, -1 no momentum. Constants after inlining: every combination is its
+   own branch-free loop pair. */
+INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int64_t len, const int PK,
+                  const int MK, int born, float b, float c, float d, float a, uint32_t key_m,
+                  uint32_t key_p, int64_t offset, const int RP) {
+    float mn[BLOCK];
+    float absmax = 0.0f;
+    const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
+    for (int64_t j = 0; j < len; j++) {
+        const int64_t i = s + j;
+        const float gi = PK ? bf16_to_f(((const uint16_t *)g)[i]) : ((const float *)g)[i];
+        float mo = 0.0f;
+        if (MK == 0) mo = ((float *)m)[i];
+        else if (MK == 1) mo = bf16_to_f(((uint16_t *)m)[i]);
+        else if (MK == 2) mo = (float)((int8_t *)m)[i] * old_scale;
+        float mb = mo * b;
+        float cg = gi * c;
+        const float v = MK < 0 ? gi : (born ? cg : mb + cg);
+        mn[j] = v;
+        const float av = fabsf(v);
+        absmax = av > absmax ? av : absmax;
+    }
+    const float scale = absmax / 127.0f;
+    if (MK == 2) scales[s / BLOCK] = scale;
+    for (int64_t j = 0; j < len; j++) {
+        const int64_t i = s + j;
+        const float v = mn[j];
+        if (MK == 0) {
+            ((float *)m)[i] = v;
+        } else if (MK == 1) {
+            ((uint16_t *)m)[i] = f_to_bf16(v, draw(key_m, offset + i), 1);
+        } else if (MK == 2) {
+            float q = scale > 0.0f ? v / scale : 0.0f;
+            const float u = (float)(draw(key_m, offset + i) >> 8) * 5.9604644775390625e-08f;
+            q = q + u;
+            /* floor by truncation (vectorizes; floorf may be a call): |q| <= 128 here */
+            q = q > 127.0f ? 127.0f : q;
+            q = q < -127.0f ? -127.0f : q;
+            int32_t t = (int32_t)q;
+            t -= (float)t > q;
+            ((int8_t *)m)[i] = (int8_t)t;
+        }
+        if (PK) {
+            float pd = bf16_to_f(((uint16_t *)p)[i]) * d;
+            float am = v * a;
+            const uint32_t bits = RP ? draw(key_p, offset + i) : 0u;
+            ((uint16_t *)p)[i] = f_to_bf16(pd + am, bits, RP);
+        } else {
+            float *pp = (float *)p;
+            float pd = pp[i] * d;
+            float am = v * a;
+            pp[i] = pd + am;
+        }
+    }
+}
+
+#define CASE(PK, MK)                                                                          \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)")       \
+    for (int64_t k = 0; k < nblocks; k++) {                                                   \
+        const int64_t s = k * BLOCK, len = (s + BLOCK < n ? s + BLOCK : n) - s;               \
+        if (round_p) block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 1); \
+        else block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 0); \
+    }                                                                                         \
+    return;
+
+/* coef = {b, c, d, a}: m' = b m + c g (born: c g), p' = d p + a m'. round_p: stochastic
+   rounding of a bfloat16 parameter (else nearest). */
+SAI_TARGETS void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk,
+                                int mk, int born, const float *coef, uint32_t key_m, uint32_t key_p,
+                                int64_t offset, int round_p, int nthreads) {
     const float b = coef[0], c = coef[1], d = coef[2], a = coef[3];
     const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)
-    for (int64_t k = 0; k < nblocks; k++) {
-        float mn[BLOCK];
-        const int64_t s = k * BLOCK, e = s + BLOCK < n ? s + BLOCK : n, len = e - s;
-        float absmax = 0.0f;
-        const float old_scale = (mk == 2 && !born) ? scales[k] : 0.0f;
-        for (int64_t j = 0; j < len; j++) {
-            const int64_t i = s + j;
-            const float gi = pk ? bf16_to_f(((const uint16_t *)g)[i]) : ((const float *)g)[i];
-            float v;
-            if (mk < 0) {
-                v = gi;
-            } else if (born) {
-                v = c * gi;
-            } else {
-                float mo;
-                if (mk == 0) mo = ((float *)m)[i];
-                else if (mk == 1) mo = bf16_to_f(((uint16_t *)m)[i]);
-                else mo = (float)((int8_t *)m)[i] * old_scale;
-                float mb = mo * b;
-                float cg = gi * c;
-                v = mb + cg;
-            }
-            mn[j] = v;
-            const float av = fabsf(v);
-            if (av > absmax) absmax = av;
-        }
-        float scale = absmax / 127.0f;
-        if (mk == 2) scales[k] = scale;
-        for (int64_t j = 0; j < len; j++) {
-            const int64_t i = s + j;
-            const float v = mn[j];
-            if (mk == 0) {
-                ((float *)m)[i] = v;
-            } else if (mk == 1) {
-                ((uint16_t *)m)[i] = f_to_bf16_sr(v, draw(key_m, offset + i));
-            } else if (mk == 2) {
-                float q = scale > 0.0f ? v / scale : 0.0f;
-                const float u = (float)(draw(key_m, offset + i) >> 8) * 5.9604644775390625e-08f;
-                q = floorf(q + u);
-                if (q > 127.0f) q = 127.0f;
-                if (q < -127.0f) q = -127.0f;
-                ((int8_t *)m)[i] = (int8_t)q;
-            }
-            if (pk) {
-                const float po = bf16_to_f(((uint16_t *)p)[i]);
-                float pd = po * d;
-                float am = v * a;
-                float pn = pd + am;
-                ((uint16_t *)p)[i] = round_p ? f_to_bf16_sr(pn, draw(key_p, offset + i))
-                                             : f_to_bf16_nearest(pn);
-            } else {
-                float *pp = (float *)p;
-                float pd = pp[i] * d;
-                float am = v * a;
-                pp[i] = pd + am;
-            }
-        }
+    if (pk == 0) {
+        if (mk == 0) { CASE(0, 0) } else if (mk == 1) { CASE(0, 1) } else if (mk == 2) { CASE(0, 2) }
+        else { CASE(0, -1) }
+    } else {
+        if (mk == 0) { CASE(1, 0) } else if (mk == 1) { CASE(1, 1) } else if (mk == 2) { CASE(1, 2) }
+        else { CASE(1, -1) }
     }
 }
 """.replace("SAI_BLOCK", str(BLOCK))
@@ -173,12 +190,19 @@ def library() -> ctypes.CDLL | None:
                 src, out = os.path.join(tmp, "sai_lowp.c"), os.path.join(tmp, "sai_lowp.so")
                 with open(src, "w") as f:
                     f.write(_SOURCE)
-                proc = subprocess.run(
-                    [cc, *_FLAGS, src, "-o", out, "-lm"],
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                )
+                # Multiversioned (AVX2 + baseline) where the toolchain can, as sai_dist.native.
+                multi = platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux")
+                proc = None
+                for extra in ([["-DSAI_MULTIVERSION"]] if multi else []) + [[]]:
+                    proc = subprocess.run(
+                        [cc, *_FLAGS, *extra, src, "-o", out, "-lm"],
+                        capture_output=True,
+                        text=True,
+                        timeout=300,
+                    )
+                    if proc.returncode == 0:
+                        break
+                assert proc is not None
                 if proc.returncode != 0:
                     raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
                 os.replace(out, target)
