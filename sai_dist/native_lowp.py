@@ -103,6 +103,7 @@ INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int
     }
     const float scale = absmax / 127.0f;
     if (MK == 2) scales[s / BLOCK] = scale;
+    const float safe = scale > 0.0f ? scale : 1.0f;
     for (int64_t j = 0; j < len; j++) {
         const int64_t i = s + j;
         const float v = mn[j];
@@ -111,7 +112,9 @@ INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int
         } else if (MK == 1) {
             ((uint16_t *)m)[i] = f_to_bf16(v, draw(key_m, offset + i), 1);
         } else if (MK == 2) {
-            float q = scale > 0.0f ? v / scale : 0.0f;
+            /* scale 0 means every v of the block is 0: dividing by 1 gives the 0 torch's
+               where() gives, without a branch (a guarded division blocks vectorization) */
+            float q = v / safe;
             const float u = (float)(draw(key_m, offset + i) >> 8) * 5.9604644775390625e-08f;
             q = q + u;
             /* floor by truncation (vectorizes; floorf may be a call): |q| <= 128 here */
