@@ -91,3 +91,34 @@ def run(
 
 def fsdp2(rank: int, world: int, *args: Any) -> dict[str, Any]:
     return run(rank, world, *args)
+
+
+def oss(rank: int, world: int, shapes, dtype, momentum_dtype, steps) -> dict[str, Any]:
+    """fairscale ``OSS(optim=SGDSaI, momentum_dtype=...)`` under DDP, every rank on the
+    same full batch: each rank steps the parameters it owns, whole."""
+    from fairscale.optim import OSS
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import sai_dist.fairscale  # hooks OSS so its SGDSaI gets the layout
+
+    model = make_model(shapes, dtype)
+    opt = OSS(
+        model.parameters(),
+        optim=sai_dist.SGDSaI,
+        lr=0.05,
+        momentum=0.9,
+        momentum_dtype=momentum_dtype,
+        seed=SEED,
+    )
+    wrapped = DDP(model)
+    for step in range(steps):
+        x, y = batch(step, shapes[0][0], dtype)
+        ((wrapped(x).float().mean(-1) - y.float()) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    inner = opt.optim
+    owned = {clean_name(n): p for n, p in model.named_parameters() if p in inner.state}
+    return {
+        "params": {clean_name(n): p.detach().float().clone() for n, p in model.named_parameters()},
+        "owned": {n: str(inner.state[p]["momentum_buffer"].dtype) for n, p in owned.items()},
+    }

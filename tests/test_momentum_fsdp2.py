@@ -68,3 +68,15 @@ def test_fsdp2_unaligned_shards_within_one_quantization_step(steps):
         assert worst <= 1.0 + 1e-6 and drift == 0.0
     else:
         assert worst <= 2.0 and drift < 1e-3
+
+
+def test_fairscale_oss_int8_momentum_bit_identical_to_single_process():
+    single = R.run(None, None, ALIGNED, torch.float32, "int8", 3)
+    ranks = run_ranks(R.oss, 2, ALIGNED, torch.float32, "int8", 3, timeout=240)
+    owned = {}
+    for got in ranks:
+        owned.update(got["owned"])
+        for name, want in single.items():
+            assert torch.equal(got["params"][name], want["param"]), name
+    assert set(owned) == set(single)  # every parameter stepped by exactly one owner
+    assert {owned[n] for n in owned if single[n]["dtype"] == "torch.int8"} == {"torch.int8"}
