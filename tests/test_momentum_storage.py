@@ -532,3 +532,23 @@ def test_native_kernel_matches_torch_reference(param_dtype, buf_dtype, maximize)
             torch.testing.assert_close(kb.float(), rb.float(), rtol=2**-7, atol=0)
         if buf_dtype != torch.float32:
             assert float((kb == rb).float().mean()) > 0.99
+
+
+def test_deepspeed_config_takes_the_keywords_and_zero_layouts_refuse_low_precision():
+    from sai_dist.deepspeed import check_config_params
+    from sai_dist.layouts.zero import FlatSegmentLayout, Segment
+
+    check_config_params({"lr": 0.1, "momentum_dtype": "int8", "stochastic_rounding": True, "seed": 3})
+    with pytest.raises(ValueError, match="momentum_dtype: 'int4'"):
+        check_config_params({"momentum_dtype": "int4"})
+    # A ZeRO-style flat partition holding two parameters: no single element index.
+    w, b = nn.Parameter(torch.randn(5000)), nn.Parameter(torch.randn(10))
+    flat = nn.Parameter(torch.randn(5010))
+    layout = FlatSegmentLayout(None, [w, b], ["w", "b"], [5000, 10])
+    layout.add_flat(flat, [Segment(0, 0, 5000, 0), Segment(1, 5000, 5010, 0)])
+    opt = SGDSaI([flat], momentum_dtype="int8", layout=layout)
+    flat.grad = torch.randn(5010)
+    before = flat.detach().clone()
+    with pytest.raises(ValueError, match=r"momentum_dtype='int8'.*FlatSegmentLayout"):
+        opt.step()
+    assert torch.equal(flat, before) and not opt.state
