@@ -98,7 +98,10 @@ def _new_buffer(
     """An uninitialised momentum buffer shaped like ``grad`` (the step fills every piece),
     of ``dtype`` (default: the gradient's); elements no piece covers (a flat partition's
     alignment padding) are zeroed so a checkpoint never holds garbage."""
-    buf = torch.empty_like(grad, dtype=dtype).detach()
+    # int8 codes are laid out in the parameter's logical (row-major) order: the block
+    # scales and the rounding index follow it, whatever the gradient's strides.
+    fmt = torch.contiguous_format if dtype == torch.int8 else torch.preserve_format
+    buf = torch.empty_like(grad, dtype=dtype, memory_format=fmt).detach()
     native.advise_huge_pages(layout.local(buf))
     if any(piece.span is not None for piece in pieces):
         flat = layout.local(buf).reshape(-1)

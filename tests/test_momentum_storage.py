@@ -552,3 +552,22 @@ def test_deepspeed_config_takes_the_keywords_and_zero_layouts_refuse_low_precisi
     with pytest.raises(ValueError, match=r"momentum_dtype='int8'.*FlatSegmentLayout"):
         opt.step()
     assert torch.equal(flat, before) and not opt.state
+
+
+def test_non_contiguous_parameter_with_int8_momentum_matches_contiguous():
+    torch.manual_seed(0)
+    base = torch.randn(100, 60)
+    a = nn.Parameter(base.clone())  # contiguous
+    t = nn.Parameter(base.t().contiguous().t())  # same values, column-major strides
+    opts = [SGDSaI([a], momentum_dtype="int8", seed=2), SGDSaI([t], momentum_dtype="int8", seed=2)]
+    for s in range(3):
+        g = torch.randn(100, 60, generator=torch.Generator().manual_seed(s))
+        a.grad, t.grad = g.clone(), g.t().contiguous().t()
+        for o in opts:
+            o.step()
+    # The contiguous one takes the native kernel, the strided one the torch reference: the
+    # same random bits and block layout (logical order), float32 arithmetic to the last bit.
+    torch.testing.assert_close(a, t, rtol=1e-5, atol=1e-6)
+    ca, ct = (o.state[p]["momentum_buffer"].int() for o, p in zip(opts, (a, t), strict=True))
+    assert opts[1].state[t]["momentum_buffer"].is_contiguous()
+    assert int((ca - ct).abs().max()) <= 1 and float((ca == ct).float().mean()) > 0.99
