@@ -34,6 +34,7 @@ from sai_dist.functional import require_fused, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.layouts import Layout, auto_layout
 from sai_dist.stats import BlockMoments, reduce_block_moments
+from sai_dist.whole_model import check_pipeline_group, whole_model_max
 
 __all__ = ["SGDSaI"]
 
@@ -160,6 +161,12 @@ class SGDSaI(Optimizer):
         layout: how the stepped tensors map onto model blocks. ``None`` picks the layout for
             the tensors given (plain tensors, or DTensors from FSDP2/HSDP); integrations
             that rebind param groups pass their own.
+        pipeline_group: for a model split across ranks on plain tensors (pipeline stages
+            without DTensor meshes), a process group holding at least one rank of every
+            stage (the world will do): the normaliser becomes the largest g-SNR of the whole
+            model, reduced over it at step 1 (:mod:`sai_dist.whole_model`). DTensor stages
+            sliced from one root mesh need none: the root's other dims are found by the
+            layout. Every rank passes its own such group.
 
     Invalid input raises before anything is modified: hyperparameters out of range,
     non-finite or of the wrong type (``ValueError`` naming it; ``eps`` must be > 0), a
@@ -192,7 +199,9 @@ class SGDSaI(Optimizer):
         fused: bool | None = None,
         check_ranks: bool = True,
         layout: Layout | None = None,
+        pipeline_group: dist.ProcessGroup | None = None,
     ) -> None:
+        check_pipeline_group(pipeline_group)
         if degenerate not in DEGENERATE_POLICIES:
             raise ValueError(f"Invalid degenerate: {degenerate!r} (must be one of {DEGENERATE_POLICIES})")
         for flag, value in (("normalize", normalize), ("check_ranks", check_ranks)):
@@ -210,6 +219,7 @@ class SGDSaI(Optimizer):
         self.normalize = normalize
         self.degenerate: DegeneratePolicy = degenerate
         self.check_ranks = check_ranks
+        self.pipeline_group = pipeline_group
         self._layout: Layout | None = layout
         # Whether the layout was picked here (and so can be rebuilt for copied tensors).
         self._auto_layout = layout is None
@@ -231,6 +241,7 @@ class SGDSaI(Optimizer):
         state["normalize"] = self.normalize
         state["degenerate"] = self.degenerate
         state["check_ranks"] = self.check_ranks
+        state["pipeline_group"] = None  # a process group does not pickle
         state["_auto_layout"] = self._auto_layout
         state["_layout"] = None if self._auto_layout else self._layout
         return state
@@ -238,6 +249,7 @@ class SGDSaI(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("check_ranks", True)
+        self.__dict__.setdefault("pipeline_group", None)
         if self.__dict__.get("_layout") is None:
             self._auto_layout = True
             self._attach_auto_layout()
@@ -456,17 +468,28 @@ class SGDSaI(Optimizer):
         Collective over the check group and the layout's group: every rank calls it together.
         """
         layout = self.layout
-        moments = self._agreed_moments(tensors, gsnr_max, refusal)
-        bad = (~moments.finite()).nonzero().flatten().tolist()
-        if bad:
-            names = ", ".join(self._describe(b) for b in bad[:10])
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise RuntimeError(
-                f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
-                "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
-                "changed. Check the loss, or let a GradScaler skip the step."
-            )
-        if gsnr_max is None and float(moments.sumsq.sum()) == 0.0:
+        model = self._model_group() if gsnr_max is None else None
+        try:
+            moments = self._agreed_moments(tensors, gsnr_max, refusal)
+            bad = (~moments.finite()).nonzero().flatten().tolist()
+            if bad:
+                names = ", ".join(self._describe(b) for b in bad[:10])
+                more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+                raise RuntimeError(
+                    f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
+                    "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
+                    "changed. Check the loss, or let a GradScaler skip the step."
+                )
+        except Exception as e:
+            if model is not None:  # the other stages wait in the whole-model max: tell them
+                whole_model_max(model, None, False, self._stage_options(), refusal=e)
+            raise
+        whole = None
+        if model is not None:
+            local = block_gsnr(moments, self._block_eps(), self.degenerate)
+            nonzero = float(moments.sumsq.sum()) != 0.0
+            whole = whole_model_max(model, local, nonzero, self._stage_options())
+        if gsnr_max is None and (float(moments.sumsq.sum()) == 0.0 if whole is None else not whole.nonzero):
             # No tensor with a gradient at all is a different mistake from zero gradients: a
             # step() before backward(), or an optimizer built from tensors the model no longer
             # uses (e.g. model.parameters() taken before fully_shard replaced them).
@@ -482,14 +505,10 @@ class SGDSaI(Optimizer):
             )
             return False
 
-        eps = torch.full((layout.num_blocks,), float("nan"), dtype=torch.float64)
-        for p, group in ((p, g) for g in self.param_groups for p in g["params"]):
-            for piece in layout.pieces(p):
-                eps[piece.block] = group["eps"]
-        eps = layout.block_eps(eps)
-        g = block_gsnr(moments, eps.nan_to_num(self.defaults["eps"]), self.degenerate, fill=gsnr_max)
+        fill = gsnr_max if whole is None else whole.fill
+        g = block_gsnr(moments, self._block_eps(), self.degenerate, fill=fill)
         if gsnr_max is None:
-            gsnr_max = max_gsnr(g)
+            gsnr_max = max_gsnr(g) if whole is None else whole.gsnr_max
         divisor = normaliser(gsnr_max, self.normalize)
         degenerate = g.degenerate.nonzero().flatten().tolist()
         if degenerate and self.degenerate == "max":
@@ -518,6 +537,29 @@ class SGDSaI(Optimizer):
                 state[SCALE] = scales32[blocks]
             state[GSNR_MAX] = max_t.clone()
         return True
+
+    def _block_eps(self) -> Tensor:
+        """Per-block epsilon from the param groups (the default for blocks none names)."""
+        layout = self.layout
+        eps = torch.full((layout.num_blocks,), float("nan"), dtype=torch.float64)
+        for p, group in ((p, g) for g in self.param_groups for p in g["params"]):
+            for piece in layout.pieces(p):
+                eps[piece.block] = group["eps"]
+        return layout.block_eps(eps).nan_to_num(self.defaults["eps"])
+
+    def _model_group(self) -> dist.ProcessGroup | None:
+        """The group holding every part of the model, when this optimizer steps one part:
+        ``pipeline_group``, or the layout's (DTensor stages sliced from one root mesh)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.pipeline_group if self.pipeline_group is not None else self.layout.model_group
+        return group if group is not None and dist.get_world_size(group) > 1 else None
+
+    def _stage_options(self) -> dict[str, Any]:
+        """What every part's optimizer must share for one whole-model normaliser."""
+        keys = ("lr", "momentum", "weight_decay", "eps", "maximize")
+        options = {"normalize": self.normalize, "degenerate": self.degenerate}
+        return {**options, **{k: self.defaults[k] for k in keys}}
 
     # -- step ----------------------------------------------------------------------
 

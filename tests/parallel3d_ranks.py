@@ -1,0 +1,214 @@
+"""Rank functions and the single-process reference for tests/test_tensor_parallel.py and
+tests/test_pipeline_parallel.py: a tiny decoder-only model under TP, FSDP2 x TP, PP x FSDP2
+and PP x FSDP2 x TP, with real ``torch.distributed.pipelining`` schedules.
+
+The model (vocab 16, width 8, 2 heads, 2 blocks) has the parameters torchtitan's models
+have: an embedding, per block two LayerNorms, q/k/v/o projections and an MLP with biases,
+a final norm and an output head. Tensor parallel follows torchtitan's plan: q, k, v and
+the MLP's first linear ``ColwiseParallel`` (weights and bias ``Shard(0)`` on ``tp``), o
+and the second linear ``RowwiseParallel`` (weight ``Shard(1)``, bias ``Replicate``); norms,
+embedding and head are not tensor-parallel (they live on the ``dp`` sub-mesh only, or are
+plain tensors without FSDP2). FSDP2 shards every block and the stage root on ``dp``.
+
+Every step uses the same global batch on every configuration: a data-parallel rank trains
+on its contiguous slice with the mean loss, and a pipeline splits the slice into
+micro-batches whose (mean) losses the schedule averages, so every configuration's gradient
+is the single-process gradient of the mean loss over the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import sai_dist
+from sai_dist.table import clean_name
+
+VOCAB, DIM, HEADS, SEQ = 16, 8, 2, 6
+LAYERS = 2
+GLOBAL_BATCH = 4
+MICROBATCHES = 2
+STEPS = 5
+LR = 0.05
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(DIM)
+        self.q = nn.Linear(DIM, DIM, bias=False)
+        self.k = nn.Linear(DIM, DIM, bias=False)
+        self.v = nn.Linear(DIM, DIM, bias=False)
+        self.o = nn.Linear(DIM, DIM, bias=False)
+        self.norm2 = nn.LayerNorm(DIM)
+        self.w1 = nn.Linear(DIM, 2 * DIM)
+        self.w2 = nn.Linear(2 * DIM, DIM)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        h = self.norm1(x)
+        # Under TP the projections return this rank's heads only: infer their number.
+        q, k, v = (f(h).view(b, t, -1, DIM // HEADS).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
+        return x + self.w2(F.gelu(self.w1(self.norm2(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed: nn.Module | None = nn.Embedding(VOCAB, DIM)
+        self.layers = nn.ModuleDict({str(i): Block() for i in range(LAYERS)})
+        self.norm: nn.Module | None = nn.LayerNorm(DIM)
+        self.head: nn.Module | None = nn.Linear(DIM, VOCAB, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x) if self.embed is not None else x
+        for layer in self.layers.values():
+            h = layer(h)
+        h = self.norm(h) if self.norm is not None else h
+        return self.head(h) if self.head is not None else h
+
+
+def make_model() -> Decoder:
+    torch.manual_seed(0)
+    model = Decoder()
+    with torch.no_grad():  # LayerNorm starts at (1, 0): perturb it so its g-SNR is generic
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def batch(step: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def loss_fn(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
+
+
+def groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Matrices decayed, 1-D parameters not, as a user would split them."""
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.ndim >= 2]
+    rest = [p for n, p in named if p.ndim < 2]
+    return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def reference(steps: int = STEPS) -> dict[str, Any]:
+    """Single-process SGDSaI on the whole model and the global batches."""
+    model = make_model()
+    opt = sai_dist.SGDSaI(groups(model), lr=LR)
+    for step in range(steps):
+        x, y = batch(step)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "table": sai_dist.gsnr_table(model, opt),
+    }
+
+
+# -- building one rank's part -----------------------------------------------------------
+
+
+def _mesh(pp: int, dp: int, tp: int) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+def _stage_module(model: Decoder, stage: int, stages: int) -> Decoder:
+    """Keep this stage's layers only (torchtitan's way of splitting a model)."""
+    if stages == 1:
+        return model
+    per = LAYERS // stages
+    keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
+    for name in list(model.layers):
+        if name not in keep:
+            del model.layers[name]
+    if stage != 0:
+        model.embed = None
+    if stage != stages - 1:
+        model.norm = None
+        model.head = None
+    return model
+
+
+def _parallelize(model: Decoder, mesh: Any, dp: int, tp: int) -> Decoder:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if tp > 1:
+        plan = {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel()}
+        plan.update(o=RowwiseParallel(), w1=ColwiseParallel(), w2=RowwiseParallel())
+        for block in model.layers.values():
+            parallelize_module(block, mesh["tp"], plan)
+    if dp > 1:
+        for block in model.layers.values():
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def _full(p: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+
+
+def train(rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the (pp, dp, tp) configuration for STEPS steps; return this rank's part."""
+    extra = extra or {}
+    mesh = _mesh(pp, dp, tp)
+    coord = dict(zip(("pp", "dp", "tp"), mesh.get_coordinate(), strict=True))
+    stage = coord["pp"]
+    model = _parallelize(_stage_module(make_model(), stage, pp), mesh, dp, tp)
+    opt = sai_dist.SGDSaI(groups(model), lr=LR, **extra.get("opt", {}))
+    schedule = None
+    if pp > 1:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        pp_stage = PipelineStage(model, stage, pp, torch.device("cpu"), group=mesh.get_group("pp"))
+        kind = Schedule1F1B if extra.get("schedule") == "1f1b" else ScheduleGPipe
+        schedule = kind(pp_stage, MICROBATCHES, loss_fn=loss_fn)
+    per = GLOBAL_BATCH // dp
+    sl = slice(coord["dp"] * per, (coord["dp"] + 1) * per)
+    losses: list[float] = []
+    for step in range(STEPS):
+        x, y = batch(step)
+        x, y = x[sl], y[sl]
+        if schedule is None:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        elif stage == 0:
+            schedule.step(x)
+        else:
+            out: list[Tensor] = []
+            schedule.step(target=y, losses=out)
+            losses.append(float(sum(out)) / len(out))
+        opt.step()
+        opt.zero_grad()
+    return {
+        "coord": coord,
+        "params": {clean_name(n): _full(p) for n, p in model.named_parameters()},
+        "table": sai_dist.gsnr_table(model, opt),
+        "placements": {
+            clean_name(n): str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()
+        },
+    }
+
+
+def launch(rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, Any] | None = None) -> Any:
+    assert pp * dp * tp == world
+    out = train(rank, world, pp, dp, tp, extra)
+    dist.barrier()
+    return out
