@@ -140,6 +140,12 @@ def check_pipeline_group(group: Any) -> None:
         return
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("Invalid pipeline_group: torch.distributed is not initialised")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to non-members
+        raise ValueError(
+            f"Invalid pipeline_group: dist.new_group returned NON_GROUP_MEMBER, a group that holds other "
+            f"ranks, not this rank {dist.get_rank()}; pass a group with one rank of every pipeline stage "
+            "(or the whole world) on every rank"
+        )
     if not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"Invalid pipeline_group: {group!r} is not a torch.distributed ProcessGroup")
     if dist.get_rank(group) < 0:

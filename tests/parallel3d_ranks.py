@@ -165,14 +165,19 @@ def _full(p: Tensor) -> Tensor:
     return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
 
 
-def train(rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(
+    rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train the (pp, dp, tp) configuration for STEPS steps; return this rank's part."""
     extra = extra or {}
     mesh = _mesh(pp, dp, tp)
     coord = dict(zip(("pp", "dp", "tp"), mesh.get_coordinate(), strict=True))
     stage = coord["pp"]
     model = _parallelize(_stage_module(make_model(), stage, pp), mesh, dp, tp)
-    opt = sai_dist.SGDSaI(groups(model), lr=LR, **extra.get("opt", {}))
+    kwargs = dict(extra.get("opt", {}))
+    if extra.get("pipeline_group"):  # plain-tensor stages name the group holding them all
+        kwargs.update(pipeline_group=mesh.get_group("pp"), check_ranks=False)
+    opt = sai_dist.SGDSaI(groups(model), lr=LR, **kwargs)
     schedule = None
     if pp > 1:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -182,7 +187,9 @@ def train(rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, Any
         schedule = kind(pp_stage, MICROBATCHES, loss_fn=loss_fn)
     per = GLOBAL_BATCH // dp
     sl = slice(coord["dp"] * per, (coord["dp"] + 1) * per)
-    losses: list[float] = []
+    from tests.collectives import CollectiveCounter
+
+    counts: list[dict[str, int]] = []
     for step in range(STEPS):
         x, y = batch(step)
         x, y = x[sl], y[sl]
@@ -192,13 +199,14 @@ def train(rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, Any
         elif stage == 0:
             schedule.step(x)
         else:
-            out: list[Tensor] = []
-            schedule.step(target=y, losses=out)
-            losses.append(float(sum(out)) / len(out))
-        opt.step()
+            schedule.step(target=y, losses=[])
+        with CollectiveCounter() as counter:
+            opt.step()
+        counts.append(dict(counter.counts))
         opt.zero_grad()
     return {
         "coord": coord,
+        "step_counts": counts,
         "params": {clean_name(n): _full(p) for n, p in model.named_parameters()},
         "table": sai_dist.gsnr_table(model, opt),
         "placements": {
@@ -211,4 +219,63 @@ def launch(rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, An
     assert pp * dp * tp == world
     out = train(rank, world, pp, dp, tp, extra)
     dist.barrier()
+    return out
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+def _outcome(fn: Any) -> str:
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _untouched(params: list[nn.Parameter], before: list[Tensor], opt: sai_dist.SGDSaI) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(params, before, strict=True)) and not opt.state
+
+
+def bad_input(rank: int, world: int) -> dict[str, Any]:
+    """Refusals on 2 ranks: meshes of two roots, Partial on a 2-D mesh, a pipeline group
+    without this rank, stages that disagree on lr, a stage that refuses the g-SNR step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    out: dict[str, Any] = {}
+    a = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    b = init_device_mesh("cpu", (world, 1), mesh_dim_names=("x", "y"))
+    on_a = nn.Parameter(distribute_tensor(torch.ones(4, 2), a["tp"], [Shard(0)]))
+    on_b = nn.Parameter(distribute_tensor(torch.ones(4, 2), b["y"], [Shard(0)]))
+    out["roots"] = _outcome(lambda: sai_dist.SGDSaI([on_a, on_b]))
+    partial = nn.Parameter(DTensor.from_local(torch.ones(2), a, [Shard(0), Partial()]))
+    out["partial"] = _outcome(lambda: sai_dist.SGDSaI([on_a, partial]))
+    mine = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    stranger = mine[(rank + 1) % world]
+    out["stranger_group"] = _outcome(lambda: sai_dist.SGDSaI([on_a], pipeline_group=stranger))
+
+    # Two plain-tensor "stages" (different tensors per rank) sharing one normaliser.
+    def stage(lr: float, grad: float = 1.0) -> tuple[list[nn.Parameter], sai_dist.SGDSaI]:
+        g = torch.Generator().manual_seed(rank)
+        params = [nn.Parameter(torch.randn(3 + rank, 2, generator=g)) for _ in range(2)]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * grad
+        world_group = dist.group.WORLD
+        return params, sai_dist.SGDSaI(params, lr=lr, pipeline_group=world_group, check_ranks=False)
+
+    params, opt = stage(lr=0.1 if rank == 0 else 0.2)
+    before = [p.detach().clone() for p in params]
+    out["lr"] = _outcome(opt.step)
+    out["lr_untouched"] = _untouched(params, before, opt)
+    params, opt = stage(lr=0.1, grad=float("nan") if rank == 1 else 1.0)
+    before = [p.detach().clone() for p in params]
+    out["refusal"] = _outcome(opt.step)
+    out["refusal_untouched"] = _untouched(params, before, opt)
+    # Agreeing stages after the refusals: the whole-model max is the larger stage max.
+    params, opt = stage(lr=0.1)
+    opt.step()
+    local = max(float(p.grad.norm() / p.grad.std()) for p in params)
+    out["local_max"] = local
+    out["gsnr_max"] = float(opt.state[params[0]]["gsnr_max"])
     return out

@@ -1,0 +1,80 @@
+"""Pipeline parallel (``torch.distributed.pipelining``: ``PipelineStage`` with
+``ScheduleGPipe`` / ``Schedule1F1B``, 2 micro-batches) with FSDP2 and TP inside the
+stages, against the single-process SGDSaI run on the whole model.
+
+Each stage's optimizer steps its own layers, yet every scale must be the whole model's:
+g-SNR over the largest g-SNR of *every* stage. DTensor stages sliced from one
+``(pp, dp, tp)`` mesh find the other stages by themselves (one extra tiny all_reduce at
+step 1: four in all); plain-tensor stages name them with ``pipeline_group``, and without
+it train a different algorithm (the negative control below).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests import parallel3d_ranks as R
+from tests.distributed import run_ranks
+from tests.test_tensor_parallel import GSNR_RTOL, check
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, Any]:
+    return R.reference()
+
+
+def covers_model(results: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    names = {n for out in results for n in out["table"]}
+    assert names == set(ref["table"])
+
+
+def test_pipeline_x_fsdp2_4_ranks_1f1b(ref):
+    results = run_ranks(R.launch, 4, 2, 2, 1, {"schedule": "1f1b"}, timeout=400)
+    covers_model(results, ref)
+    check(results, ref, {"dist.all_reduce": 4})
+
+
+@pytest.mark.slow
+def test_pipeline_x_fsdp2_x_tensor_parallel_8_ranks(ref):
+    results = run_ranks(R.launch, 8, 2, 2, 2, timeout=500)
+    covers_model(results, ref)
+    assert results[0]["placements"]["layers.0.q.weight"].startswith("(_StridedShard(dim=0")
+    check(results, ref, {"dist.all_reduce": 4})
+
+
+def test_plain_tensor_pipeline_needs_and_takes_pipeline_group(ref):
+    named = run_ranks(R.launch, 2, 2, 1, 1, {"pipeline_group": True}, timeout=300)
+    covers_model(named, ref)
+    # No statistics group (each stage holds its tensors whole): only the whole-model max.
+    check(named, ref, {"dist.all_reduce": 1})
+    # Negative control: without the group each stage normalises by its own max.
+    alone = run_ranks(R.launch, 2, 2, 1, 1, {"opt": {"check_ranks": False}}, timeout=300)
+    worst = max(
+        abs(row["scale"] - ref["table"][n]["scale"]) / ref["table"][n]["scale"]
+        for out in alone
+        for n, row in out["table"].items()
+    )
+    # The two stages' maxima are close on this model (2.2e-4 apart), still 200x the tolerance.
+    assert worst > 100 * GSNR_RTOL
+
+
+def test_bad_input_on_every_rank():
+    results = run_ranks(R.bad_input, 2, timeout=300)
+    for rank, out in enumerate(results):
+        assert "device meshes over different ranks" in out["roots"]
+        assert "not slices of one root mesh" in out["roots"]
+        assert "Partial on mesh dim(s) [1]" in out["partial"]
+        assert out["stranger_group"].startswith("ValueError: Invalid pipeline_group")
+        assert f"not this rank {rank}" in out["stranger_group"]
+        assert out["lr"].startswith("RankMismatchError")
+        assert "'lr': 0.1" in out["lr"] and "'lr': 0.2" in out["lr"] and "ranks [1]" in out["lr"]
+        assert out["lr_untouched"]
+        assert out["refusal_untouched"]
+        assert out["gsnr_max"] == pytest.approx(max(o["local_max"] for o in results), rel=1e-6)
+    assert "RuntimeError: SGDSaI: non-finite gradient" in results[1]["refusal"]
+    assert results[0]["refusal"].startswith("RankMismatchError")
+    assert "rank 1 refused the step: RuntimeError: SGDSaI: non-finite" in results[0]["refusal"]
