@@ -242,6 +242,7 @@ class SGDSaI(Optimizer):
         state["degenerate"] = self.degenerate
         state["check_ranks"] = self.check_ranks
         state["pipeline_group"] = None  # a process group does not pickle
+        state.pop("_parts", None)  # links to other optimizers are this process's
         state["_auto_layout"] = self._auto_layout
         state["_layout"] = None if self._auto_layout else self._layout
         return state
@@ -469,26 +470,20 @@ class SGDSaI(Optimizer):
         """
         layout = self.layout
         model = self._model_group() if gsnr_max is None else None
-        try:
-            moments = self._agreed_moments(tensors, gsnr_max, refusal)
-            bad = (~moments.finite()).nonzero().flatten().tolist()
-            if bad:
-                names = ", ".join(self._describe(b) for b in bad[:10])
-                more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-                raise RuntimeError(
-                    f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
-                    "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
-                    "changed. Check the loss, or let a GradScaler skip the step."
-                )
-        except Exception as e:
-            if model is not None:  # the other stages wait in the whole-model max: tell them
-                whole_model_max(model, None, False, self._stage_options(), refusal=e)
-            raise
-        whole = None
-        if model is not None:
-            local = block_gsnr(moments, self._block_eps(), self.degenerate)
-            nonzero = float(moments.sumsq.sum()) != 0.0
-            whole = whole_model_max(model, local, nonzero, self._stage_options())
+        linked = self.__dict__.pop("_linked_step1", None) if gsnr_max is None and refusal is None else None
+        if linked is not None:  # a part linked with this one reduced it already
+            moments, whole = linked
+        else:
+            try:
+                moments = self._agreed_moments(tensors, gsnr_max, refusal)
+                self._refuse_non_finite(moments)
+            except Exception as e:
+                if model is not None:  # the other stages wait in the whole-model max: tell them
+                    whole_model_max(model, None, False, self._stage_options(), refusal=e)
+                raise
+            whole = None
+            if gsnr_max is None and (model is not None or getattr(self, "_parts", None)):
+                whole = self._whole_model(model, moments)
         if gsnr_max is None and (float(moments.sumsq.sum()) == 0.0 if whole is None else not whole.nonzero):
             # No tensor with a gradient at all is a different mistake from zero gradients: a
             # step() before backward(), or an optimizer built from tensors the model no longer
@@ -538,6 +533,57 @@ class SGDSaI(Optimizer):
             state[GSNR_MAX] = max_t.clone()
         return True
 
+    def _fresh_tensors(self) -> list[Tensor]:
+        """Tensors with a gradient and no fixed scale yet, each once: a parameter listed
+        twice (torch.optim allows it) must not feed its gradient into the statistics twice."""
+        return list(
+            dict.fromkeys(
+                p
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None and SCALE not in self.state.get(p, ())
+            )
+        )
+
+    def _whole_model(self, model: dist.ProcessGroup | None, moments: BlockMoments) -> Any:
+        """The whole model's normaliser at step 1, over this optimizer's blocks, those of
+        the other model parts linked with it on this rank (:func:`sai_dist.link_parts`,
+        whose moments are computed here and kept for their own step 1) and, with
+        ``model``, every other rank's parts."""
+        parts = [q for q in getattr(self, "_parts", ()) if q is not self and not q.initialized]
+        gsnrs = [block_gsnr(moments, self._block_eps(), self.degenerate)]
+        nonzero = float(moments.sumsq.sum()) != 0.0
+        kept: dict[int, BlockMoments] = {}
+        try:
+            for q in parts:
+                q._validated_groups()
+                q_moments = q._agreed_moments(q._fresh_tensors(), None, None)
+                q._refuse_non_finite(q_moments)
+                gsnrs.append(block_gsnr(q_moments, q._block_eps(), q.degenerate))
+                nonzero = nonzero or float(q_moments.sumsq.sum()) != 0.0
+                kept[id(q)] = q_moments
+        except Exception as e:
+            if model is not None:
+                whole_model_max(model, None, False, self._stage_options(), refusal=e)
+            raise
+        whole = whole_model_max(model, gsnrs, nonzero, self._stage_options())
+        if whole.nonzero:
+            for q in parts:
+                q._linked_step1 = (kept[id(q)], whole)
+        return whole
+
+    def _refuse_non_finite(self, moments: BlockMoments) -> None:
+        """Raise, naming the blocks, if a gradient at the g-SNR step is not finite."""
+        bad = (~moments.finite()).nonzero().flatten().tolist()
+        if bad:
+            names = ", ".join(self._describe(b) for b in bad[:10])
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise RuntimeError(
+                f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
+                "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
+                "changed. Check the loss, or let a GradScaler skip the step."
+            )
+
     def _block_eps(self) -> Tensor:
         """Per-block epsilon from the param groups (the default for blocks none names)."""
         layout = self.layout
@@ -583,14 +629,7 @@ class SGDSaI(Optimizer):
         gsnr_max = self._gsnr_max()
         # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
         # must not feed its gradient into the block statistics twice.
-        fresh = list(
-            dict.fromkeys(
-                p
-                for g in self.param_groups
-                for p in g["params"]
-                if p.grad is not None and SCALE not in self.state.get(p, ())
-            )
-        )
+        fresh = self._fresh_tensors()
         try:
             stepped = self._validated_groups()
         except Exception as refusal:

@@ -36,7 +36,7 @@ from sai_dist.consistency import RankMismatchError, digest
 from sai_dist.gsnr import GSNR
 from sai_dist.stats import _collective_device
 
-__all__ = ["WholeModel", "check_pipeline_group", "whole_model_max"]
+__all__ = ["WholeModel", "check_pipeline_group", "link_parts", "whole_model_max"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ def _float(bits: int) -> float:
 
 
 def whole_model_max(
-    group: dist.ProcessGroup,
-    local: GSNR | None,
+    group: dist.ProcessGroup | None,
+    local: GSNR | list[GSNR] | None,
     nonzero: bool,
     options: dict[str, Any],
     *,
@@ -87,20 +87,21 @@ def whole_model_max(
     """
     reg = off = 0.0
     degenerate = False
-    if local is not None:
-        regular = local.present & ~local.degenerate
+    for part in [] if local is None else [local] if isinstance(local, GSNR) else local:
+        regular = part.present & ~part.degenerate
         if bool(regular.any()):
-            reg = float(local.raw[regular].max())
-        if bool(local.present.any()):
-            off = float(local.raw[local.present].max())
-        degenerate = bool(local.degenerate.any())
+            reg = max(reg, float(part.raw[regular].max()))
+        if bool(part.present.any()):
+            off = max(off, float(part.raw[part.present].max()))
+        degenerate = degenerate or bool(part.degenerate.any())
     h = digest(options)
-    row = [int(refusal is not None), int(nonzero), _bits(reg), _bits(off), int(degenerate), h, -h]
-    buf = torch.tensor(row, dtype=torch.int64).to(_collective_device(group))
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    got = buf.cpu().tolist()
+    got = [int(refusal is not None), int(nonzero), _bits(reg), _bits(off), int(degenerate), h, -h]
+    if group is not None:  # else: several parts on this rank are the whole model
+        buf = torch.tensor(got, dtype=torch.int64).to(_collective_device(group))
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+        got = buf.cpu().tolist()
     refused, agree = bool(got[0]), got[5] == -got[6]
-    if refused or not agree:
+    if group is not None and (refused or not agree):
         text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
         mine = {"rank": dist.get_rank(), "refusal": text, "options": options}
         gathered: list[Any] = [None] * dist.get_world_size(group)
@@ -108,6 +109,8 @@ def whole_model_max(
         if refusal is not None:
             raise refusal
         raise RankMismatchError(_message(gathered))
+    if refusal is not None:
+        raise refusal
     reg, off = _float(got[2]), _float(got[3])
     if options.get("degenerate") == "official":
         return WholeModel(fill=off, gsnr_max=off, nonzero=bool(got[1]))
@@ -154,3 +157,24 @@ def check_pipeline_group(group: Any) -> None:
             f"Invalid pipeline_group: it holds ranks {ranks}, not this rank {dist.get_rank()}; pass a group "
             "with one rank of every pipeline stage (or the whole world) on every rank"
         )
+
+
+def link_parts(optimizers: Any) -> None:
+    """Make the :class:`~sai_dist.SGDSaI` optimizers of several model parts held by this
+    rank (one per part, as torchtitan's ``OptimizersContainer`` builds them for virtual
+    pipeline stages) share one whole-model normaliser.
+
+    At step 1 the first of them to step computes the statistics of every linked part that
+    has gradients (all of them, after the schedule's backward), takes the max over them and
+    (with a model group) over every other rank's parts in one collective, and hands each
+    other part its moments and the normaliser for its own step 1, which then issues no
+    collective. Every rank must link its parts the same way and step them in the same
+    order. Accepts a list of optimizers or anything with an ``optimizers`` list."""
+    parts = list(getattr(optimizers, "optimizers", optimizers))
+    for opt in parts:
+        if not hasattr(opt, "_whole_model"):
+            raise TypeError(f"link_parts takes SGDSaI optimizers, got {type(opt).__name__}")
+        if opt.initialized:
+            raise ValueError("link_parts: link the parts before step 1 (g-SNR is already fixed)")
+    for opt in parts:
+        opt._parts = parts

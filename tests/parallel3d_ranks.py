@@ -279,3 +279,66 @@ def bad_input(rank: int, world: int) -> dict[str, Any]:
     out["local_max"] = local
     out["gsnr_max"] = float(opt.state[params[0]]["gsnr_max"])
     return out
+
+
+# -- model parts: virtual stages of an interleaved schedule ----------------------------
+
+
+def _part_module(part: int) -> Decoder:
+    """Part ``part`` of 4: the embedding, block 0, block 1, the final norm and head."""
+    model = make_model()
+    keep = {1: "0", 2: "1"}.get(part)
+    for name in list(model.layers):
+        if name != keep:
+            del model.layers[name]
+    if part != 0:
+        model.embed = None
+    if part != 3:
+        model.norm = None
+        model.head = None
+    return model
+
+
+def train_parts(rank: int, world: int, mode: str) -> dict[str, Any]:
+    """2 ranks x 2 parts each (rank r holds parts r and r + 2) under
+    ScheduleInterleaved1F1B, plain tensors, ``pipeline_group`` = the world. ``mode``:
+    ``"one"`` = one SGDSaI over both parts, ``"linked"`` = one per part + link_parts,
+    ``"unlinked"`` = one per part without it (the negative control)."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B
+
+    parts = [rank, rank + world]
+    modules = [_part_module(p) for p in parts]
+    cpu = torch.device("cpu")
+    stages = [PipelineStage(m, p, 2 * world, cpu) for m, p in zip(modules, parts, strict=True)]
+    schedule = ScheduleInterleaved1F1B(stages, MICROBATCHES, loss_fn=loss_fn)
+    kwargs = {"lr": LR, "pipeline_group": dist.group.WORLD, "check_ranks": False}
+    if mode == "one":
+        both = [
+            {"params": [p for m in modules for p in groups(m)[0]["params"]]},
+            {"params": [p for m in modules for p in groups(m)[1]["params"]], "weight_decay": 0.0},
+        ]
+        optimizers = [sai_dist.SGDSaI(both, **kwargs)]
+    else:
+        optimizers = [sai_dist.SGDSaI(groups(m), **kwargs) for m in modules]
+        if mode == "linked":
+            sai_dist.link_parts(optimizers)
+    from tests.collectives import CollectiveCounter
+
+    counts: list[dict[str, int]] = []
+    for step in range(STEPS):
+        x, y = batch(step)
+        schedule.step(x, target=y) if rank == 0 else schedule.step(target=y)
+        with CollectiveCounter() as counter:
+            for opt in optimizers:
+                opt.step()
+        counts.append(dict(counter.counts))
+        for opt in optimizers:
+            opt.zero_grad()
+    table: dict[str, Any] = {}
+    params: dict[str, Tensor] = {}
+    for m in modules:
+        opt = optimizers[0] if mode == "one" else optimizers[modules.index(m)]
+        table.update(sai_dist.gsnr_table(m, opt))
+        params.update({n: _full(p) for n, p in m.named_parameters()})
+    dist.barrier()
+    return {"coord": {"rank": rank}, "params": params, "table": table, "step_counts": counts}

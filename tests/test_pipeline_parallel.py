@@ -78,3 +78,24 @@ def test_bad_input_on_every_rank():
     assert "RuntimeError: SGDSaI: non-finite gradient" in results[1]["refusal"]
     assert results[0]["refusal"].startswith("RankMismatchError")
     assert "rank 1 refused the step: RuntimeError: SGDSaI: non-finite" in results[0]["refusal"]
+
+
+@pytest.mark.parametrize("mode", ["one", "linked"])
+def test_model_parts_interleaved_schedule(ref, mode):
+    """Two parts per rank (ScheduleInterleaved1F1B): one SGDSaI over both, or one per part
+    linked by sai_dist.link_parts, train the whole model's SGD-SaI."""
+    results = run_ranks(R.train_parts, 2, mode, timeout=300)
+    covers_model(results, ref)
+    # "one": the stage check is off (plain stages), the whole-model max is the only
+    # collective; "linked": the same single collective, issued by the first part to step.
+    check(results, ref, {"dist.all_reduce": 1})
+
+
+def test_unlinked_model_parts_are_a_different_algorithm(ref):
+    results = run_ranks(R.train_parts, 2, "unlinked", timeout=300)
+    worst = max(
+        abs(row["scale"] - ref["table"][n]["scale"]) / ref["table"][n]["scale"]
+        for out in results
+        for n, row in out["table"].items()
+    )
+    assert worst > 100 * GSNR_RTOL
