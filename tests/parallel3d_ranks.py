@@ -209,6 +209,7 @@ def train(
         "step_counts": counts,
         "params": {clean_name(n): _full(p) for n, p in model.named_parameters()},
         "table": sai_dist.gsnr_table(model, opt),
+        "whole_table": sai_dist.gsnr_table(model, opt, whole_model=True),
         "placements": {
             clean_name(n): str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()
         },
@@ -340,5 +341,7 @@ def train_parts(rank: int, world: int, mode: str) -> dict[str, Any]:
         opt = optimizers[0] if mode == "one" else optimizers[modules.index(m)]
         table.update(sai_dist.gsnr_table(m, opt))
         params.update({n: _full(p) for n, p in m.named_parameters()})
+    whole = sai_dist.gsnr_table(modules, optimizers * (2 if mode == "one" else 1), whole_model=True)
     dist.barrier()
-    return {"coord": {"rank": rank}, "params": params, "table": table, "step_counts": counts}
+    out = {"coord": {"rank": rank}, "params": params, "table": table, "step_counts": counts}
+    return {**out, "whole_table": whole}

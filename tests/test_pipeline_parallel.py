@@ -28,8 +28,14 @@ def ref() -> dict[str, Any]:
 
 
 def covers_model(results: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    """The stages' tables together are the model's; whole_model=True gives it on every rank."""
     names = {n for out in results for n in out["table"]}
     assert names == set(ref["table"])
+    for out in results:
+        assert set(out["whole_table"]) == set(ref["table"])
+        for name, row in out["whole_table"].items():
+            for key in ("gsnr", "scale"):
+                assert abs(row[key] - ref["table"][name][key]) <= GSNR_RTOL * abs(ref["table"][name][key])
 
 
 def test_pipeline_x_fsdp2_4_ranks_1f1b(ref):
