@@ -33,6 +33,7 @@ LAYERS = 2
 GLOBAL_BATCH = 4
 MICROBATCHES = 2
 STEPS = 5
+SAVE_AT = 3
 LR = 0.05
 
 
@@ -165,55 +166,91 @@ def _full(p: Tensor) -> Tensor:
     return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
 
 
+class Run:
+    """One rank's part of a (pp, dp, tp) configuration: model part, optimizer, schedule."""
+
+    def __init__(self, pp: int, dp: int, tp: int, extra: dict[str, Any] | None = None) -> None:
+        extra = extra or {}
+        self.mesh = mesh = _mesh(pp, dp, tp)
+        self.coord = dict(zip(("pp", "dp", "tp"), mesh.get_coordinate(), strict=True))
+        self.stage = stage = self.coord["pp"]
+        self.model = model = _parallelize(_stage_module(make_model(), stage, pp), mesh, dp, tp)
+        kwargs = dict(extra.get("opt", {}))
+        if extra.get("pipeline_group"):  # plain-tensor stages name the group holding them all
+            kwargs.update(pipeline_group=mesh.get_group("pp"), check_ranks=False)
+        self.opt = sai_dist.SGDSaI(groups(model), lr=LR, **kwargs)
+        self.schedule = None
+        if pp > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+            pp_stage = PipelineStage(model, stage, pp, torch.device("cpu"), group=mesh.get_group("pp"))
+            kind = Schedule1F1B if extra.get("schedule") == "1f1b" else ScheduleGPipe
+            self.schedule = kind(pp_stage, MICROBATCHES, loss_fn=loss_fn)
+        per = GLOBAL_BATCH // dp
+        self.rows = slice(self.coord["dp"] * per, (self.coord["dp"] + 1) * per)
+
+    def steps(self, start: int, stop: int) -> list[dict[str, int]]:
+        """Train steps ``start..stop-1``; the collectives of each ``opt.step()``."""
+        from tests.collectives import CollectiveCounter
+
+        counts: list[dict[str, int]] = []
+        for step in range(start, stop):
+            x, y = batch(step)
+            x, y = x[self.rows], y[self.rows]
+            if self.schedule is None:
+                loss_fn(self.model(x), y).backward()
+            elif self.stage == 0:
+                self.schedule.step(x)
+            else:
+                self.schedule.step(target=y, losses=[])
+            with CollectiveCounter() as counter:
+                self.opt.step()
+            counts.append(dict(counter.counts))
+            self.opt.zero_grad()
+        return counts
+
+    def report(self) -> dict[str, Any]:
+        model, opt = self.model, self.opt
+        return {
+            "coord": self.coord,
+            "params": {clean_name(n): _full(p) for n, p in model.named_parameters()},
+            "table": sai_dist.gsnr_table(model, opt),
+            "whole_table": sai_dist.gsnr_table(model, opt, whole_model=True),
+            "placements": {
+                clean_name(n): str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()
+            },
+        }
+
+
 def train(
     rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Train the (pp, dp, tp) configuration for STEPS steps; return this rank's part."""
-    extra = extra or {}
-    mesh = _mesh(pp, dp, tp)
-    coord = dict(zip(("pp", "dp", "tp"), mesh.get_coordinate(), strict=True))
-    stage = coord["pp"]
-    model = _parallelize(_stage_module(make_model(), stage, pp), mesh, dp, tp)
-    kwargs = dict(extra.get("opt", {}))
-    if extra.get("pipeline_group"):  # plain-tensor stages name the group holding them all
-        kwargs.update(pipeline_group=mesh.get_group("pp"), check_ranks=False)
-    opt = sai_dist.SGDSaI(groups(model), lr=LR, **kwargs)
-    schedule = None
-    if pp > 1:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    run = Run(pp, dp, tp, extra)
+    counts = run.steps(0, STEPS)
+    return {**run.report(), "step_counts": counts}
 
-        pp_stage = PipelineStage(model, stage, pp, torch.device("cpu"), group=mesh.get_group("pp"))
-        kind = Schedule1F1B if extra.get("schedule") == "1f1b" else ScheduleGPipe
-        schedule = kind(pp_stage, MICROBATCHES, loss_fn=loss_fn)
-    per = GLOBAL_BATCH // dp
-    sl = slice(coord["dp"] * per, (coord["dp"] + 1) * per)
-    from tests.collectives import CollectiveCounter
 
-    counts: list[dict[str, int]] = []
-    for step in range(STEPS):
-        x, y = batch(step)
-        x, y = x[sl], y[sl]
-        if schedule is None:
-            loss = loss_fn(model(x), y)
-            loss.backward()
-        elif stage == 0:
-            schedule.step(x)
-        else:
-            schedule.step(target=y, losses=[])
-        with CollectiveCounter() as counter:
-            opt.step()
-        counts.append(dict(counter.counts))
-        opt.zero_grad()
-    return {
-        "coord": coord,
-        "step_counts": counts,
-        "params": {clean_name(n): _full(p) for n, p in model.named_parameters()},
-        "table": sai_dist.gsnr_table(model, opt),
-        "whole_table": sai_dist.gsnr_table(model, opt, whole_model=True),
-        "placements": {
-            clean_name(n): str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()
-        },
-    }
+def checkpoints(rank: int, world: int, path: str) -> dict[str, Any]:
+    """DCP per stage: train (2, 2, 1) for SAVE_AT steps and save, then to STEPS. Resume
+    from the checkpoint at the same degrees (must be bit-identical) and at (2, 1, 2) and
+    (1, 2, 2) (resharded: FSDP2 -> TP, and two stages -> one)."""
+    from sai_dist import checkpoint
+
+    out: dict[str, Any] = {}
+    first = Run(2, 2, 1)
+    first.steps(0, SAVE_AT)
+    checkpoint.save(path, first.model, first.opt)
+    first.steps(SAVE_AT, STEPS)
+    out["first"] = first.report()
+    for degrees in ((2, 2, 1), (2, 1, 2), (1, 2, 2)):
+        run = Run(*degrees)
+        checkpoint.load(path, run.model, run.opt)
+        loaded = sai_dist.gsnr_table(run.model, run.opt)
+        counts = run.steps(SAVE_AT, STEPS)
+        out[degrees] = {**run.report(), "loaded_table": loaded, "step_counts": counts}
+    dist.barrier()
+    return out
 
 
 def launch(rank: int, world: int, pp: int, dp: int, tp: int, extra: dict[str, Any] | None = None) -> Any:

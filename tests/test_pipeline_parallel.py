@@ -105,3 +105,24 @@ def test_unlinked_model_parts_are_a_different_algorithm(ref):
         for n, row in out["table"].items()
     )
     assert worst > 100 * GSNR_RTOL
+
+
+def test_dcp_per_stage_resume_and_reshard(ref, tmp_path):
+    """Save per stage at (pp, dp, tp) = (2, 2, 1); resume bit-identically at the same
+    degrees; reshard to (2, 1, 2) and (1, 2, 2) with g-SNR and scales kept."""
+    import torch
+
+    results = run_ranks(R.checkpoints, 4, str(tmp_path / "ckpt"), timeout=500)
+    for out in results:
+        first = out["first"]
+        same = out[(2, 2, 1)]
+        assert set(same["params"]) == set(first["params"])
+        for name, p in first["params"].items():
+            assert torch.equal(same["params"][name], p), name  # bit-identical resume
+        for degrees in ((2, 2, 1), (2, 1, 2), (1, 2, 2)):
+            run = out[degrees]
+            assert run["step_counts"] == [{}] * (R.STEPS - R.SAVE_AT)  # loaded g-SNR: no collective
+            assert run["loaded_table"] == run["table"]
+            for name, row in run["table"].items():
+                assert row == first["whole_table"][name], (degrees, name)  # kept exactly
+        check([out[(2, 1, 2)], out[(1, 2, 2)]], ref, {})
