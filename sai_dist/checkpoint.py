@@ -57,50 +57,40 @@ def _quiet_probe(fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
-def _flatten(osd: dict[str, Any]) -> dict[str, Any]:
-    """``state.<fqn>.<key>`` and ``param_groups.<fqn>.<key>`` entries, the flat format of
-    ``StateDictOptions(flatten_optimizer_state_dict=True)``: every key names a parameter,
-    so pipeline stages (each holding other parameters and its own param groups) save into
-    one checkpoint and any other split loads from it. The nested format keys param groups
-    by index, and DCP keeps one rank's ``param_groups.0`` for all stages."""
-    flat: dict[str, Any] = {}
-    for fqn, entry in osd["state"].items():
-        for key, value in entry.items():
-            flat[f"state.{fqn}.{key}"] = value
-    for group in osd["param_groups"]:
-        for fqn in group["params"]:
-            for key, value in group.items():
-                if key != "params":
-                    flat[f"param_groups.{fqn}.{key}"] = value
-    return flat
+_GROUPS = "optim_groups"
 
 
-def _unflatten(flat: dict[str, Any], nested: dict[str, Any]) -> dict[str, Any]:
-    """The nested state dict ``nested`` (a template) with the values of its flat twin
-    ``flat`` (as :func:`_flatten` keyed them, after ``dcp.load`` filled them in). torch's
-    own unflattening keeps only state keys the optimizer already holds, and a fresh
-    SGDSaI holds none (its probe step is skipped)."""
-    state = {fqn: {k: flat[f"state.{fqn}.{k}"] for k in entry} for fqn, entry in nested["state"].items()}
-    groups = []
-    for group in nested["param_groups"]:
+def _per_parameter_groups(osd: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{fqn: {hyperparameter: value}}`` from a nested optimizer state dict.
+
+    Saved next to the nested ``optim`` entry: that one keys param groups by index
+    (``optim.param_groups.0.lr``), and pipeline stages each hold their own groups of other
+    parameters under the same index, of which DCP keeps one rank's. Keyed by parameter,
+    every stage's groups survive and any other split of the model loads them."""
+    return {
+        fqn: {k: v for k, v in group.items() if k != "params"}
+        for group in osd["param_groups"]
+        for fqn in group["params"]
+    }
+
+
+def _regroup(groups: list[dict[str, Any]], values: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The template's param groups with the hyperparameters loaded for their parameters."""
+    out = []
+    for group in groups:
         group = dict(group)
         if group["params"]:
-            first = group["params"][0]
-            for key in list(group):
-                if key != "params" and f"param_groups.{first}.{key}" in flat:
-                    group[key] = flat[f"param_groups.{first}.{key}"]
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
+            group.update(values.get(group["params"][0], {}))
+        out.append(group)
+    return out
 
 
 def state_dict(model: nn.Module, optimizer: Any) -> dict[str, Any]:
-    """``{"model": ..., "optim": ...}`` as DCP saves them: sharded, FQN-keyed (the
-    optimizer in the flat format, see :func:`_flatten`)."""
+    """``{"model": ..., "optim": ..., "optim_groups": ...}`` as DCP saves them: sharded,
+    FQN-keyed (``optim_groups``: see :func:`_per_parameter_groups`)."""
     opt = find_sgdsai(optimizer)
-    return {
-        _MODEL: get_model_state_dict(model),
-        _OPTIM: _flatten(_quiet_probe(get_optimizer_state_dict, model, opt)),
-    }
+    osd = _quiet_probe(get_optimizer_state_dict, model, opt)
+    return {_MODEL: get_model_state_dict(model), _OPTIM: osd, _GROUPS: _per_parameter_groups(osd)}
 
 
 def optimizer_state_template(model: nn.Module, optimizer: Any) -> dict[str, Any]:
@@ -177,15 +167,18 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
             optim_state[fqn] = entry
         else:
             del optim_state[fqn]
-    # Checkpoints written before the flat format key param groups by index.
-    flat = not any(k.startswith(f"{_OPTIM}.param_groups.") and k.endswith(".params") for k in saved)
+    # Param groups by parameter where the checkpoint has them (checkpoints written before
+    # hold only the by-index groups, which are right for one stage).
     nested = template[_OPTIM]
-    if flat:
-        template[_OPTIM] = _flatten(nested)
+    per_parameter = any(k.startswith(f"{_GROUPS}.") for k in saved)
+    if per_parameter:
+        template[_OPTIM] = {"state": nested["state"]}
+        template[_GROUPS] = _per_parameter_groups(nested)
     _dcp(dcp.load, template, checkpoint_id, kwargs)
     set_model_state_dict(model, template[_MODEL])
-    if flat:
-        template[_OPTIM] = _unflatten(template[_OPTIM], nested)
+    if per_parameter:
+        groups = _regroup(nested["param_groups"], template[_GROUPS])
+        template[_OPTIM] = {"state": template[_OPTIM]["state"], "param_groups": groups}
     with warnings.catch_warnings():
         if not optim_state:
             # The checkpoint really holds no SGD-SaI state (saved before the first step).
