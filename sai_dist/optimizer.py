@@ -226,6 +226,7 @@ class SGDSaI(Optimizer):
         super().__init__(params, defaults)
         if self._layout is None:
             self._attach_auto_layout()
+        check_pipeline_group(pipeline_group, self._layout)
 
     def _attach_auto_layout(self) -> None:
         self._layout = auto_layout(p for g in self.param_groups for p in g["params"])

@@ -137,9 +137,22 @@ def _message(gathered: list[dict[str, Any]]) -> str:
     )
 
 
-def check_pipeline_group(group: Any) -> None:
-    """Raise ``ValueError`` unless ``group`` is a process group holding this rank."""
+def check_pipeline_group(group: Any, layout: Any = None) -> None:
+    """Raise ``ValueError`` unless ``group`` is a process group holding this rank and, for
+    DTensor stages sliced from one root mesh (``layout``), a rank of every stage."""
     if group is None:
+        return
+    uncovered = getattr(layout, "uncovered_stages", None)
+    if uncovered is not None and isinstance(group, dist.ProcessGroup):
+        ranks = dist.get_process_group_ranks(group)
+        missing = uncovered(ranks)
+        if missing:
+            raise ValueError(
+                f"Invalid pipeline_group: it holds ranks {ranks}, none of which holds the pipeline "
+                f"stage(s) at root-mesh coordinate(s) {missing} (the dims no parameter mesh covers), so "
+                "their g-SNR would be left out of the normaliser. DTensor stages sliced from one root "
+                "mesh need no pipeline_group; pass one with a rank of every stage, or none."
+            )
         return
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("Invalid pipeline_group: torch.distributed is not initialised")

@@ -228,7 +228,12 @@ def train(
     """Train the (pp, dp, tp) configuration for STEPS steps; return this rank's part."""
     run = Run(pp, dp, tp, extra)
     counts = run.steps(0, STEPS)
-    return {**run.report(), "step_counts": counts}
+    out = {**run.report(), "step_counts": counts}
+    if pp > 1 and dp > 1:  # a pipeline group that holds one stage only (the dp group)
+        group = run.mesh.get_group("dp")
+        build = lambda: sai_dist.SGDSaI(groups(run.model), pipeline_group=group)
+        out["dp_as_pipeline_group"] = _outcome(build)
+    return out
 
 
 def checkpoints(rank: int, world: int, path: str) -> dict[str, Any]:

@@ -42,6 +42,11 @@ def test_pipeline_x_fsdp2_4_ranks_1f1b(ref):
     results = run_ranks(R.launch, 4, 2, 2, 1, {"schedule": "1f1b"}, timeout=400)
     covers_model(results, ref)
     check(results, ref, {"dist.all_reduce": 4})
+    for out in results:  # bad input: a pipeline group inside one stage
+        msg = out["dp_as_pipeline_group"]
+        assert msg.startswith("ValueError: Invalid pipeline_group"), msg
+        other = 1 - out["coord"]["pp"]
+        assert f"coordinate(s) [({other},)]" in msg, msg
 
 
 @pytest.mark.slow

@@ -104,6 +104,21 @@ class DTensorLayout(Layout):
             "from one init_device_mesh(...) (mesh['dp', 'tp']) or pass a layout."
         )
 
+    def uncovered_stages(self, ranks: Sequence[int]) -> list[tuple[int, ...]]:
+        """Coordinates along the root dims no parameter mesh covers (the pipeline stages)
+        that none of ``ranks`` has: a ``pipeline_group`` over ``ranks`` would leave those
+        stages out of the normaliser. Empty when the parameters are not on one root."""
+        geometry = self._geometry
+        if geometry is None:
+            return []
+        shape = geometry.root.mesh.shape
+        other = [d for d in range(geometry.root.ndim) if d not in self._span and shape[d] > 1]
+        if not other:
+            return []
+        every = {tuple(c[d] for d in other) for c in geometry.coords.values()}
+        held = {tuple(geometry.coords[r][d] for d in other) for r in ranks if r in geometry.coords}
+        return sorted(every - held)
+
     def _rank_in_group(self) -> int:
         group = self.group
         if group is None:
