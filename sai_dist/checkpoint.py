@@ -4,7 +4,10 @@
 What is saved per parameter (FQN keys, as ``get_optimizer_state_dict`` names them):
 ``momentum_buffer`` (a DTensor shard under FSDP2/HSDP, so DCP reshards it on load) and
 the g-SNR scalars ``gsnr``, ``scale``, ``gsnr_max`` (plain replicated CPU tensors, written
-once). Loading restores them, so a resumed run never recomputes g-SNR.
+once), and each parameter's param-group hyperparameters under ``optim_groups.<fqn>`` (so
+pipeline stages, each saving its own parameters, make one checkpoint of the whole model
+that any other ``(pp, dp, tp)`` split loads). Loading restores them, so a resumed run never
+recomputes g-SNR.
 
 Why a helper and not only ``dcp.load(get_state_dict(model, optimizer))``: DCP loads into a
 *template* state dict, and builds the optimizer's template by calling ``optimizer.step()``

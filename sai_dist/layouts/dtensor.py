@@ -3,7 +3,11 @@ r"""Layout for DTensor parameters: FSDP2 (``fully_shard``), HSDP, tensor paralle
 Each DTensor parameter is one block of the original model; on every rank its *local
 tensor* (the rank's shard, possibly uneven, possibly empty) is one piece of that block.
 
-Statistics are summed over one process group covering the whole device mesh. A mesh
+Statistics are summed over one process group covering the parameters' device meshes
+(meshes sliced from one root mesh, as TP x FSDP2 x PP build them, are combined as
+:mod:`sai_dist.layouts.mesh` describes: copies along root dims a mesh does not cover are
+counted once, and root dims no mesh covers hold other pipeline stages, reached by
+:attr:`DTensorLayout.model_group` for the whole-model normaliser). A mesh
 dimension on which the parameter is ``Shard``-ed partitions its elements, so summing the
 shards across it counts every element once. A dimension on which it is ``Replicate``-d
 (the replica dimension of HSDP, or a parameter that is not sharded at all) holds identical
