@@ -4,7 +4,10 @@
 What is saved per parameter (FQN keys, as ``get_optimizer_state_dict`` names them):
 ``momentum_buffer`` (a DTensor shard under FSDP2/HSDP, so DCP reshards it on load) and
 the g-SNR scalars ``gsnr``, ``scale``, ``gsnr_max`` (plain replicated CPU tensors, written
-once). Loading restores them, so a resumed run never recomputes g-SNR.
+once), and each parameter's param-group hyperparameters under ``optim_groups.<fqn>`` (so
+pipeline stages, each saving its own parameters, make one checkpoint of the whole model
+that any other ``(pp, dp, tp)`` split loads). Loading restores them, so a resumed run never
+recomputes g-SNR.
 
 Why a helper and not only ``dcp.load(get_state_dict(model, optimizer))``: DCP loads into a
 *template* state dict, and builds the optimizer's template by calling ``optimizer.step()``
@@ -58,13 +61,40 @@ def _quiet_probe(fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
-def state_dict(model: nn.Module, optimizer: Any) -> dict[str, Any]:
-    """``{"model": ..., "optim": ...}`` as DCP saves them: sharded, FQN-keyed."""
-    opt = find_sgdsai(optimizer)
+_GROUPS = "optim_groups"
+
+
+def _per_parameter_groups(osd: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{fqn: {hyperparameter: value}}`` from a nested optimizer state dict.
+
+    Saved next to the nested ``optim`` entry: that one keys param groups by index
+    (``optim.param_groups.0.lr``), and pipeline stages each hold their own groups of other
+    parameters under the same index, of which DCP keeps one rank's. Keyed by parameter,
+    every stage's groups survive and any other split of the model loads them."""
     return {
-        _MODEL: get_model_state_dict(model),
-        _OPTIM: _quiet_probe(get_optimizer_state_dict, model, opt),
+        fqn: {k: v for k, v in group.items() if k != "params"}
+        for group in osd["param_groups"]
+        for fqn in group["params"]
     }
+
+
+def _regroup(groups: list[dict[str, Any]], values: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The template's param groups with the hyperparameters loaded for their parameters."""
+    out = []
+    for group in groups:
+        group = dict(group)
+        if group["params"]:
+            group.update(values.get(group["params"][0], {}))
+        out.append(group)
+    return out
+
+
+def state_dict(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """``{"model": ..., "optim": ..., "optim_groups": ...}`` as DCP saves them: sharded,
+    FQN-keyed (``optim_groups``: see :func:`_per_parameter_groups`)."""
+    opt = find_sgdsai(optimizer)
+    osd = _quiet_probe(get_optimizer_state_dict, model, opt)
+    return {_MODEL: get_model_state_dict(model), _OPTIM: osd, _GROUPS: _per_parameter_groups(osd)}
 
 
 def optimizer_state_template(model: nn.Module, optimizer: Any, metadata: Any | None = None) -> dict[str, Any]:
@@ -173,8 +203,18 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
             optim_state[fqn] = entry
         else:
             del optim_state[fqn]
+    # Param groups by parameter where the checkpoint has them (checkpoints written before
+    # hold only the by-index groups, which are right for one stage).
+    nested = template[_OPTIM]
+    per_parameter = any(k.startswith(f"{_GROUPS}.") for k in saved)
+    if per_parameter:
+        template[_OPTIM] = {"state": nested["state"]}
+        template[_GROUPS] = _per_parameter_groups(nested)
     _dcp(dcp.load, template, checkpoint_id, kwargs)
     set_model_state_dict(model, template[_MODEL])
+    if per_parameter:
+        groups = _regroup(nested["param_groups"], template[_GROUPS])
+        template[_OPTIM] = {"state": template[_OPTIM]["state"], "param_groups": groups}
     with warnings.catch_warnings():
         if not optim_state:
             # The checkpoint really holds no SGD-SaI state (saved before the first step).

@@ -36,6 +36,7 @@ from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max
 from sai_dist.layouts import Layout, auto_layout
 from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
 from sai_dist.stats import BlockMoments, reduce_block_moments
+from sai_dist.whole_model import check_pipeline_group, whole_model_max
 
 __all__ = ["SGDSaI"]
 
@@ -160,6 +161,12 @@ class SGDSaI(Optimizer):
         layout: how the stepped tensors map onto model blocks. ``None`` picks the layout for
             the tensors given (plain tensors, or DTensors from FSDP2/HSDP); integrations
             that rebind param groups pass their own.
+        pipeline_group: for a model split across ranks on plain tensors (pipeline stages
+            without DTensor meshes), a process group holding at least one rank of every
+            stage (the world will do): the normaliser becomes the largest g-SNR of the whole
+            model, reduced over it at step 1 (:mod:`sai_dist.whole_model`). DTensor stages
+            sliced from one root mesh need none: the root's other dims are found by the
+            layout. Every rank passes its own such group.
 
     Invalid input raises before anything is modified: hyperparameters out of range,
     non-finite or of the wrong type (``ValueError`` naming it; ``eps`` must be > 0), a
@@ -195,7 +202,9 @@ class SGDSaI(Optimizer):
         momentum_dtype: str | torch.dtype | None = None,
         stochastic_rounding: bool | None = None,
         seed: int = 0,
+        pipeline_group: dist.ProcessGroup | None = None,
     ) -> None:
+        check_pipeline_group(pipeline_group)
         if degenerate not in DEGENERATE_POLICIES:
             raise ValueError(f"Invalid degenerate: {degenerate!r} (must be one of {DEGENERATE_POLICIES})")
         for flag, value in (("normalize", normalize), ("check_ranks", check_ranks)):
@@ -213,6 +222,7 @@ class SGDSaI(Optimizer):
         self.normalize = normalize
         self.degenerate: DegeneratePolicy = degenerate
         self.check_ranks = check_ranks
+        self.pipeline_group = pipeline_group
         self._layout: Layout | None = layout
         # Low-precision storage (sai_dist.momentum): optimizer-wide, like normalize.
         self.momentum_dtype = lowp.check_settings(momentum_dtype, stochastic_rounding, seed)
@@ -223,6 +233,7 @@ class SGDSaI(Optimizer):
         super().__init__(params, defaults)
         if self._layout is None:
             self._attach_auto_layout()
+        check_pipeline_group(pipeline_group, self._layout)
 
     def _attach_auto_layout(self) -> None:
         self._layout = auto_layout(p for g in self.param_groups for p in g["params"])
@@ -240,6 +251,8 @@ class SGDSaI(Optimizer):
         state["check_ranks"] = self.check_ranks
         for key in ("momentum_dtype", "stochastic_rounding", "seed"):
             state[key] = getattr(self, key)
+        state["pipeline_group"] = None  # a process group does not pickle
+        state.pop("_parts", None)  # links to other optimizers are this process's
         state["_auto_layout"] = self._auto_layout
         state["_layout"] = None if self._auto_layout else self._layout
         return state
@@ -249,6 +262,7 @@ class SGDSaI(Optimizer):
         self.__dict__.setdefault("check_ranks", True)
         for key, default in (("momentum_dtype", None), ("stochastic_rounding", None), ("seed", 0)):
             self.__dict__.setdefault(key, default)
+        self.__dict__.setdefault("pipeline_group", None)
         if self.__dict__.get("_layout") is None:
             self._auto_layout = True
             self._attach_auto_layout()
@@ -473,17 +487,22 @@ class SGDSaI(Optimizer):
         Collective over the check group and the layout's group: every rank calls it together.
         """
         layout = self.layout
-        moments = self._agreed_moments(tensors, gsnr_max, refusal)
-        bad = (~moments.finite()).nonzero().flatten().tolist()
-        if bad:
-            names = ", ".join(self._describe(b) for b in bad[:10])
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise RuntimeError(
-                f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
-                "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
-                "changed. Check the loss, or let a GradScaler skip the step."
-            )
-        if gsnr_max is None and float(moments.sumsq.sum()) == 0.0:
+        model = self._model_group() if gsnr_max is None else None
+        linked = self.__dict__.pop("_linked_step1", None) if gsnr_max is None and refusal is None else None
+        if linked is not None:  # a part linked with this one reduced it already
+            moments, whole = linked
+        else:
+            try:
+                moments = self._agreed_moments(tensors, gsnr_max, refusal)
+                self._refuse_non_finite(moments)
+            except Exception as e:
+                if model is not None:  # the other stages wait in the whole-model max: tell them
+                    whole_model_max(model, None, False, self._stage_options(), refusal=e)
+                raise
+            whole = None
+            if gsnr_max is None and (model is not None or getattr(self, "_parts", None)):
+                whole = self._whole_model(model, moments)
+        if gsnr_max is None and (float(moments.sumsq.sum()) == 0.0 if whole is None else not whole.nonzero):
             # No tensor with a gradient at all is a different mistake from zero gradients: a
             # step() before backward(), or an optimizer built from tensors the model no longer
             # uses (e.g. model.parameters() taken before fully_shard replaced them).
@@ -499,14 +518,10 @@ class SGDSaI(Optimizer):
             )
             return False
 
-        eps = torch.full((layout.num_blocks,), float("nan"), dtype=torch.float64)
-        for p, group in ((p, g) for g in self.param_groups for p in g["params"]):
-            for piece in layout.pieces(p):
-                eps[piece.block] = group["eps"]
-        eps = layout.block_eps(eps)
-        g = block_gsnr(moments, eps.nan_to_num(self.defaults["eps"]), self.degenerate, fill=gsnr_max)
+        fill = gsnr_max if whole is None else whole.fill
+        g = block_gsnr(moments, self._block_eps(), self.degenerate, fill=fill)
         if gsnr_max is None:
-            gsnr_max = max_gsnr(g)
+            gsnr_max = max_gsnr(g) if whole is None else whole.gsnr_max
         divisor = normaliser(gsnr_max, self.normalize)
         degenerate = g.degenerate.nonzero().flatten().tolist()
         if degenerate and self.degenerate == "max":
@@ -536,6 +551,80 @@ class SGDSaI(Optimizer):
             state[GSNR_MAX] = max_t.clone()
         return True
 
+    def _fresh_tensors(self) -> list[Tensor]:
+        """Tensors with a gradient and no fixed scale yet, each once: a parameter listed
+        twice (torch.optim allows it) must not feed its gradient into the statistics twice."""
+        return list(
+            dict.fromkeys(
+                p
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None and SCALE not in self.state.get(p, ())
+            )
+        )
+
+    def _whole_model(self, model: dist.ProcessGroup | None, moments: BlockMoments) -> Any:
+        """The whole model's normaliser at step 1, over this optimizer's blocks, those of
+        the other model parts linked with it on this rank (:func:`sai_dist.link_parts`,
+        whose moments are computed here and kept for their own step 1) and, with
+        ``model``, every other rank's parts."""
+        parts = [q for q in getattr(self, "_parts", ()) if q is not self and not q.initialized]
+        gsnrs = [block_gsnr(moments, self._block_eps(), self.degenerate)]
+        nonzero = float(moments.sumsq.sum()) != 0.0
+        kept: dict[int, BlockMoments] = {}
+        try:
+            for q in parts:
+                q._validated_groups()
+                q_moments = q._agreed_moments(q._fresh_tensors(), None, None)
+                q._refuse_non_finite(q_moments)
+                gsnrs.append(block_gsnr(q_moments, q._block_eps(), q.degenerate))
+                nonzero = nonzero or float(q_moments.sumsq.sum()) != 0.0
+                kept[id(q)] = q_moments
+        except Exception as e:
+            if model is not None:
+                whole_model_max(model, None, False, self._stage_options(), refusal=e)
+            raise
+        whole = whole_model_max(model, gsnrs, nonzero, self._stage_options())
+        if whole.nonzero:
+            for q in parts:
+                q._linked_step1 = (kept[id(q)], whole)
+        return whole
+
+    def _refuse_non_finite(self, moments: BlockMoments) -> None:
+        """Raise, naming the blocks, if a gradient at the g-SNR step is not finite."""
+        bad = (~moments.finite()).nonzero().flatten().tolist()
+        if bad:
+            names = ", ".join(self._describe(b) for b in bad[:10])
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise RuntimeError(
+                f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
+                "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
+                "changed. Check the loss, or let a GradScaler skip the step."
+            )
+
+    def _block_eps(self) -> Tensor:
+        """Per-block epsilon from the param groups (the default for blocks none names)."""
+        layout = self.layout
+        eps = torch.full((layout.num_blocks,), float("nan"), dtype=torch.float64)
+        for p, group in ((p, g) for g in self.param_groups for p in g["params"]):
+            for piece in layout.pieces(p):
+                eps[piece.block] = group["eps"]
+        return layout.block_eps(eps).nan_to_num(self.defaults["eps"])
+
+    def _model_group(self) -> dist.ProcessGroup | None:
+        """The group holding every part of the model, when this optimizer steps one part:
+        ``pipeline_group``, or the layout's (DTensor stages sliced from one root mesh)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.pipeline_group if self.pipeline_group is not None else self.layout.model_group
+        return group if group is not None and dist.get_world_size(group) > 1 else None
+
+    def _stage_options(self) -> dict[str, Any]:
+        """What every part's optimizer must share for one whole-model normaliser."""
+        keys = ("lr", "momentum", "weight_decay", "eps", "maximize")
+        options = {"normalize": self.normalize, "degenerate": self.degenerate}
+        return {**options, **{k: self.defaults[k] for k in keys}}
+
     # -- step ----------------------------------------------------------------------
 
     @torch.no_grad()
@@ -558,14 +647,7 @@ class SGDSaI(Optimizer):
         gsnr_max = self._gsnr_max()
         # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
         # must not feed its gradient into the block statistics twice.
-        fresh = list(
-            dict.fromkeys(
-                p
-                for g in self.param_groups
-                for p in g["params"]
-                if p.grad is not None and SCALE not in self.state.get(p, ())
-            )
-        )
+        fresh = self._fresh_tensors()
         try:
             stepped = self._validated_groups()
         except Exception as refusal:

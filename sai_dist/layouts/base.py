@@ -71,6 +71,13 @@ class Layout(ABC):
         self._names: dict[int, str] = {}
 
     @property
+    def model_group(self) -> dist.ProcessGroup | None:
+        """A group holding every part of the model when the tensors are one part of it
+        (pipeline stages on sub-meshes of one root mesh): the normaliser is reduced over
+        it (:mod:`sai_dist.whole_model`). Default ``None``: the tensors are the whole model."""
+        return None
+
+    @property
     def late_group(self) -> dist.ProcessGroup | None:
         """Process group for the statistics of blocks whose first gradient arrives after
         step 1. Default: :attr:`group`. A layout where such a step may find fresh blocks on

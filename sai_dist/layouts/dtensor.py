@@ -3,7 +3,11 @@ r"""Layout for DTensor parameters: FSDP2 (``fully_shard``), HSDP, tensor paralle
 Each DTensor parameter is one block of the original model; on every rank its *local
 tensor* (the rank's shard, possibly uneven, possibly empty) is one piece of that block.
 
-Statistics are summed over one process group covering the whole device mesh. A mesh
+Statistics are summed over one process group covering the parameters' device meshes
+(meshes sliced from one root mesh, as TP x FSDP2 x PP build them, are combined as
+:mod:`sai_dist.layouts.mesh` describes: copies along root dims a mesh does not cover are
+counted once, and root dims no mesh covers hold other pipeline stages, reached by
+:attr:`DTensorLayout.model_group` for the whole-model normaliser). A mesh
 dimension on which the parameter is ``Shard``-ed partitions its elements, so summing the
 shards across it counts every element once. A dimension on which it is ``Replicate``-d
 (the replica dimension of HSDP, or a parameter that is not sharded at all) holds identical
@@ -37,16 +41,19 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from sai_dist.layouts.base import Layout, LayoutError, refuse_flat_params
+from sai_dist.layouts.mesh import MeshGeometry, box_group, mesh_ranks, root_of
 from sai_dist.stats import Piece
 
 
 class DTensorLayout(Layout):
     """Each parameter is one block; a DTensor's local shard is its piece on this rank.
 
-    All DTensor parameters must live on device meshes spanning the same set of ranks (the
-    usual case: one FSDP2/HSDP mesh, or several meshes over the whole world). Statistics
-    are summed over that set: the default group when it is the whole world, the mesh's own
-    group for a 1-D sub-world mesh.
+    DTensor parameters may live on any meshes sliced from one root mesh (see
+    :mod:`sai_dist.layouts.mesh`): statistics are summed over the box of root dims their
+    meshes cover, and the normaliser is a max over the whole root mesh
+    (:attr:`model_group`) when other dims hold other pipeline stages. Meshes that are not
+    slices of one root are accepted only when they all span the same ranks (several
+    meshes built over the whole world).
     """
 
     def __init__(self) -> None:
@@ -57,7 +64,12 @@ class DTensorLayout(Layout):
         self._tensors: list[Tensor] = []
         self._ranks: tuple[int, ...] | None = None
         self._mesh: DeviceMesh | None = None
+        self._roots: list[DeviceMesh] = []
+        self._meshes: dict[int, DeviceMesh] = {}
+        self._geometry: MeshGeometry | None = None
+        self._span: frozenset[int] = frozenset()
         self._group: dist.ProcessGroup | None = None
+        self._model_group: dist.ProcessGroup | None = None
 
     # -- process group -------------------------------------------------------------
 
@@ -69,8 +81,23 @@ class DTensorLayout(Layout):
             self._group = self._resolve_group()
         return self._group
 
+    @property
+    def model_group(self) -> dist.ProcessGroup | None:
+        """Every rank of the root mesh when some of its dims hold other pipeline stages
+        (dims no parameter mesh covers), for the whole-model normaliser; else ``None``."""
+        _ = self.group  # resolving the group resolves the model group too
+        return self._model_group
+
     def _resolve_group(self) -> dist.ProcessGroup:
         world = dist.get_world_size()
+        geometry = self._geometry
+        if geometry is not None:
+            root = geometry.root
+            ranks = geometry.box(self._span)
+            # Root dims no parameter mesh covers hold other pipeline stages (or replicas).
+            if any(root.mesh.shape[d] > 1 for d in range(root.ndim) if d not in self._span):
+                self._model_group = box_group(root, frozenset(range(root.ndim)), geometry.ranks)
+            return box_group(root, self._span, ranks)
         if self._ranks is None or len(self._ranks) == world:
             return dist.group.WORLD  # type: ignore[return-value]
         mesh = self._mesh
@@ -78,10 +105,25 @@ class DTensorLayout(Layout):
         if mesh.ndim == 1:
             return mesh.get_group()
         raise LayoutError(
-            f"SGDSaI: DTensor parameters live on a {mesh.ndim}-D device mesh over ranks {list(self._ranks)}, "
-            f"a subset of the {world}-rank world. Only meshes spanning the whole world, or 1-D meshes, are "
-            "supported for the g-SNR reduction; build SGDSaI over a whole-world mesh or pass a layout."
+            f"SGDSaI: DTensor parameters live on {mesh.ndim}-D device meshes over ranks {list(self._ranks)}, "
+            f"a subset of the {world}-rank world, that are not slices of one root mesh. Slice every mesh "
+            "from one init_device_mesh(...) (mesh['dp', 'tp']) or pass a layout."
         )
+
+    def uncovered_stages(self, ranks: Sequence[int]) -> list[tuple[int, ...]]:
+        """Coordinates along the root dims no parameter mesh covers (the pipeline stages)
+        that none of ``ranks`` has: a ``pipeline_group`` over ``ranks`` would leave those
+        stages out of the normaliser. Empty when the parameters are not on one root."""
+        geometry = self._geometry
+        if geometry is None:
+            return []
+        shape = geometry.root.mesh.shape
+        other = [d for d in range(geometry.root.ndim) if d not in self._span and shape[d] > 1]
+        if not other:
+            return []
+        every = {tuple(c[d] for d in other) for c in geometry.coords.values()}
+        held = {tuple(geometry.coords[r][d] for d in other) for r in ranks if r in geometry.coords}
+        return sorted(every - held)
 
     def _rank_in_group(self) -> int:
         group = self.group
@@ -112,18 +154,38 @@ class DTensorLayout(Layout):
             )
         if mesh.get_coordinate() is None:
             raise LayoutError(f"SGDSaI was given {self.describe(p)} on a device mesh without this rank.")
-        ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
-        if self._ranks is None:
-            self._ranks, self._mesh = ranks, mesh
-            self._pieces.clear()  # plain tensors' counted flag depends on the group
-        elif ranks != self._ranks:
+        ranks = mesh_ranks(mesh)
+        root = root_of(mesh)
+        roots = self._roots if any(r is root for r in self._roots) else [*self._roots, root]
+        if len(roots) == 1:
+            geometry = self._geometry if self._geometry is not None else MeshGeometry(root)
+            try:
+                covered = geometry.covered(mesh)
+            except ValueError as e:
+                raise LayoutError(f"SGDSaI cannot map {self.describe(p)}: its {e}.") from None
+            self._geometry, self._span = geometry, self._span | covered
+        elif (self._ranks is not None and ranks != self._ranks) or self._geometry_spans_other(ranks):
+            first = self._ranks if self._ranks is not None else ranks
             raise LayoutError(
                 "SGDSaI was given DTensor parameters on device meshes over different ranks "
-                f"({list(self._ranks)} and {list(ranks)}, the latter for {self.describe(p)}). g-SNR "
-                "statistics are reduced over one group; build one SGDSaI per mesh (e.g. per pipeline "
-                "stage) instead."
+                f"({list(first)} and {list(ranks)}, the latter for {self.describe(p)}) that are not "
+                "slices of one root mesh. Build every mesh from one init_device_mesh(...) and slice it "
+                "(world['dp', 'tp'], world['dp']), so the statistics can be summed over their union."
             )
+        else:
+            self._geometry = None  # several roots over the same ranks: the legacy one-group path
+        self._roots = roots
+        self._meshes[id(p)] = mesh
+        if self._ranks is None:
+            self._ranks, self._mesh = ranks, mesh
+        self._pieces.clear()  # counted flags depend on the span
         self._group = None  # re-resolved lazily with the new mesh
+        self._model_group = None
+
+    def _geometry_spans_other(self, ranks: tuple[int, ...]) -> bool:
+        """Whether the meshes seen so far, within one root, cover ranks other than ``ranks``."""
+        geometry = self._geometry
+        return geometry is not None and geometry.box(self._span) != ranks
 
     # -- mapping -------------------------------------------------------------------
 
@@ -164,13 +226,22 @@ class DTensorLayout(Layout):
         return param.numel(), [offset[0] * row if param.dim() else 0]
 
     def _counted(self, param: Tensor) -> bool:
+        geometry = self._geometry
         if not isinstance(param, DTensor):
             # Replicated on every rank of the group: count one copy.
+            if geometry is not None:
+                return all(geometry.here[d] == 0 for d in self._span)
             return self._rank_in_group() == 0
         coordinate = param.device_mesh.get_coordinate()
         assert coordinate is not None  # checked at registration
         pairs = zip(coordinate, param.placements, strict=True)
-        return all(c == 0 for c, pl in pairs if isinstance(pl, Replicate))
+        if not all(c == 0 for c, pl in pairs if isinstance(pl, Replicate)):
+            return False
+        if geometry is None:
+            return True
+        # Root dims of the span that the parameter's mesh does not cover hold copies of it.
+        covered = geometry.covered(param.device_mesh)
+        return all(geometry.here[d] == 0 for d in self._span - covered)
 
     def local(self, tensor: Tensor) -> Tensor:
         # Under no_grad (every optimizer step) to_local() is the local tensor itself, so
