@@ -32,7 +32,8 @@ from sai_dist import native
 from sai_dist.consistency import check_ranks
 from sai_dist.functional import require_fused, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
-from sai_dist.layouts import Layout, auto_layout
+from sai_dist.integration_hint import calling_wrapper, missing_integration_message
+from sai_dist.layouts import Layout, LayoutError, auto_layout, follows_rebinding
 from sai_dist.stats import BlockMoments, reduce_block_moments
 
 __all__ = ["SGDSaI"]
@@ -221,6 +222,15 @@ class SGDSaI(Optimizer):
         self._layout = auto_layout(p for g in self.param_groups for p in g["params"])
         for group in self.param_groups:
             self._register(group)
+
+    def _follow_rebound_params(self) -> None:
+        """Rebuild the automatic layout when the param groups were rebound to other
+        parameters before g-SNR is fixed (see :func:`sai_dist.layouts.follows_rebinding`):
+        accelerate and other clients build the optimizer first, then shard the model
+        (FSDP2) and swap ``group['params']`` for the new DTensor parameters."""
+        if self._auto_layout and self._layout is not None and not self.initialized:
+            if follows_rebinding(self._layout, [p for g in self.param_groups for p in g["params"]]):
+                self._attach_auto_layout()
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups; the optimizer-wide
     # options live outside defaults, and a layout maps tensors by identity, so a copy
@@ -539,6 +549,8 @@ class SGDSaI(Optimizer):
                 loss = closure()
 
         gsnr_max = self._gsnr_max()
+        if gsnr_max is None:
+            self._follow_rebound_params()
         # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
         # must not feed its gradient into the block statistics twice.
         fresh = list(
@@ -550,6 +562,8 @@ class SGDSaI(Optimizer):
             )
         )
         try:
+            if gsnr_max is None:
+                self._refuse_unhooked_wrapper()
             stepped = self._validated_groups()
         except Exception as refusal:
             if gsnr_max is None or fresh:
@@ -566,6 +580,27 @@ class SGDSaI(Optimizer):
         for group, params in stepped:
             self._step_group(group, params)
         return loss
+
+    def _refuse_unhooked_wrapper(self) -> None:
+        """Raise :class:`~sai_dist.layouts.LayoutError` naming the missing integration import
+        when a wrapper that needs one (fairscale OSS) steps an automatic layout across ranks:
+        each rank would normalise by the max of its own partition."""
+        if not self._auto_layout or not (dist.is_available() and dist.is_initialized()):
+            return
+        wrapper = calling_wrapper()
+        if wrapper is not None and wrapper.refuse and dist.get_world_size() > 1:
+            raise LayoutError(missing_integration_message(wrapper))
+
+    def _pieces_or_hint(self, p: Tensor) -> None:
+        """``layout.pieces(p)``, its :class:`LayoutError` naming the missing integration
+        import when the tensor comes from a wrapper stepping an automatic layout."""
+        try:
+            self.layout.pieces(p)
+        except LayoutError as e:
+            wrapper = calling_wrapper() if self._auto_layout else None
+            if wrapper is None:
+                raise
+            raise LayoutError(f"{missing_integration_message(wrapper)} ({e})") from None
 
     def _validated_groups(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each group with its tensors that have a gradient; raises, before anything is
@@ -585,7 +620,7 @@ class SGDSaI(Optimizer):
                         f"SGDSaI does not support complex gradients ({layout.describe(p)}, gradient dtype "
                         f"{p.grad.dtype}); g-SNR is defined for real tensors."
                     )
-                layout.pieces(p)  # raises LayoutError for tensors it cannot map
+                self._pieces_or_hint(p)  # raises LayoutError for tensors it cannot map
                 layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
             if group.get("fused") is True:
                 for device in {layout.local(p).device for p in params}:
@@ -746,6 +781,7 @@ class SGDSaI(Optimizer):
         the check group loads together, as DCP and DeepSpeed do.
         """
         refusal: Exception | None = None
+        self._follow_rebound_params()
         try:
             self._check_loadable(state_dict)
         except Exception as e:
