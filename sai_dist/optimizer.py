@@ -34,16 +34,11 @@ from sai_dist.functional import require_fused, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.integration_hint import calling_wrapper, missing_integration_message
 from sai_dist.layouts import Layout, LayoutError, auto_layout, follows_rebinding
+from sai_dist.probe import drop_placeholders, is_placeholder, is_probe, placeholder_state
+from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, SCALE
 from sai_dist.stats import BlockMoments, reduce_block_moments
 
 __all__ = ["SGDSaI"]
-
-# Keys of the per-tensor optimizer state. Besides the momentum buffer every entry is a
-# CPU float32 scalar (or one value per piece for tensors holding several blocks).
-MOMENTUM = "momentum_buffer"
-GSNR = "gsnr"
-SCALE = "scale"
-GSNR_MAX = "gsnr_max"
 
 
 # Frames in these directories are library code; a warning is attributed to the first frame
@@ -349,7 +344,9 @@ class SGDSaI(Optimizer):
     def _gsnr_max(self) -> float | None:
         for state in self.state.values():
             if GSNR_MAX in state:
-                return float(state[GSNR_MAX])
+                value = float(state[GSNR_MAX].reshape(-1)[0])
+                if not math.isnan(value):  # NaN: a probe's placeholder (sai_dist.probe)
+                    return value
         return None
 
     def _describe(self, block: int) -> str:
@@ -477,6 +474,14 @@ class SGDSaI(Optimizer):
                 "changed. Check the loss, or let a GradScaler skip the step."
             )
         if gsnr_max is None and float(moments.sumsq.sum()) == 0.0:
+            if tensors and is_probe(self.param_groups):
+                # DCP / torchtitan building their state template: give it the state's shapes.
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            n = len(layout.pieces(p))
+                            self.state[p] = placeholder_state(p, n, group["momentum"])
+                return False
             # No tensor with a gradient at all is a different mistake from zero gradients: a
             # step() before backward(), or an optimizer built from tensors the model no longer
             # uses (e.g. model.parameters() taken before fully_shard replaced them).
@@ -551,6 +556,7 @@ class SGDSaI(Optimizer):
         gsnr_max = self._gsnr_max()
         if gsnr_max is None:
             self._follow_rebound_params()
+            drop_placeholders(self.state)  # a probe's; this step may fix g-SNR for real
         # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
         # must not feed its gradient into the block statistics twice.
         fresh = list(
@@ -728,7 +734,7 @@ class SGDSaI(Optimizer):
                             f"{torch.as_tensor(entry[k]).numel()} values, the tensor holds {pieces} "
                             "block piece(s)"
                         )
-                if GSNR_MAX in entry:
+                if GSNR_MAX in entry and not is_placeholder(entry):
                     maxima.add(float(entry[GSNR_MAX]))
         if len(maxima) > 1:
             raise ValueError(
@@ -742,7 +748,9 @@ class SGDSaI(Optimizer):
         being loaded, and the scales of tensors that are whole blocks (the same on every
         rank; a flat partition's pieces differ by rank)."""
         entries = state_dict["state"]
-        gsnr_max = next((float(e[GSNR_MAX]) for e in entries.values() if GSNR_MAX in e), None)
+        gsnr_max = next(
+            (float(e[GSNR_MAX]) for e in entries.values() if GSNR_MAX in e and not is_placeholder(e)), None
+        )
         tensors: dict[str, Any] = {}
         scales: dict[str, float] = {}
         for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups, strict=True)):
@@ -797,6 +805,8 @@ class SGDSaI(Optimizer):
             check_ranks(check, fields, refusal=text, when="load_state_dict")
         if refusal is not None:
             raise refusal
+        # Real state (not a probe's placeholders) loaded, to tell a bad checkpoint below.
+        real_entries = any(entry and not is_placeholder(entry) for entry in state_dict["state"].values())
         state_dict = dict(state_dict)
         scalars: dict[Any, dict[str, Tensor]] = {}
         stripped: dict[Any, Any] = {}
@@ -813,13 +823,18 @@ class SGDSaI(Optimizer):
         for saved_id, param in zip(saved_ids, current, strict=True):
             for k, v in scalars.get(saved_id, {}).items():
                 self.state[param][k] = torch.as_tensor(v).detach().to("cpu", torch.float32)
-        if not self.initialized:
-            # A state dict without g-SNR is legitimate only if it was saved before the first
-            # step. DCP's template for a fresh SGDSaI is empty (its zero-gradient probe step is
-            # skipped), so plain dcp.load drops the whole optimizer state without a word.
+        # Placeholders (sai_dist.probe) the checkpoint did not overwrite: it was saved before
+        # step 1, or these tensors had no gradient yet. Either way their g-SNR is not fixed.
+        drop_placeholders(self.state)
+        if not self.initialized and real_entries:
+            # State without g-SNR (momentum, say) is not a checkpoint SGD-SaI wrote: some tool
+            # assembled it from a template that held no SGD-SaI state. An empty state (a fresh
+            # optimizer's own, round-tripped by accelerate) or placeholders only (saved before
+            # step 1) are legitimate and load silently.
             _warn(
-                "SGDSaI.load_state_dict: the state dict holds no g-SNR, so the next step fixes g-SNR "
-                "from a fresh gradient. Expected if it was saved before the first step; if it was "
-                "restored with torch.distributed.checkpoint into a fresh optimizer, DCP's template held "
-                "no SGD-SaI state: load with sai_dist.checkpoint.load instead.",
+                "SGDSaI.load_state_dict: the state dict holds optimizer state but no g-SNR, so the next "
+                "step fixes g-SNR from a fresh gradient and the loaded momentum is not what the saved "
+                "run had. It was not written by SGDSaI.state_dict (a template without SGD-SaI's keys?): "
+                "save and load with the optimizer's own state_dict, DCP's state-dict helpers or "
+                "sai_dist.checkpoint.",
             )
