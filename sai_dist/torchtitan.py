@@ -80,7 +80,9 @@ def sgdsai_config(lr: float = 1e-2, **kwargs: Any) -> Any:
     install()
     return OptimizersContainer.Config(
         param_groups=[
-            ParamGroupConfig(pattern=r".*", optimizer_name=OPTIMIZER_NAME, optimizer_kwargs={"lr": lr, **kwargs})
+            ParamGroupConfig(
+                pattern=r".*", optimizer_name=OPTIMIZER_NAME, optimizer_kwargs={"lr": lr, **kwargs}
+            )
         ]
     )
 

@@ -59,5 +59,6 @@ def torchrun(
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"{script} exceeded {timeout:.0f} s:\n{e.stdout}\n{e.stderr}") from None
     if proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        tail = f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{tail}")
     return json.loads(out.read_text())
