@@ -54,11 +54,13 @@ def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-def reference(steps: int = STEPS) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float | int]]]:
+def reference(
+    steps: int = STEPS, hyper: dict[str, float] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float | int]]]:
     """Parameters and g-SNR table after ``steps`` single-process SGDSaI steps on the full
     batches (no process group: the plain, replicated layout)."""
     model = make_model()
-    opt = sai_dist.SGDSaI(model.parameters(), **HYPER, check_ranks=False)
+    opt = sai_dist.SGDSaI(model.parameters(), **(hyper or HYPER), check_ranks=False)
     for step in range(steps):
         opt.zero_grad()
         loss_of(model, batch(step)).backward()
@@ -96,9 +98,14 @@ def write(path: str, result: dict[str, Any]) -> None:
         json.dump(result, f, indent=1)
 
 
-def compare(result: dict[str, Any], params: dict[str, torch.Tensor], table: dict[str, Any]) -> None:
+def compare(
+    result: dict[str, Any],
+    params: dict[str, torch.Tensor],
+    table: dict[str, Any],
+    hyper: dict[str, float] | None = None,
+) -> None:
     """Add the errors against the single-process reference to ``result``."""
-    want_params, want_table = reference()
+    want_params, want_table = reference(hyper=hyper)
     result["param_rel_err"] = max_rel_err(params, want_params)
     result["table_rel_err"] = table_rel_err(table, want_table)
     result["table_names"] = list(table)[:3]
