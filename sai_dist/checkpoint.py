@@ -9,12 +9,11 @@ pipeline stages, each saving its own parameters, make one checkpoint of the whol
 that any other ``(pp, dp, tp)`` split loads). Loading restores them, so a resumed run never
 recomputes g-SNR.
 
-Why a helper and not only ``dcp.load(get_state_dict(model, optimizer))``: DCP loads into a
-*template* state dict, and builds the optimizer's template by calling ``optimizer.step()``
-once with zero gradients and lr 0 when the optimizer has no state yet. SGD-SaI rightly
-refuses to fix g-SNR from an all-zero gradient, so that probe leaves it stateless and the
-template holds no entries: plain DCP would load the parameters but silently drop the
-momentum and the g-SNR. :func:`optimizer_state_template` builds the template SGD-SaI needs
+Why a helper and not only ``dcp.load(get_state_dict(model, optimizer))``: that plain recipe
+works too (DCP builds its template with a zero-gradient, lr-0 probe step, which SGD-SaI
+answers with placeholders of its state's shapes, :mod:`sai_dist.probe`), but strict DCP
+refuses a checkpoint that lacks an entry the template has, e.g. a parameter that had no
+gradient yet when it was saved. :func:`optimizer_state_template` builds the full template
 (zero momentum DTensors with each parameter's own placements, scalar placeholders) and
 :func:`load` keeps only the entries the checkpoint actually holds.
 

@@ -100,7 +100,9 @@ def check_ranks(
     buf = buf.cpu()
     k = len(FIELDS)
     differ = [n for i, n in enumerate(FIELDS) if int(buf[i]) != -int(buf[k + i])]
-    if not differ:
+    if not differ or (refusal is not None and "refusal" not in differ):
+        # Every rank refused: each raises its own error, which names the cause (a missing
+        # integration, a bad gradient); what else differs between refusing ranks is noise.
         return
     shown = {n: (refusal if n == "refusal" else values[n]) for n in differ}
     gathered: list[Any] = [None] * dist.get_world_size(group)

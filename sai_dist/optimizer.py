@@ -33,7 +33,9 @@ from sai_dist import native
 from sai_dist.consistency import check_ranks
 from sai_dist.functional import require_fused, sgd_sai
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
-from sai_dist.layouts import Layout, auto_layout
+from sai_dist.integration_hint import calling_wrapper, missing_integration_message
+from sai_dist.layouts import Layout, LayoutError, auto_layout, follows_rebinding
+from sai_dist.probe import drop_placeholders, is_placeholder, is_probe, placeholder_state
 from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
 from sai_dist.stats import BlockMoments, reduce_block_moments
 from sai_dist.whole_model import check_pipeline_group, whole_model_max
@@ -240,6 +242,15 @@ class SGDSaI(Optimizer):
         for group in self.param_groups:
             self._register(group)
 
+    def _follow_rebound_params(self) -> None:
+        """Rebuild the automatic layout when the param groups were rebound to other
+        parameters before g-SNR is fixed (see :func:`sai_dist.layouts.follows_rebinding`):
+        accelerate and other clients build the optimizer first, then shard the model
+        (FSDP2) and swap ``group['params']`` for the new DTensor parameters."""
+        if self._auto_layout and self._layout is not None and not self.initialized:
+            if follows_rebinding(self._layout, [p for g in self.param_groups for p in g["params"]]):
+                self._attach_auto_layout()
+
     # torch.optim.Optimizer pickles only defaults, state and param_groups; the optimizer-wide
     # options live outside defaults, and a layout maps tensors by identity, so a copy
     # (copy.deepcopy, torch.save of the object) rebuilds the automatic layout for its own
@@ -370,7 +381,9 @@ class SGDSaI(Optimizer):
     def _gsnr_max(self) -> float | None:
         for state in self.state.values():
             if GSNR_MAX in state:
-                return float(state[GSNR_MAX])
+                value = float(state[GSNR_MAX].reshape(-1)[0])
+                if not math.isnan(value):  # NaN: a probe's placeholder (sai_dist.probe)
+                    return value
         return None
 
     def _describe(self, block: int) -> str:
@@ -503,6 +516,14 @@ class SGDSaI(Optimizer):
             if gsnr_max is None and (model is not None or getattr(self, "_parts", None)):
                 whole = self._whole_model(model, moments)
         if gsnr_max is None and (float(moments.sumsq.sum()) == 0.0 if whole is None else not whole.nonzero):
+            if tensors and is_probe(self.param_groups):
+                # DCP / torchtitan building their state template: give it the state's shapes.
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            n = len(layout.pieces(p))
+                            self.state[p] = placeholder_state(p, n, group["momentum"])
+                return False
             # No tensor with a gradient at all is a different mistake from zero gradients: a
             # step() before backward(), or an optimizer built from tensors the model no longer
             # uses (e.g. model.parameters() taken before fully_shard replaced them).
@@ -645,10 +666,15 @@ class SGDSaI(Optimizer):
                 loss = closure()
 
         gsnr_max = self._gsnr_max()
+        if gsnr_max is None:
+            self._follow_rebound_params()
+            drop_placeholders(self.state)  # a probe's; this step may fix g-SNR for real
         # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
         # must not feed its gradient into the block statistics twice.
         fresh = self._fresh_tensors()
         try:
+            if gsnr_max is None:
+                self._refuse_unhooked_wrapper()
             stepped = self._validated_groups()
         except Exception as refusal:
             if gsnr_max is None or fresh:
@@ -665,6 +691,27 @@ class SGDSaI(Optimizer):
         for group, params in stepped:
             self._step_group(group, params)
         return loss
+
+    def _refuse_unhooked_wrapper(self) -> None:
+        """Raise :class:`~sai_dist.layouts.LayoutError` naming the missing integration import
+        when a wrapper that needs one (fairscale OSS) steps an automatic layout across ranks:
+        each rank would normalise by the max of its own partition."""
+        if not self._auto_layout or not (dist.is_available() and dist.is_initialized()):
+            return
+        wrapper = calling_wrapper()
+        if wrapper is not None and wrapper.refuse and dist.get_world_size() > 1:
+            raise LayoutError(missing_integration_message(wrapper))
+
+    def _pieces_or_hint(self, p: Tensor) -> None:
+        """``layout.pieces(p)``, its :class:`LayoutError` naming the missing integration
+        import when the tensor comes from a wrapper stepping an automatic layout."""
+        try:
+            self.layout.pieces(p)
+        except LayoutError as e:
+            wrapper = calling_wrapper() if self._auto_layout else None
+            if wrapper is None:
+                raise
+            raise LayoutError(f"{missing_integration_message(wrapper)} ({e})") from None
 
     def _validated_groups(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each group with its tensors that have a gradient; raises, before anything is
@@ -684,7 +731,7 @@ class SGDSaI(Optimizer):
                         f"SGDSaI does not support complex gradients ({layout.describe(p)}, gradient dtype "
                         f"{p.grad.dtype}); g-SNR is defined for real tensors."
                     )
-                layout.pieces(p)  # raises LayoutError for tensors it cannot map
+                self._pieces_or_hint(p)  # raises LayoutError for tensors it cannot map
                 layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
             self._check_low_precision(group, params)
             if group.get("fused") is True:
@@ -870,7 +917,7 @@ class SGDSaI(Optimizer):
                             f"{torch.as_tensor(entry[k]).numel()} values, the tensor holds {pieces} "
                             "block piece(s)"
                         )
-                if GSNR_MAX in entry:
+                if GSNR_MAX in entry and not is_placeholder(entry):
                     maxima.add(float(entry[GSNR_MAX]))
         if len(maxima) > 1:
             raise ValueError(
@@ -884,7 +931,9 @@ class SGDSaI(Optimizer):
         being loaded, and the scales of tensors that are whole blocks (the same on every
         rank; a flat partition's pieces differ by rank)."""
         entries = state_dict["state"]
-        gsnr_max = next((float(e[GSNR_MAX]) for e in entries.values() if GSNR_MAX in e), None)
+        gsnr_max = next(
+            (float(e[GSNR_MAX]) for e in entries.values() if GSNR_MAX in e and not is_placeholder(e)), None
+        )
         tensors: dict[str, Any] = {}
         scales: dict[str, float] = {}
         for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups, strict=True)):
@@ -923,6 +972,7 @@ class SGDSaI(Optimizer):
         the check group loads together, as DCP and DeepSpeed do.
         """
         refusal: Exception | None = None
+        self._follow_rebound_params()
         try:
             self._check_loadable(state_dict)
         except Exception as e:
@@ -938,6 +988,8 @@ class SGDSaI(Optimizer):
             check_ranks(check, fields, refusal=text, when="load_state_dict")
         if refusal is not None:
             raise refusal
+        # Real state (not a probe's placeholders) loaded, to tell a bad checkpoint below.
+        real_entries = any(entry and not is_placeholder(entry) for entry in state_dict["state"].values())
         state_dict = dict(state_dict)
         scalars: dict[Any, dict[str, Tensor]] = {}
         stripped: dict[Any, Any] = {}
@@ -968,13 +1020,18 @@ class SGDSaI(Optimizer):
                 lowp.restore_loaded(
                     self.state[param], storage[saved_id], self.layout, param, self.momentum_dtype
                 )
-        if not self.initialized:
-            # A state dict without g-SNR is legitimate only if it was saved before the first
-            # step. DCP's template for a fresh SGDSaI is empty (its zero-gradient probe step is
-            # skipped), so plain dcp.load drops the whole optimizer state without a word.
+        # Placeholders (sai_dist.probe) the checkpoint did not overwrite: it was saved before
+        # step 1, or these tensors had no gradient yet. Either way their g-SNR is not fixed.
+        drop_placeholders(self.state)
+        if not self.initialized and real_entries:
+            # State without g-SNR (momentum, say) is not a checkpoint SGD-SaI wrote: some tool
+            # assembled it from a template that held no SGD-SaI state. An empty state (a fresh
+            # optimizer's own, round-tripped by accelerate) or placeholders only (saved before
+            # step 1) are legitimate and load silently.
             _warn(
-                "SGDSaI.load_state_dict: the state dict holds no g-SNR, so the next step fixes g-SNR "
-                "from a fresh gradient. Expected if it was saved before the first step; if it was "
-                "restored with torch.distributed.checkpoint into a fresh optimizer, DCP's template held "
-                "no SGD-SaI state: load with sai_dist.checkpoint.load instead.",
+                "SGDSaI.load_state_dict: the state dict holds optimizer state but no g-SNR, so the next "
+                "step fixes g-SNR from a fresh gradient and the loaded momentum is not what the saved "
+                "run had. It was not written by SGDSaI.state_dict (a template without SGD-SaI's keys?): "
+                "save and load with the optimizer's own state_dict, DCP's state-dict helpers or "
+                "sai_dist.checkpoint.",
             )

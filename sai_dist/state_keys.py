@@ -9,8 +9,9 @@ dict without importing :mod:`sai_dist.optimizer` (which imports the layouts).
 - ``MOMENTUM_SCALE``: int8 momentum only, one float32 scale per quantization block.
 - ``ROUNDING_STEP``: updates the tensor has had, a key of the stochastic-rounding
   generator; present only when the tensor uses stochastic rounding.
-- ``GSNR``, ``SCALE``, ``GSNR_MAX``: CPU float32 g-SNR scalars (one value per piece for
-  tensors holding several blocks); their presence marks g-SNR as fixed.
+- ``GSNR``, ``SCALE``, ``GSNR_MAX`` (``SCALARS``): CPU float32 g-SNR scalars (one value per
+  piece for tensors holding several blocks). The presence of a finite ``gsnr_max`` marks
+  g-SNR as fixed; a NaN one marks a state-template placeholder (see :mod:`sai_dist.probe`).
 """
 
 from __future__ import annotations
@@ -21,5 +22,6 @@ ROUNDING_STEP = "rounding_step"
 GSNR = "gsnr"
 SCALE = "scale"
 GSNR_MAX = "gsnr_max"
+SCALARS = (GSNR, SCALE, GSNR_MAX)
 
-__all__ = ["GSNR", "GSNR_MAX", "MOMENTUM", "MOMENTUM_SCALE", "ROUNDING_STEP", "SCALE"]
+__all__ = ["GSNR", "GSNR_MAX", "MOMENTUM", "MOMENTUM_SCALE", "ROUNDING_STEP", "SCALARS", "SCALE"]

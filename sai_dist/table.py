@@ -9,6 +9,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from sai_dist.optimizer import GSNR, SCALE, SGDSaI
+from sai_dist.probe import is_placeholder
 
 # Prefixes wrappers insert into parameter names: DDP and DeepSpeed (module.), torch.compile
 # (_orig_mod.), FSDP1 and fairscale FSDP (_fsdp_wrapped_module., fairscale's
@@ -94,7 +95,7 @@ def gsnr_table(
     for group in opt.param_groups:
         for p in group["params"]:
             state = opt.state.get(p, {})
-            if GSNR in state and state[GSNR].numel() == 1:
+            if GSNR in state and state[GSNR].numel() == 1 and not is_placeholder(state):
                 by_id[id(p)] = (float(state[GSNR]), float(state[SCALE]))
     table: dict[str, dict[str, float | int]] = {}
     for name, p in model.named_parameters():

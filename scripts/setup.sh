@@ -26,9 +26,21 @@ pip_install() {
 pip_install $torch_spec
 pip_install setuptools wheel numpy
 pip_install --no-build-isolation deepspeed==0.19.8 fairscale==0.4.13
-pip_install --no-build-isolation -e "$root[dev,mpi]"
+pip_install --no-build-isolation -e "$root[dev,mpi,clients]"
+# torchtitan pins a huggingface_hub that transformers 5.x refuses: its own venv, which
+# tests/clients/test_torchtitan.py runs its rank script with (this repo on PYTHONPATH).
+titan=${SAI_DIST_TITAN_VENV:-$root/.venv-titan}
+if [ ! -x "$titan/bin/python" ]; then
+  python3 -m venv "$titan"
+fi
+# shellcheck disable=SC2086
+VIRTUAL_ENV=$titan "$titan/bin/python" -m pip install -q --disable-pip-version-check $torch_spec torchtitan==0.3.0 numpy \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 python - <<'PY'
 import torch, deepspeed, fairscale, mpi4py, sai_dist
+import transformers, accelerate, lightning
 print(f"sai_dist {sai_dist.__version__}: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
-      f"fairscale {fairscale.__version__}, mpi4py {mpi4py.__version__}")
+      f"fairscale {fairscale.__version__}, mpi4py {mpi4py.__version__}, transformers {transformers.__version__}, "
+      f"accelerate {accelerate.__version__}, lightning {lightning.__version__}")
 PY
+"$titan/bin/python" -c "import torch, torchtitan; print(f'.venv-titan: torch {torch.__version__}, torchtitan ok')"

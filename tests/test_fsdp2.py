@@ -212,29 +212,37 @@ def test_dcp_state_before_first_step_loads_nothing(tmp_path, ref):
     assert max_param_error(R.full_params(model2), ref[R.SAVE_AT]) < PARAM_RTOL
 
 
-def test_plain_dcp_template_would_drop_state(ckpt_dir, run4):
-    """Why sai_dist.checkpoint exists: DCP's own template for a fresh SGDSaI is empty (its
-    zero-gradient probe step is refused), so plain dcp.load restores no optimizer state."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def test_plain_dcp_template_restores_state(ckpt_dir, run4, ref):
+    """DCP's own template for a fresh SGDSaI (built by a zero-gradient, lr-0 probe step) holds
+    SGD-SaI's state shapes (sai_dist.probe), so the plain recipe dcp.load +
+    set_optimizer_state_dict restores exactly what sai_dist.checkpoint.load does."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     del run4
     model = R.make_model()
     opt = R.make_optimizer(model)
-    with pytest.warns(UserWarning, match="every gradient is zero"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the probe is recognised: no warning
         plain = get_optimizer_state_dict(model, opt)
-    assert not any(plain["state"].values())
     assert all(p.grad is None for p in model.parameters())  # the probe left no gradients
+    assert not opt.initialized  # placeholders do not fix g-SNR
     ours = checkpoint.optimizer_state_template(model, opt)
-    assert set(ours["state"]) == {n for n, _ in model.named_parameters()}
-    # Following the plain recipe anyway is not silent: loading the empty state warns.
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
+    assert set(plain["state"]) == set(ours["state"]) == {n for n, _ in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load({"optim": plain}, checkpoint_id=ckpt_dir, no_dist=True)
-    with pytest.warns(UserWarning, match="holds no g-SNR.*sai_dist.checkpoint.load"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         set_optimizer_state_dict(model, opt, plain)
-    assert not opt.initialized
+    assert opt.initialized
+    model2 = R.make_model()
+    opt2 = R.make_optimizer(model2)
+    checkpoint.load(ckpt_dir, model2, opt2)
+    assert sai_dist.gsnr_table(model, opt) == sai_dist.gsnr_table(model2, opt2)
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        torch.testing.assert_close(
+            opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"], rtol=0, atol=0
+        )
 
 
 def test_refusals_name_the_culprit(run2):

@@ -204,8 +204,9 @@ class DTensorLayout(Layout):
         block = self._block_of.get(id(param))
         if block is None:
             raise LayoutError(
-                f"SGDSaI is stepping {self.describe(param)} that it was never given. Build the optimizer "
-                "from model.parameters() after fully_shard, so it holds the sharded DTensor parameters."
+                f"SGDSaI is stepping {self.describe(param)} that it was never given: its param groups "
+                "were rebound after g-SNR was fixed, or to tensors that are not model parameters. Build "
+                "the optimizer from model.parameters() after fully_shard, or rebind before the first step."
             )
         pieces = (Piece(block, None, self._counted(param)),)
         self._pieces[id(param)] = pieces

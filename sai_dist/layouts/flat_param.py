@@ -70,24 +70,53 @@ class FlatParamLayout(FlatSegmentLayout):
     it): a rank only holds the g-SNR of the blocks its shards touch.
     """
 
+    #: The module the layout was built from; block names are relative to it.
+    root: nn.Module | None = None
+
     def gsnr_table(self, optimizer: Any, model: nn.Module) -> dict[str, dict[str, float | int]]:
         # The original parameter objects may be gone (use_orig_params=False), so rows come
-        # from the layout's own names rather than model.named_parameters(). Refreshed on
-        # every call: with use_orig_params=True a late block can be fixed on some ranks
-        # only, so no rank can tell alone whether a cached table is stale.
-        del model
+        # from the layout's own names rather than model.named_parameters(), re-rooted at
+        # ``model`` (a part of the module the layout was built from, say a LightningModule's
+        # ``self.net``, or a wrapper of it). Refreshed on every call: with
+        # use_orig_params=True a late block can be fixed on some ranks only, so no rank can
+        # tell alone whether a cached table is stale.
+        rename = self._renamer(model)
         self.refresh_table(optimizer)
         gsnr, scale = self.block_gsnr(optimizer)
         table: dict[str, dict[str, float | int]] = {}
         for b in range(self.num_blocks):
             if math.isnan(float(gsnr[b])):
                 continue
-            table[self.block_name(b)] = {
+            name = rename(self.block_name(b))
+            if name is None:  # outside the module asked about
+                continue
+            table[name] = {
                 "gsnr": float(gsnr[b]),
                 "scale": float(scale[b]),
                 "numel": self.block_numels[b],
             }
         return table
+
+    def _renamer(self, model: nn.Module) -> Any:
+        """``name -> name relative to model`` (``None`` for blocks outside it)."""
+        root = self.root
+        if root is None or model is root:
+            return lambda name: name
+        for prefix, module in root.named_modules():
+            if module is model:  # a part of the root: its rows, prefix dropped
+                head = _clean(prefix)
+                if not head:  # only wrapper segments in between (FSDP's _fsdp_wrapped_module)
+                    return lambda name: name
+                head += "."
+                return lambda name: name[len(head) :] if name.startswith(head) else None
+        for prefix, module in model.named_modules():
+            if module is root:  # a wrapper of the root: prefix added
+                return lambda name: _clean(prefix, name)
+        raise ValueError(
+            f"gsnr_table: the module passed ({type(model).__name__}) is neither the module this "
+            f"flat-parameter layout was built from ({type(root).__name__}) nor a part or a wrapper of it; "
+            "pass that module or one of its submodules."
+        )
 
 
 @dataclass
@@ -135,6 +164,7 @@ class _Builder:
         for flat, segs in self.flats:
             layout.add_flat(flat, [Segment(index[b], start, stop, off) for b, start, stop, off in segs])
         layout.ranks_hold_different_params = self.varying_tensors
+        layout.root = self.model
         return layout
 
 

@@ -44,10 +44,10 @@ class ReplicatedLayout(Layout):
         if block is None:
             raise LayoutError(
                 f"SGDSaI is stepping a tensor of shape {tuple(param.shape)} that it was never given. "
-                "A sharding wrapper (DeepSpeed ZeRO, fairscale, ...) has probably replaced the "
-                "optimizer's param groups with flat partitions; g-SNR of a flat partition is not the "
-                "g-SNR of the model's parameters. Attach SGDSaI through its integration for that "
-                "wrapper (e.g. sai_dist.deepspeed.initialize) instead."
+                "Its param groups were rebound either to tensors that are not model parameters (a "
+                "sharding wrapper's flat partitions: their g-SNR is not the g-SNR of the model's "
+                "parameters; attach SGDSaI through that wrapper's integration, e.g. "
+                "`import sai_dist.deepspeed`), or after g-SNR was fixed (rebind before the first step)."
             )
         return (Piece(block),)
 
