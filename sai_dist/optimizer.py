@@ -444,7 +444,11 @@ class SGDSaI(Optimizer):
         return moments
 
     def _fix_gsnr(
-        self, tensors: list[Tensor], gsnr_max: float | None, refusal: BaseException | None = None
+        self,
+        tensors: list[Tensor],
+        gsnr_max: float | None,
+        refusal: BaseException | None = None,
+        moments: BlockMoments | None = None,
     ) -> bool:
         """Compute and store g-SNR and scale for every block held by ``tensors``.
 
@@ -454,9 +458,13 @@ class SGDSaI(Optimizer):
         step, e.g. a mixed-precision wrapper's first call, must not fix g-SNR). With
         ``refusal`` (this rank refused the step), joins the cross-rank check and raises it.
         Collective over the check group and the layout's group: every rank calls it together.
+        ``moments`` given (single process only: the optimizer-in-backward two-pass step 1
+        recorded them block by block) are used as the blocks' moments instead of reading
+        the gradients of ``tensors``, which may be gone.
         """
         layout = self.layout
-        moments = self._agreed_moments(tensors, gsnr_max, refusal)
+        if moments is None:
+            moments = self._agreed_moments(tensors, gsnr_max, refusal)
         bad = (~moments.finite()).nonzero().flatten().tolist()
         if bad:
             names = ", ".join(self._describe(b) for b in bad[:10])
