@@ -57,7 +57,7 @@ def test_allocation_past_the_cap_is_recorded_as_out_of_memory(tmp_path):
     # The real llama2-7b preset under a 3 GiB cap: materialising its bf16 parameters
     # (12.55 GiB) fails inside the process, long before anything is touched.
     proc, report = _run(
-        tmp_path, "--preset", "llama2-7b", "--cap", "3GiB", "--steps", "1", "--runs", "adamw_bf16"
+        tmp_path, "--preset", "llama2-7b", "--cap", "3GiB", "--steps", "1", "--runs", "adamw_bf16", "--force"
     )
     assert proc.returncode == 0, proc.stderr
     (run,) = report["runs"]
