@@ -75,6 +75,9 @@ MAIN_RUN = "sgd_sai_int8"
 #: Small Llama-shaped presets for smoke tests (the real ones are sai_dist.memory.PRESETS).
 TINY = dict(n_layer=2, n_head=4, n_kv_head=4, dim=128, intermediate=352, vocab_size=1000)
 SMALL = dict(n_layer=4, n_head=8, n_kv_head=8, dim=512, intermediate=1376, vocab_size=8000)
+#: 168M parameters, Llama 2 vocabulary: big enough that the transient terms of the
+#: accounting (head cast, update temporaries) are measurable, small enough for CI.
+MEDIUM = dict(n_layer=8, n_head=16, n_kv_head=16, dim=1024, intermediate=2816, vocab_size=32000)
 
 _UNITS = {
     "": 1,
@@ -125,10 +128,14 @@ def _config(preset: str):
         return LlamaConfig(**TINY)
     if preset == "small":
         return LlamaConfig(**SMALL)
+    if preset == "medium":
+        return LlamaConfig(**MEDIUM)
     config = PRESETS.get(preset)
     if not isinstance(config, LlamaConfig):
         llamas = sorted(k for k, v in PRESETS.items() if isinstance(v, LlamaConfig))
-        raise SystemExit(f"seven_b: --preset {preset!r} is not a Llama preset; use tiny, small or {llamas}")
+        raise SystemExit(
+            f"seven_b: --preset {preset!r} is not a Llama preset; use tiny, small, medium or {llamas}"
+        )
     return config
 
 
@@ -494,7 +501,9 @@ def run_child(args: argparse.Namespace, run: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--preset", default="llama2-7b", help="llama2-7b (default), another Llama preset, small or tiny"
+        "--preset",
+        default="llama2-7b",
+        help="llama2-7b (default), another Llama preset, medium, small or tiny",
     )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--cap", type=parse_size, default=parse_size("22GiB"), help="hard cap (default 22GiB)")
