@@ -577,9 +577,12 @@ def main(argv: list[str] | None = None) -> int:
         runs=[],
     )
     print(f"seven_b: {args.preset} {config}, cap {args.cap / GIB:.2f} GiB on {args.device}", flush=True)
+    out = Path(args.out) if args.out else ROOT / "docs" / "data" / f"seven_b_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for run in runs:
         r = run_child(args, run)
         report["runs"].append(r)
+        out.write_text(json.dumps(report, indent=1) + "\n")  # after every run: a killed suite keeps them
         peak = r.get("peak_vm_hwm_bytes") if args.device == "cpu" else r.get("peak_cuda_allocated_bytes")
         peak_s = f"{peak / GIB:7.2f} GiB" if peak else "    n/a"
         print(
@@ -587,9 +590,6 @@ def main(argv: list[str] | None = None) -> int:
             f"losses {r.get('losses', [])}  {r.get('error', '')[:160]}",
             flush=True,
         )
-    out = Path(args.out) if args.out else ROOT / "docs" / "data" / f"seven_b_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"results: {out}")
     return 0
 
