@@ -226,9 +226,17 @@ def add_arguments(parser) -> None:
             "for SGD-SaI and the AdamW variants; with --device-mem, which fit",
         )
     if "--param-dtype" not in have:
-        parser.add_argument("--param-dtype", default=None, help="parameter storage dtype: bf16 or fp32")
+        parser.add_argument(
+            "--param-dtype",
+            default="float32",
+            help="parameter storage dtype: bfloat16 (bf16) or float32 (fp32)",
+        )
     if "--momentum-dtype" not in have:
-        parser.add_argument("--momentum-dtype", default=None, help="SGD-SaI momentum: int8, bf16 or fp32")
+        parser.add_argument(
+            "--momentum-dtype",
+            default=None,
+            help="SGD-SaI momentum: int8, bfloat16 or float32 (default: the params')",
+        )
     if "--compute-dtype" not in have:
         parser.add_argument(
             "--compute-dtype",
@@ -250,8 +258,8 @@ _SHORT = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16",
 def report(spec: ModelSpec, args, parse_bytes) -> dict:
     """The ``in_backward`` section of ``sai-dist memory``: predictions for every optimizer,
     the one ``--momentum-dtype`` names first, and verdicts against ``--device-mem``."""
-    param = _SHORT.get(str(args.param_dtype or "bf16"))
-    mom = _SHORT.get(str(args.momentum_dtype or "int8"))
+    param = _SHORT.get(str(args.param_dtype or "float32"))
+    mom = _SHORT.get(str(args.momentum_dtype)) if args.momentum_dtype else param  # default: the params
     compute = _SHORT.get(str(args.compute_dtype or "fp32"))
     for flag, value, allowed in (
         ("--param-dtype", param, ("bf16", "fp32")),
