@@ -218,3 +218,40 @@ def test_peak_memory_step_one_holds_one_block():
     saved = keep["step1_over_baseline"] - two["step1_over_baseline"]
     assert copy - block - 0.05 * copy <= saved <= copy + 0.05 * copy, r
     assert two["checksum"] == pytest.approx(keep["checksum"], rel=1e-12)
+
+
+@pytest.mark.parametrize("momentum_dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_state_trajectory_equals_normal_step(momentum_dtype, param_dtype):
+    """With low-precision momentum (and bf16 parameters with stochastic rounding) the
+    two-pass first step still equals the normal step: pass 1 consumes no rounding draws."""
+    import inspect
+
+    if "momentum_dtype" not in inspect.signature(SGDSaI.__init__).parameters:
+        pytest.skip("this SGDSaI has no momentum_dtype (low-precision state, issue 16)")
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.01, momentum_dtype=momentum_dtype)
+
+    def loss(model, step):
+        x, y = _data(step)
+        return nn.functional.cross_entropy(model(x, step).flatten(0, 1).float(), y.flatten())
+
+    torch.manual_seed(0)
+    ref = Net().to(param_dtype)
+    opt = SGDSaI(ref.parameters(), **kw)
+    for step in range(1, 6):
+        loss(ref, step).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    got = Net().to(param_dtype)
+    runner = InBackwardSGDSaI(got.parameters(), first_step="two_pass", **kw)
+    for step in range(1, 6):
+
+        def closure(step=step):
+            value = loss(got, step)
+            value.backward()
+            return value
+
+        runner.step(closure)
+    for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
+        assert torch.equal(a, b), name

@@ -71,7 +71,7 @@ def test_cli_predicts_and_plans_a_22_gib_budget(capsys):
     assert 2 * P7B + 6_751_576_584 < total < 22 * GIB
     code, human, _ = _cli(
         capsys, "--model", "llama2-7b", "--in-backward", "--seq", "128", "--device-mem", "22GiB",
-        "--param-dtype", "bf16", "--momentum-dtype", "int8", "--strategies", "single",
+        "--param-dtype", "bfloat16", "--momentum-dtype", "int8", "--strategies", "single",
     )  # fmt: skip
     assert code == 0 and "sgd_sai_int8" in human and "fits +" in human and "OOM -" in human
     # Without --momentum-dtype the momentum has the parameters' dtype, fp32 by default.
