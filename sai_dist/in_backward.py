@@ -36,8 +36,11 @@ by the largest, before the first update. Two modes, chosen by ``first_step``:
     its first update pass 2 compares the first block's gradient with pass 1's record and
     refuses (``RuntimeError``, g-SNR unfixed, nothing modified) if the closure did not
     reproduce the batch. A bare ``loss.backward()`` before step 1 is refused the same way,
-    so a loop cannot skip the first pass; after step 1 both ``step(closure)`` and a bare
-    ``backward()`` train.
+    so a loop cannot skip the first pass; after step 1 (or after loading a state dict
+    that holds g-SNR) both ``step(closure)`` and a bare ``backward()`` train, one pass per
+    step. An exception in pass 1 leaves nothing changed; one in pass 2 (an out-of-memory
+    error, say) leaves g-SNR fixed and the blocks stepped so far updated, as an exception
+    inside any in-backward step does.
 
 **Same trajectory.** The update of each tensor is :meth:`SGDSaI._step_group` on that
 tensor alone, the very code ``SGDSaI.step`` runs per group, so on CPU (the per-tensor

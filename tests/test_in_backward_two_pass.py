@@ -255,3 +255,24 @@ def test_low_precision_state_trajectory_equals_normal_step(momentum_dtype, param
         runner.step(closure)
     for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_resume_after_step_one_needs_no_second_pass():
+    kw = SETTINGS[0]
+    ref = _train_two_pass(Net, 5, **kw)[0]
+    torch.manual_seed(0)
+    model = Net().double()
+    runner = InBackwardSGDSaI(model.parameters(), first_step="two_pass", **kw)
+    for step in (1, 2):
+        runner.step(lambda step=step: _loss(model, step).backward())
+    saved_model, saved_opt = model.state_dict(), runner.state_dict()
+    model2 = Net().double()
+    model2.load_state_dict(saved_model)
+    runner2 = InBackwardSGDSaI(model2.parameters(), first_step="two_pass", **kw)
+    runner2.load_state_dict(saved_opt)
+    runs = []
+    for step in (3, 4, 5):
+        runner2.step(lambda step=step: (runs.append(step), _loss(model2, step).backward()))
+    assert runs == [3, 4, 5]  # g-SNR came with the state: one pass per step
+    for a, b in zip(ref.parameters(), model2.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
