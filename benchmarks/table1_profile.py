@@ -7,6 +7,7 @@ accounting, byte for byte. Each (model, optimizer) runs in a fresh subprocess so
 not share allocator state.
 
     PYTHONPATH=. python benchmarks/table1_profile.py --model gpt2-medium --steps 3
+    PYTHONPATH=. python benchmarks/table1_profile.py --device cuda --model gpt2-xl  # on a GPU
 
 Optimizers: ``sgd_sai`` (this package), ``adamw`` (torch, foreach off like the CPU default),
 ``official`` (the state layout of the official SGD-SaI v1.0.3: momentum clone of the
@@ -52,7 +53,9 @@ class OfficialStyle(torch.optim.Optimizer):
                 p.add_(st["momentum_buffer"], alpha=-group["lr"] * float(st["gsnr"]))
 
 
-def measure(model_name: str, optimizer: str, steps: int, batch: int, context: int) -> dict:
+def measure(
+    model_name: str, optimizer: str, steps: int, batch: int, context: int, device: str = "cpu"
+) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
 
@@ -60,7 +63,8 @@ def measure(model_name: str, optimizer: str, steps: int, batch: int, context: in
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = build_model(PRESETS[model_name])
+    with torch.device(device):
+        model = build_model(PRESETS[model_name])
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd_sai":
         opt = SGDSaI(params, lr=1e-3)
@@ -71,20 +75,21 @@ def measure(model_name: str, optimizer: str, steps: int, batch: int, context: in
     else:
         raise ValueError(optimizer)
     vocab = model.config.vocab_size
-    x = torch.randint(0, vocab, (batch, context))
-    y = torch.randint(0, vocab, (batch, context))
+    x = torch.randint(0, vocab, (batch, context), device=device)
+    y = torch.randint(0, vocab, (batch, context), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     t0 = time.perf_counter()
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
         for _ in range(steps):
             loss = model(x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     timeline = MemoryProfileTimeline(prof._memory_profile())
-    _, sizes = timeline._coalesce_timeline("cpu")
+    _, sizes = timeline._coalesce_timeline("cuda:0" if device == "cuda" else "cpu")
     peaks = {}
     for cat, idx in _CATEGORY_TO_INDEX.items():
         name = "unknown" if cat is None else cat.name
@@ -96,6 +101,7 @@ def measure(model_name: str, optimizer: str, steps: int, batch: int, context: in
     return dict(
         model=model_name,
         optimizer=optimizer,
+        device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         parameters=numel,
         param_tensors=len(params),
         steps=steps,
@@ -114,9 +120,19 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "table1_profile --device cuda: no CUDA device on this machine; nothing was run", file=sys.stderr
+        )
+        return 2
     if args.one:
-        print(json.dumps(measure(args.model, args.optimizers, args.steps, args.batch, args.context)))
+        print(
+            json.dumps(
+                measure(args.model, args.optimizers, args.steps, args.batch, args.context, args.device)
+            )
+        )
         return 0
     results = []
     for name in args.optimizers.split(","):
@@ -134,6 +150,8 @@ def main() -> int:
             str(args.batch),
             "--context",
             str(args.context),
+            "--device",
+            args.device,
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])

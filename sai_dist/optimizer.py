@@ -488,7 +488,11 @@ class SGDSaI(Optimizer):
         return moments
 
     def _fix_gsnr(
-        self, tensors: list[Tensor], gsnr_max: float | None, refusal: BaseException | None = None
+        self,
+        tensors: list[Tensor],
+        gsnr_max: float | None,
+        refusal: BaseException | None = None,
+        moments: BlockMoments | None = None,
     ) -> bool:
         """Compute and store g-SNR and scale for every block held by ``tensors``.
 
@@ -498,6 +502,9 @@ class SGDSaI(Optimizer):
         step, e.g. a mixed-precision wrapper's first call, must not fix g-SNR). With
         ``refusal`` (this rank refused the step), joins the cross-rank check and raises it.
         Collective over the check group and the layout's group: every rank calls it together.
+        ``moments`` given (single process only: the optimizer-in-backward two-pass step 1
+        recorded them block by block) are used as the blocks' moments instead of reading
+        the gradients of ``tensors``, which may be gone.
         """
         layout = self.layout
         model = self._model_group() if gsnr_max is None else None
@@ -506,7 +513,8 @@ class SGDSaI(Optimizer):
             moments, whole = linked
         else:
             try:
-                moments = self._agreed_moments(tensors, gsnr_max, refusal)
+                if moments is None:
+                    moments = self._agreed_moments(tensors, gsnr_max, refusal)
                 self._refuse_non_finite(moments)
             except Exception as e:
                 if model is not None:  # the other stages wait in the whole-model max: tell them

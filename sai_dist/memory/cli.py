@@ -14,6 +14,7 @@ import math
 import re
 import sys
 
+from sai_dist.memory import in_backward
 from sai_dist.memory.accounting import OPTIMIZERS, PRECISIONS, STRATEGIES, rank_memory, sgd_sai_scalar_bytes
 from sai_dist.memory.models import PRESETS, ModelSpec, ViTConfig, resolve_model
 from sai_dist.memory.plan import (
@@ -101,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=1024, help="context length for the activation estimate")
     parser.add_argument("--paper", action="store_true", help="print Table 1 of the paper beside our figures")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    in_backward.add_arguments(parser)
 
 
 def _gib(n: int) -> str:
@@ -214,6 +216,8 @@ def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
         )
     if args.paper:
         out["paper_table1"] = paper_rows()
+    if args.in_backward:
+        out["in_backward"] = in_backward.report(spec, args, parse_bytes)
     return out
 
 
@@ -265,6 +269,8 @@ def format_human(r: dict) -> str:
             lines.append(f"{s:10s}" + "".join(f"{c:>22s}" for c in cells))
     if "paper_table1" in r:
         lines += ["", format_paper(r["paper_table1"])]
+    if "in_backward" in r:
+        lines.append(in_backward.format_human(r["in_backward"]))
     return "\n".join(lines)
 
 
