@@ -25,9 +25,7 @@ Select with ``-m multihost``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -87,7 +85,7 @@ class Launched:
         except subprocess.TimeoutExpired:
             raise AssertionError(
                 f"{self.proc.args[:8]} still running after {timeout} s:\n{self.text[-4000:]}"
-            )
+            ) from None
         self._reader.join(timeout=10)
         return code
 
@@ -204,3 +202,89 @@ def test_two_hosts_equal_one_host_of_four_ranks(
     assert gsnr(two) == gsnr(one)
     assert losses(two)[8] < losses(two)[1] - 0.05  # it learns
     print(f"\n{backend[1]}: 2 hosts x 2 ranks in {t_two:.1f} s; max rel param diff vs 1x4 {worst:.2g}")
+
+
+# -- 2 and 4. a host dies ----------------------------------------------------------------
+
+ELASTIC = ["--steps", "16", "--ckpt-every", "4", "--eval-every", "4", "--pg-timeout", "8"]
+ELASTIC_ENV = dict(
+    NNODES="1:2",
+    MAX_RESTARTS="1",
+    # Once one host joined, wait up to 10 s for the other (the first start) before forming.
+    RDZV_CONF="last_call_timeout=10,read_timeout=10",
+    TORCHRUN_ARGS="--monitor-interval 0.5",
+)
+
+
+def reference_4_then_2(tmp_path: Path, backend: list[str], ckpt_step: int) -> Path:
+    """The same job on one host: 4 ranks up to the checkpoint of ``ckpt_step`` (the run stops
+    right after it), then resumed from it on 2 ranks."""
+    common = [*TINY, *ELASTIC, *backend, "--runs-dir", str(tmp_path), "--name", "ref"]
+    cmd = [sys.executable, "-m", "sai_dist.train", *common, "--nproc", "4"]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=_env(SAI_DIST_TRAIN_DIE_AFTER_STEP=str(ckpt_step)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "fault injection" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    ref = tmp_path / "ref"
+    assert ckpt_io.latest(str(ref / "checkpoints")) == str(ref / "checkpoints" / f"step_{ckpt_step:06d}")
+    run_ok([sys.executable, "-m", "sai_dist.train", "--resume", str(ref), "--nproc", "2", "--no-progress"])
+    return ref
+
+
+@pytest.mark.parametrize(
+    ("fault", "lost_step"),
+    [({"SAI_DIST_TRAIN_HANG_IN_SAVE": "8"}, 8), ({"SAI_DIST_TRAIN_HANG_AFTER_STEP": "6"}, 6)],
+    ids=["dies-while-saving-step-8", "dies-after-step-6"],
+)
+def test_host_dies_job_reforms_on_survivor_and_resumes(
+    tmp_path: Path, cluster: netns.Cluster, fault: dict[str, str], lost_step: int
+) -> None:
+    """Host B's ranks (2 and 3) stop at a chosen point (inside the save of step 8, with
+    their shards written, or after step 6); the test then cuts B's link and SIGKILLs every
+    process on B at once. Nothing on B says goodbye."""
+    args = [*ELASTIC, "--backend", "fsdp2", "--runs-dir", str(tmp_path), "--name", "run", "--resume", "auto"]
+    env = {**ELASTIC_ENV, **fault, "SAI_DIST_TRAIN_DIE_RANK": "2,3"}
+    a, b = (launch(cluster, h, args, **env) for h in (0, 1))
+    run = tmp_path / "run"
+    wait_for(lambda: b.text.count("fault injection: rank") == 2, 240, "host B's ranks to reach the fault")
+    latest_before = ckpt_io.latest(str(run / "checkpoints"))
+    steps_done = logged_steps(run)
+    t_fail = time.time()
+    cluster.cut(1)
+    killed = cluster.kill_host(1)
+    assert killed >= 3  # the agent and its two ranks
+    code = a.wait(240)
+    assert code == 0, a.text[-4000:]
+    t_detect = a.first(r"a collective failed in step")
+    assert t_detect is not None, a.text[-4000:]
+    first, resumed = starts(run)
+    assert (first["attempt"], first["world_size"]) == (0, 4)
+    assert (resumed["attempt"], resumed["world_size"]) == (1, 2)
+    # The checkpoint being written when B died was never complete: the previous one is used.
+    assert latest_before == str(run / "checkpoints" / "step_000004")
+    assert resumed["resumed_from"] == "step_000004" and resumed["gsnr"] == "loaded"
+    assert steps_done == lost_step and steps_done - 4 <= 4  # steps lost <= the checkpoint interval
+    assert not list((run / "checkpoints").glob("*.partial"))
+    # Both of A's ranks name B's ranks as unreachable.
+    for r in (0, 1):
+        assert re.search(
+            rf"rank {r} \(10\.77\.0\.1\): a collective failed in step \d+; unreachable \(host dead or "
+            rf"network split\): rank 2 \(10\.77\.0\.2\), rank 3 \(10\.77\.0\.2\)",
+            a.text,
+        ), a.text[-3000:]
+    ref = reference_4_then_2(tmp_path, ["--backend", "fsdp2"], 4)
+    assert_losses_close(losses(run), losses(ref))
+    assert sorted(losses(run)) == list(range(1, 17))
+    worst = assert_params_close(final_params(run, 16), final_params(ref, 16))
+    assert gsnr(run) == gsnr(ref)
+    print(
+        f"\nhost B died after step {steps_done} (checkpoint 4): detected by host A after "
+        f"{t_detect - t_fail:.1f} s (--pg-timeout 8), job re-formed at world size 2 and resumed "
+        f"{resumed['time'] - t_fail:.1f} s after the failure; steps lost {steps_done - 4}; "
+        f"max rel param diff vs 4-then-2 {worst:.2g}"
+    )
