@@ -288,3 +288,108 @@ def test_host_dies_job_reforms_on_survivor_and_resumes(
         f"{resumed['time'] - t_fail:.1f} s after the failure; steps lost {steps_done - 4}; "
         f"max rel param diff vs 4-then-2 {worst:.2g}"
     )
+
+
+# -- 3. the network splits -----------------------------------------------------------------
+
+SPLIT = ["--steps", "24", "--ckpt-every", "4", "--eval-every", "4", "--pg-timeout", "8"]
+
+
+def test_network_split_every_rank_exits_in_bound_then_resumes(tmp_path: Path, cluster: netns.Cluster) -> None:
+    args = [*SPLIT, "--backend", "fsdp2", "--runs-dir", str(tmp_path), "--name", "run", "--resume", "auto"]
+    env = {"RDZV_CONF": "read_timeout=10"}
+    a, b = both(cluster, args, **env)
+    run = tmp_path / "run"
+    wait_for(lambda: logged_steps(run) >= 6, 240, "step 6")
+    before = losses(run)
+    t_cut = time.time()
+    cluster.cut(1)
+    assert a.wait(120) != 0
+    error = (
+        r"rank (\d) \((10\.77\.0\.\d)\): a collective failed in step (\d+); "
+        r"unreachable \(host dead or network split\): ([^.;]*)"
+    )
+    wait_for(lambda: len(set(re.findall(error, a.text + b.text))) >= 4, 60, "every rank's error")
+    found = {int(r): (addr, lost) for r, addr, _, lost in re.findall(error, a.text + b.text)}
+    assert sorted(found) == [0, 1, 2, 3]
+    for r, (addr, lost) in found.items():
+        # Each rank names the ranks on the other side of the split (and only those).
+        other = "10.77.0.2" if addr == "10.77.0.1" else "10.77.0.1"
+        named = re.findall(r"rank (\d) \((10\.77\.0\.\d)\)", lost)
+        assert {h for _, h in named} == {other}, (r, lost)
+        assert len(named) == 2, (r, lost)
+    t_all = max(t for node in (a, b) for t, line in node.lines if "a collective failed in step" in line)
+    # Host B's torchrun agent waits on the rendezvous store across the split; it gives up
+    # once the link is back (or when the scheduler kills it).
+    cluster.restore(1)
+    t_restore = time.time()
+    assert b.wait(120) != 0
+    t_b_exit = time.time()
+    # Nothing written before the split is lost or half-written.
+    latest = ckpt_io.latest(str(run / "checkpoints"))
+    assert latest is not None
+    for ckpt in sorted((run / "checkpoints").glob("step_*[0-9]")):
+        ckpt_io.verify(str(ckpt))  # every complete checkpoint matches its manifest
+    kept = int(Path(latest).name.split("_")[1])
+    assert kept >= 4
+    t0 = time.time()
+    wait_ok(both(cluster, args, **env))
+    t_resume = time.time() - t0
+    resumed = starts(run)[-1]
+    assert resumed["resumed_from"] == Path(latest).name and resumed["world_size"] == 4
+    after = losses(run)
+    assert sorted(after) == list(range(1, 25))
+    for step, value in before.items():  # kept, and the redone steps reproduce the first try
+        assert after[step] == pytest.approx(value, rel=1e-6), step
+    print(
+        f"\nsplit after step {max(before)}: all 4 ranks failed {t_all - t_cut:.1f} s after the cut "
+        f"(--pg-timeout 8); host B's agent exited {t_b_exit - t_restore:.1f} s after the link came back; "
+        f"resumed from {Path(latest).name}, relaunch to the end {t_resume:.1f} s"
+    )
+
+
+# -- 5. wrong cluster settings fail fast ---------------------------------------------------
+
+
+def test_rendezvous_endpoint_nobody_serves_fails_within_the_timeout(
+    tmp_path: Path, cluster: netns.Cluster
+) -> None:
+    """Host B alone, pointed at host A's address where no store listens."""
+    t0 = time.time()
+    node = launch(cluster, 1, ["--runs-dir", str(tmp_path), "--name", "x"], RDZV_CONF="read_timeout=5")
+    assert node.wait(120) != 0
+    elapsed = time.time() - t0
+    assert "The connection to the C10d store has failed" in node.text, node.text[-3000:]
+    assert not (tmp_path / "x").exists()
+    print(
+        f"\nno rendezvous store at {cluster.addrs[0]}:{PORT}: torchrun exited after {elapsed:.1f} s "
+        "(read_timeout=5)"
+    )
+
+
+def test_hosts_with_different_settings_fail_naming_the_difference(
+    tmp_path: Path, cluster: netns.Cluster
+) -> None:
+    common = ["--backend", "fsdp2", "--runs-dir", str(tmp_path), "--name", "x", "--pg-timeout", "8"]
+    a = launch(cluster, 0, common)
+    b = launch(cluster, 1, [*common, "--lr", "0.5"])
+    for node in (a, b):
+        assert node.wait(180) != 0
+        text = node.text
+        assert "started with different sai-dist settings" in text, text[-3000:]
+        assert re.search(r"--lr: (None|0\.5) on ranks \d,\d; (None|0\.5) on ranks \d,\d", text), text[-3000:]
+        assert "a collective failed" not in text
+
+
+def test_interface_gloo_cannot_use_fails_with_a_clear_error(tmp_path: Path, cluster: netns.Cluster) -> None:
+    common = ["--backend", "fsdp2", "--runs-dir", str(tmp_path), "--name", "x", "--pg-timeout", "8"]
+    t0 = time.time()
+    a = launch(cluster, 0, common)
+    b = launch(cluster, 1, common, GLOO_SOCKET_IFNAME="nosuch0")
+    assert b.wait(180) != 0
+    assert "GLOO_SOCKET_IFNAME=nosuch0" in b.text and "ip -br addr" in b.text, b.text[-3000:]
+    assert a.wait(180) != 0
+    print(
+        f"\nbad GLOO_SOCKET_IFNAME on host B: both hosts exited after {time.time() - t0:.1f} s "
+        "(--pg-timeout 8)"
+    )
