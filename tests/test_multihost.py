@@ -393,3 +393,45 @@ def test_interface_gloo_cannot_use_fails_with_a_clear_error(tmp_path: Path, clus
         f"\nbad GLOO_SOCKET_IFNAME on host B: both hosts exited after {time.time() - t0:.1f} s "
         "(--pg-timeout 8)"
     )
+
+
+# -- 6. mpirun across hosts ------------------------------------------------------------------
+
+
+def test_mpirun_across_hosts_equals_one_host(tmp_path: Path, cluster: netns.Cluster) -> None:
+    """MPICH Hydra needs no ssh: its ``-launcher-exec`` is any program called like ssh
+    (``PROG [-opts] HOST COMMAND``); here one that runs COMMAND with ``ip netns exec`` on the
+    host of that address, and logs each call."""
+    shell, calls = tmp_path / "netns-shell", tmp_path / "calls"
+    cases = "".join(f"  {addr}) ns={ns};;\n" for addr, ns in zip(cluster.addrs, cluster.hosts, strict=True))
+    shell.write_text(
+        "#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nhost=$1; shift\n"
+        f'echo "$host" >> {calls}\ncase $host in\n{cases}'
+        '  *) echo "unknown host $host" >&2; exit 255;;\nesac\n'
+        'exec ip netns exec "$ns" bash -c "$*"\n'
+    )
+    shell.chmod(0o755)
+    common = ["--backend", "ddp", "--runs-dir", str(tmp_path)]
+    env = _env(
+        NP="4",
+        HOSTS=f"{cluster.addrs[0]}:2,{cluster.addrs[1]}:2",
+        MPIEXEC_ARGS=f"-launcher ssh -launcher-exec {shell} -iface eth0",
+        MPIEXEC=str(Path(sys.executable).parent / "mpiexec"),
+        # The host name resolves to 127.0.0.1 on every host: name rank 0's address and a port,
+        # so no MPI traffic (mpi4py's rendezvous, which dials by host name) is needed either.
+        MASTER_ADDR=cluster.addrs[0],
+        MASTER_PORT=str(PORT),
+        GLOO_SOCKET_IFNAME="eth0",
+    )
+    t0 = time.time()
+    node = Launched(
+        cluster.popen(0, ["bash", "launch/mpirun.sh", *TINY, *common, "--name", "mpi"], env=env, cwd=REPO)
+    )
+    code = node.wait(150)
+    assert code == 0, node.text[-4000:]
+    elapsed = time.time() - t0
+    assert "ddp on 4 rank(s)" in node.text
+    assert cluster.addrs[1] in calls.read_text().split()  # ranks were started on host B
+    run_ok([sys.executable, "-m", "sai_dist.train", *TINY, *common, "--nproc", "4", "--name", "one"])
+    assert_losses_close(losses(tmp_path / "mpi"), losses(tmp_path / "one"))
+    print(f"\nmpirun over 2 hosts x 2 ranks: {elapsed:.1f} s")
