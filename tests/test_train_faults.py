@@ -50,6 +50,8 @@ SHAPE = dict(n_layers=1, d_model=32, n_heads=2, seq_len=32)
         (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
         (["--grad-clip", "inf"], "--grad-clip"),
         (["--steps", "0"], "--steps"),
+        (["--pg-timeout", "0"], "--pg-timeout"),
+        (["--pg-timeout", "nan"], "--pg-timeout"),
         (["--warmup-steps", "-1"], "--warmup-steps"),
         (["--d-model", "30", "--n-heads", "4"], "--n-heads"),
         (["--backend", "zero"], "--backend"),

@@ -35,6 +35,7 @@ class TrainConfig:
     device: str = "auto"
     hsdp_shard_size: int | None = None
     deepspeed_config: str | None = None
+    pg_timeout: float = 600.0
     # model
     n_layers: int = 4
     d_model: int = 128
@@ -93,6 +94,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.pg_timeout) and self.pg_timeout > 0):
+            raise ValueError(f"--pg-timeout must be a finite number of seconds > 0, got {self.pg_timeout}")
         if self.hsdp_shard_size is not None and self.hsdp_shard_size < 1:
             raise ValueError(f"--hsdp-shard-size must be >= 1, got {self.hsdp_shard_size}")
         if self.d_model % self.n_heads:
@@ -213,6 +216,13 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
         "HSDP: ranks per shard group (default: ranks per node, or half the ranks on a single node)",
     ),
     ("--deepspeed-config", "deepspeed_config", str, "DeepSpeed JSON config (configs/ds_zero{1,2,3}.json)"),
+    (
+        "--pg-timeout",
+        "pg_timeout",
+        float,
+        "seconds a rank waits in a collective (or for peers at start-up) before it fails naming "
+        "it: the bound on detecting a dead or unreachable host (default: 600)",
+    ),
     ("--n-layers", "n_layers", int, "transformer blocks (default: 4)"),
     ("--d-model", "d_model", int, "model width (default: 128)"),
     ("--n-heads", "n_heads", int, "attention heads (default: 4)"),

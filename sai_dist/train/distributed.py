@@ -204,15 +204,25 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     store = _attempt_store(env, timeout)
-    dist.init_process_group(
-        backend,
-        init_method=None if store is not None else "env://",
-        store=store,
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timeout,
-        device_id=device if device.type == "cuda" else None,
-    )
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=None if store is not None else "env://",
+            store=store,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
+    except (RuntimeError, ValueError) as exc:
+        chosen = {k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ}
+        if not chosen:
+            raise
+        named = ", ".join(f"{k}={v}" for k, v in chosen.items())
+        raise RuntimeError(
+            f"rank {env.rank}: joining the process group failed with {named}: set it to the interface "
+            f"that holds this host's cluster address (`ip -br addr`), or unset it. ({exc})"
+        ) from exc
 
 
 def _attempt_store(env: DistEnv, timeout: timedelta) -> dist.Store | None:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from sai_dist.train import checkpoint as ckpt_io
-from sai_dist.train import faults
+from sai_dist.train import faults, peers
 from sai_dist.train.backends import Setup, build, lr_at, set_lr
 from sai_dist.train.config import TrainConfig, check_world
 from sai_dist.train.data import load_corpus, train_batch, val_batches
@@ -123,17 +123,27 @@ def evaluate(setup: Setup, batches: list[tuple[torch.Tensor, torch.Tensor]], dev
 
 
 def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> dict[str, Any]:
-    """Run the job on this rank; returns rank 0's summary (other ranks: the same keys)."""
+    """Run the job on this rank; returns rank 0's summary (other ranks: the same keys).
+    A collective that fails (a peer host dead or unreachable for ``--pg-timeout``) raises
+    one error naming the step and the unreachable ranks (:mod:`sai_dist.train.peers`)."""
+    with peers.guard() as watch:
+        return _train(cfg, env, resume, watch)
+
+
+def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: peers.Watch) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = device_for(env, cfg.device)
     if env is not None:
         if "OMP_NUM_THREADS" not in os.environ:
             # Share the node's cores among its ranks instead of oversubscribing them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
-        init(env, device)
+        init(env, device, cfg.pg_timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     check_world(cfg, world)
+    if env is not None and world > 1:
+        peers.check_same_config(cfg.to_json())
+        watch.probe, watch.pg_timeout = peers.PeerProbe(env.master_addr), cfg.pg_timeout
 
     ckpt_path = ckpt_io.resolve(resume) if resume else None
     _same_on_every_rank("the checkpoint to resume from", ckpt_path and os.path.abspath(ckpt_path))
@@ -183,6 +193,7 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
             # with gradients) of this attempt will compute it.
             "gsnr": ("loaded" if gsnr_fixed else "pending") if cfg.optimizer == "sgdsai" else None,
             "gsnr_max": gsnr_max,
+            "time": time.time(),
         }
     )
 
@@ -203,6 +214,7 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
     val_loss = float("nan")
     step_model = setup.engine if setup.engine is not None else setup.model
     for step in range(start, cfg.steps):
+        watch.where = f"step {step + 1}"
         t0 = time.perf_counter()
         lr = lr_at(cfg, step)
         set_lr(setup.optimizer, lr)
