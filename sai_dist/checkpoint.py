@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
+from sai_dist.probe import is_placeholder
 from sai_dist.state_keys import MOMENTUM_SCALE, ROUNDING_STEP
 from sai_dist.table import find_sgdsai
 
@@ -117,7 +118,11 @@ def optimizer_state_template(model: nn.Module, optimizer: Any, metadata: Any | N
     osd = _quiet_probe(get_optimizer_state_dict, model, opt)
     # Per parameter: real state where it exists. (An entry can exist and be empty: a
     # skipped zero-gradient step still indexes the optimizer's state defaultdict.)
-    state: dict[str, dict[str, Any]] = {fqn: entry for fqn, entry in osd["state"].items() if entry}
+    # A probe's placeholders (sai_dist.probe) are not state: they are rebuilt below in the
+    # form the checkpoint saved.
+    state: dict[str, dict[str, Any]] = {
+        fqn: entry for fqn, entry in osd["state"].items() if entry and not is_placeholder(entry)
+    }
     for saved_group, group in zip(osd["param_groups"], opt.param_groups, strict=True):
         for fqn, p in zip(saved_group["params"], group["params"], strict=True):
             if not p.requires_grad or fqn in state:

@@ -529,8 +529,7 @@ class SGDSaI(Optimizer):
                 for group in self.param_groups:
                     for p in group["params"]:
                         if p.grad is not None:
-                            n = len(layout.pieces(p))
-                            self.state[p] = placeholder_state(p, n, group["momentum"])
+                            self.state[p] = self._placeholder(p, group["momentum"])
                 return False
             # No tensor with a gradient at all is a different mistake from zero gradients: a
             # step() before backward(), or an optimizer built from tensors the model no longer
@@ -822,6 +821,21 @@ class SGDSaI(Optimizer):
             rounding=keys if any_managed else None,
             round_params=self.stochastic_rounding is not False,
         )
+
+    def _placeholder(self, p: Tensor, momentum: float) -> dict[str, Tensor]:
+        """A probe's placeholders for ``p`` in the storage its real state will have."""
+        pieces = self.layout.pieces(p)
+        p_local = self.layout.local(p)
+        stored = self._storage_dtype(p) if momentum != 0 else None
+        n_scales = (
+            lowp.num_scales([piece.view(p_local).numel() for piece in pieces])
+            if stored == torch.int8
+            else None
+        )
+        rounding = self._managed(p, stored) and lowp.uses_rounding(
+            p_local, stored, self.stochastic_rounding is not False
+        )
+        return placeholder_state(p, len(pieces), momentum, stored, n_scales, rounding)
 
     def _storage_dtype(self, p: Tensor) -> torch.dtype:
         origin = self.layout.element_origin(p)

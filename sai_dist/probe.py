@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sai_dist.state_keys import GSNR_MAX, MOMENTUM, SCALARS
+from sai_dist.state_keys import GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALARS
 
 __all__ = ["drop_placeholders", "is_placeholder", "is_probe", "placeholder_state"]
 
@@ -46,12 +46,29 @@ def is_probe(groups: Iterable[Mapping[str, Any]]) -> bool:
     return bool(lrs) and all(float(lr) == 0.0 for lr in lrs)
 
 
-def placeholder_state(param: Tensor, num_pieces: int, momentum: float) -> dict[str, Tensor]:
-    """The placeholders for ``param`` (see the module doc)."""
+def placeholder_state(
+    param: Tensor,
+    num_pieces: int,
+    momentum: float,
+    stored: torch.dtype | None = None,
+    num_scales: int | None = None,
+    rounding: bool = False,
+) -> dict[str, Tensor]:
+    """The placeholders for ``param`` (see the module doc), in the storage the real state
+    will have (:mod:`sai_dist.momentum`): the buffer in ``stored`` (default: the
+    parameter's dtype), ``num_scales`` float32 block scales for int8 codes, and the
+    stochastic-rounding step counter where ``rounding``, so a checkpoint of low-precision
+    state loads into the template as it was saved, never cast."""
     shape: tuple[int, ...] = () if num_pieces == 1 else (num_pieces,)
     entry = {k: torch.full(shape, math.nan, dtype=torch.float32) for k in SCALARS}
     if momentum != 0:
-        entry[MOMENTUM] = torch.zeros_like(param, memory_format=torch.contiguous_format).detach()
+        entry[MOMENTUM] = torch.zeros_like(
+            param, dtype=stored or param.dtype, memory_format=torch.contiguous_format
+        ).detach()
+        if num_scales is not None:
+            entry[MOMENTUM_SCALE] = torch.zeros(num_scales, dtype=torch.float32)
+    if rounding:
+        entry[ROUNDING_STEP] = torch.zeros((), dtype=torch.int64)
     return entry
 
 
