@@ -387,3 +387,42 @@ def test_late_degenerate_block_takes_the_step1_max(normalize):
         opt.step()
     assert float(opt.state[gate]["gsnr"]) == pytest.approx(gmax)
     assert float(opt.state[gate]["scale"]) == pytest.approx(1.0 if normalize else gmax)
+
+
+def test_state_template_probe_gets_placeholders_and_fixes_nothing():
+    """A zero-gradient step with lr 0 everywhere (DCP's / torchtitan's template probe) gets
+    placeholders of the state's shapes, silently; the next real step drops them and equals
+    a never-probed optimizer bit for bit (momentum starts as the first gradient)."""
+    import warnings
+
+    w, s = _two_params()
+    w2, s2 = (nn.Parameter(t.detach().clone()) for t in (w, s))
+    opt, plain = SGDSaI([w, s], lr=0.1), SGDSaI([w2, s2], lr=0.1)
+    opt.param_groups[0]["lr"] = 0.0
+    w.grad, s.grad = torch.zeros_like(w), torch.zeros_like(s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert not opt.initialized
+    assert set(opt.state[w]) == {"momentum_buffer", "gsnr", "scale", "gsnr_max"}
+    assert torch.equal(opt.state[w]["momentum_buffer"], torch.zeros_like(w))
+    assert opt.state[w]["gsnr_max"].isnan()
+    opt.param_groups[0]["lr"] = 0.1
+    for _ in range(3):
+        g1, g2 = torch.randn_like(w), torch.randn_like(s)
+        w.grad, s.grad, w2.grad, s2.grad = g1, g2, g1.clone(), g2.clone()
+        opt.step()
+        plain.step()
+    assert torch.equal(w, w2) and torch.equal(s, s2)
+    assert float(opt.state[w]["gsnr"]) == float(plain.state[w2]["gsnr"])
+
+
+def test_fresh_empty_state_loads_without_warning():
+    import warnings
+
+    w, s = _two_params()
+    opt = SGDSaI([w, s])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(SGDSaI([w, s]).state_dict())
+    assert not opt.initialized
