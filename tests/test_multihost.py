@@ -427,7 +427,16 @@ def test_mpirun_across_hosts_equals_one_host(tmp_path: Path, cluster: netns.Clus
     node = Launched(
         cluster.popen(0, ["bash", "launch/mpirun.sh", *TINY, *common, "--name", "mpi"], env=env, cwd=REPO)
     )
-    code = node.wait(150)
+    try:
+        code = node.wait(150)
+    except AssertionError:
+        left = {h: cluster.pids(h) for h in (0, 1)}
+        ps = subprocess.run(
+            ["ps", "-o", "pid,stat,wchan:20,args", "-p", ",".join(str(p) for v in left.values() for p in v)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        raise AssertionError(f"still running: {left}\n{ps}\n{node.text[-2000:]}") from None
     assert code == 0, node.text[-4000:]
     elapsed = time.time() - t0
     assert "ddp on 4 rank(s)" in node.text
