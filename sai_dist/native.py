@@ -216,65 +216,82 @@ def _compiler_identity(cc: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cc
 
 
-def _build(cc: str, target: str, extra: Sequence[str] = ()) -> None:
-    """Compile the source into ``target`` atomically: concurrent processes (test ranks
+class KernelUnavailable(RuntimeError):
+    """A native kernel cannot be had here; the message says why."""
+
+
+def _build(cc: str, name: str, source: str, target: str, extra: Sequence[str], libs: Sequence[str]) -> None:
+    """Compile ``source`` into ``target`` atomically: concurrent processes (test ranks
     starting together) each build into a private file and rename it into place."""
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        src = os.path.join(tmp, "sai_kernels.c")
+        src = os.path.join(tmp, f"{name}.c")
         with open(src, "w") as f:
-            f.write(_SOURCE)
-        out = os.path.join(tmp, "sai_kernels.so")
+            f.write(source)
+        out = os.path.join(tmp, f"{name}.so")
         proc = subprocess.run(
-            [cc, *_FLAGS, *extra, src, "-o", out], capture_output=True, text=True, timeout=300
+            [cc, *_FLAGS, *extra, src, "-o", out, *libs], capture_output=True, text=True, timeout=300
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
         os.replace(out, target)
 
 
-def _build_best(cc: str, target: str) -> None:
+def _build_best(cc: str, name: str, source: str, target: str, libs: Sequence[str]) -> None:
     """Multiversioned (AVX2 + baseline, see the source) where the toolchain supports
     ``target_clones`` (x86-64 GCC on glibc), else the baseline alone."""
     if platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux"):
         try:
-            _build(cc, target, ["-DSAI_MULTIVERSION"])
+            _build(cc, name, source, target, ["-DSAI_MULTIVERSION"], libs)
             return
         except RuntimeError:
             pass  # clang or musl without ifunc: fall through to the portable build
-    _build(cc, target)
+    _build(cc, name, source, target, (), libs)
+
+
+def load_c_library(name: str, source: str, libs: Sequence[str] = ()) -> ctypes.CDLL:
+    """Build (once, cached) and load a C source of this package's kernels.
+
+    The shared object lives under ``~/.cache/sai_dist`` (``SAI_DIST_KERNEL_DIR``), keyed by
+    source, flags, compiler and machine; an unwritable cache falls back to a private
+    directory. Raises :class:`KernelUnavailable` with the reason when disabled
+    (``SAI_DIST_NATIVE=0``), on an unsupported platform, with no compiler, or when the build
+    fails."""
+    if os.environ.get("SAI_DIST_NATIVE", "1") == "0":
+        raise KernelUnavailable("disabled by SAI_DIST_NATIVE=0")
+    if sys.platform not in ("linux", "darwin") and not sys.platform.startswith("freebsd"):
+        raise KernelUnavailable(f"no native kernels on {sys.platform}")
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        raise KernelUnavailable(f"no C compiler ({os.environ.get('CC', 'cc')!r} not found)")
+    try:
+        key = hashlib.sha256(
+            "\0".join(
+                [source, " ".join(_FLAGS + list(libs)), _compiler_identity(cc), platform.machine()]
+            ).encode()
+        ).hexdigest()[:16]
+        target = os.path.join(_cache_dir(), f"{name}_{key}.so")
+        if not os.path.exists(target):
+            try:
+                _build_best(cc, name, source, target, libs)
+            except PermissionError:
+                # An unwritable cache (read-only home): build into a private directory.
+                target = os.path.join(tempfile.mkdtemp(prefix="sai_dist_"), os.path.basename(target))
+                _build_best(cc, name, source, target, libs)
+        return ctypes.CDLL(target)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"building {name} failed: {exc}") from exc
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, building them on first use; ``None`` when unavailable."""
     global _reason
-    if os.environ.get("SAI_DIST_NATIVE", "1") == "0":
-        _reason = "disabled by SAI_DIST_NATIVE=0"
-        return None
-    if sys.platform not in ("linux", "darwin") and not sys.platform.startswith("freebsd"):
-        _reason = f"no native kernels on {sys.platform}"
-        return None
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
-        _reason = f"no C compiler ({os.environ.get('CC', 'cc')!r} not found)"
-        return None
     try:
-        key = hashlib.sha256(
-            "\0".join([_SOURCE, " ".join(_FLAGS), _compiler_identity(cc), platform.machine()]).encode()
-        ).hexdigest()[:16]
-        target = os.path.join(_cache_dir(), f"sai_kernels_{key}.so")
-        if not os.path.exists(target):
-            try:
-                _build_best(cc, target)
-            except PermissionError:
-                # An unwritable cache (read-only home): build into a private directory.
-                target = os.path.join(tempfile.mkdtemp(prefix="sai_dist_"), os.path.basename(target))
-                _build_best(cc, target)
-        lib = ctypes.CDLL(target)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _reason = f"building the native kernels failed: {exc}"
+        lib = load_c_library("sai_kernels", _SOURCE)
+    except KernelUnavailable as exc:
+        _reason = str(exc)
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.sai_step.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]

@@ -27,13 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -164,7 +157,6 @@ SAI_TARGETS void sai_lowp_piece(void *p, const void *g, void *m, float *scales, 
 }
 """.replace("SAI_BLOCK", str(BLOCK))
 
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno", "-fopenmp"]
 _reason: str | None = None
 _PK = {torch.float32: 0, torch.bfloat16: 1}
 _MK = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -174,44 +166,10 @@ _MK = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, built on first use; ``None`` when unavailable."""
     global _reason
-    if os.environ.get("SAI_DIST_NATIVE", "1") == "0":
-        _reason = "disabled by SAI_DIST_NATIVE=0"
-        return None
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None or sys.platform not in ("linux", "darwin"):
-        _reason = "no C compiler or unsupported platform"
-        return None
     try:
-        key = hashlib.sha256(
-            "\0".join([_SOURCE, " ".join(_FLAGS), native._compiler_identity(cc), platform.machine()]).encode()
-        ).hexdigest()[:16]
-        directory = native._cache_dir()
-        target = os.path.join(directory, f"sai_lowp_{key}.so")
-        if not os.path.exists(target):
-            os.makedirs(directory, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as tmp:
-                src, out = os.path.join(tmp, "sai_lowp.c"), os.path.join(tmp, "sai_lowp.so")
-                with open(src, "w") as f:
-                    f.write(_SOURCE)
-                # Multiversioned (AVX2 + baseline) where the toolchain can, as sai_dist.native.
-                multi = platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux")
-                proc = None
-                for extra in ([["-DSAI_MULTIVERSION"]] if multi else []) + [[]]:
-                    proc = subprocess.run(
-                        [cc, *_FLAGS, *extra, src, "-o", out, "-lm"],
-                        capture_output=True,
-                        text=True,
-                        timeout=300,
-                    )
-                    if proc.returncode == 0:
-                        break
-                assert proc is not None
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
-                os.replace(out, target)
-        lib = ctypes.CDLL(target)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _reason = f"building the low-precision kernel failed: {exc}"
+        lib = native.load_c_library("sai_lowp", _SOURCE, libs=["-lm"])
+    except native.KernelUnavailable as exc:
+        _reason = f"the low-precision kernel: {exc}"
         return None
     ptr, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
     lib.sai_lowp_piece.argtypes = [ptr, ptr, ptr, ptr, i64, i32, i32, i32, ptr, u32, u32, i64, i32, i32]
