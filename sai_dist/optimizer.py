@@ -838,6 +838,8 @@ class SGDSaI(Optimizer):
         return placeholder_state(p, len(pieces), momentum, stored, n_scales, rounding)
 
     def _storage_dtype(self, p: Tensor) -> torch.dtype:
+        if self.momentum_dtype is None:  # the gradient's dtype, as before low-precision storage
+            return self.layout.local(p.grad).dtype
         origin = self.layout.element_origin(p)
         numel = p.numel() if origin is None else origin[0]
         return lowp.storage_dtype(self.momentum_dtype, numel, self.layout.local(p.grad).dtype)
@@ -863,14 +865,13 @@ class SGDSaI(Optimizer):
                 stored = layout.local(state[MOMENTUM]).dtype
             else:
                 stored = self._storage_dtype(p)
-            if layout.element_origin(p) is not None:
-                continue
             low_buffer = self.momentum_dtype is not None and stored not in (None, torch.float32)
             rounded = self.stochastic_rounding is True and layout.local(p).dtype in (
                 torch.bfloat16,
                 torch.float16,
             )
-            if low_buffer or rounded:
+            # Asked only where needed: a DTensor's origin is a placement computation per call.
+            if (low_buffer or rounded) and layout.element_origin(p) is None:
                 setting = (
                     f"momentum_dtype={self.momentum_dtype!r}"
                     if low_buffer
