@@ -63,6 +63,18 @@ def _train(in_backward: bool, steps: int, **kw):
     return model, opt, losses
 
 
+def assert_same_run(ref, ref_opt, ref_losses, got, got_opt, got_losses) -> None:
+    """Parameters, losses and every state entry of two runs within 1e-6 (absolute)."""
+    for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert got_losses == pytest.approx(ref_losses, abs=1e-6)
+    for a, b in zip(ref.parameters(), got.parameters(), strict=True):
+        sa, sb = ref_opt.state[a], got_opt.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -74,14 +86,7 @@ def _train(in_backward: bool, steps: int, **kw):
 def test_trajectory_equals_normal_step(kw):
     ref, ref_opt, ref_losses = _train(False, 6, **kw)
     got, got_opt, got_losses = _train(True, 6, **kw)
-    for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    assert got_losses == pytest.approx(ref_losses, abs=1e-6)
-    for a, b in zip(ref.parameters(), got.parameters(), strict=True):
-        sa, sb = ref_opt.state[a], got_opt.state[b]
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-6)
+    assert_same_run(ref, ref_opt, ref_losses, got, got_opt, got_losses)
     # the late block got its scale from the fixed max, after step 1, in both modes
     assert "scale" in got_opt.state[got.late.weight]
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from sai_dist import SGDSaI
 from sai_dist.in_backward import InBackwardSGDSaI
-from tests.test_in_backward import Net, _data
+from tests.test_in_backward import Net, _data, assert_same_run
 
 SETTINGS = [
     dict(lr=0.05, momentum=0.9, weight_decay=0.01),
@@ -76,30 +76,19 @@ def _train_two_pass(cls, steps, bare_after_first=False, **kw):
     return model, runner.optimizer, losses
 
 
-def _assert_same(ref, ref_opt, ref_losses, got, got_opt, got_losses):
-    for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    assert got_losses == pytest.approx(ref_losses, abs=1e-6)
-    for a, b in zip(ref.parameters(), got.parameters(), strict=True):
-        sa, sb = ref_opt.state[a], got_opt.state[b]
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-6)
-
-
 @pytest.mark.parametrize("kw", SETTINGS)
 def test_trajectory_equals_normal_step(kw):
     ref = _train_normal(Net, 6, **kw)
     got = _train_two_pass(Net, 6, **kw)
-    _assert_same(*ref, *got)
+    assert_same_run(*ref, *got)
     assert "scale" in got[1].state[got[0].late.weight]  # the late block: the fixed max, as normal
 
 
 def test_bare_backward_after_step_one_and_dropout_replay():
     kw = SETTINGS[0]
-    _assert_same(*_train_normal(Net, 5, **kw), *_train_two_pass(Net, 5, bare_after_first=True, **kw))
+    assert_same_run(*_train_normal(Net, 5, **kw), *_train_two_pass(Net, 5, bare_after_first=True, **kw))
     # Dropout: pass 2 replays pass 1's masks and leaves the RNG where one pass would.
-    _assert_same(*_train_normal(DropNet, 5, **kw), *_train_two_pass(DropNet, 5, **kw))
+    assert_same_run(*_train_normal(DropNet, 5, **kw), *_train_two_pass(DropNet, 5, **kw))
 
 
 def test_closure_runs_twice_only_at_step_one_and_one_gradient_at_a_time():
