@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from sai_dist.stats import Piece, reduce_block_moments
-from tests.distributed import run_ranks
+from tests.support.ranks import run_ranks
 
 
 def _time(fn, repeats: int = 20) -> float:

@@ -23,7 +23,7 @@ from torch import nn
 from sai_dist import SGDSaI
 from sai_dist.consistency import check_ranks
 from sai_dist.stats import reduce_block_moments
-from tests.distributed import run_ranks
+from tests.support.ranks import run_ranks
 
 
 def _median_ms(fn: Any, repeats: int = 20) -> float:

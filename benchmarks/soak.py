@@ -12,7 +12,7 @@ per 1000 steps after warm-up, within each attempt). Writes a JSON record (defaul
     PYTHONPATH=. python benchmarks/soak.py                       # 4000 steps, ~10-20 min on 2 cores
     PYTHONPATH=. python benchmarks/soak.py --steps 600 --kill-after 250   # a quick look
 
-Linux only (``/proc``). Not a CI test: see tests/test_train_faults.py for those.
+Linux only (``/proc``). Not a CI test: see tests/job/test_train_faults.py for those.
 """
 
 from __future__ import annotations

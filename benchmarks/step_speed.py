@@ -20,7 +20,7 @@ Parts (all on by default except the 1B set and the end-to-end job):
     optimizer against the steady step, interleaved; and the statistics alone.
 ``collectives``
     On 2 gloo ranks, a 12-layer GPT (148 parameter tensors) under FSDP2: collectives issued
-    by ``opt.step()`` at steps 1-3 (counted by tests/collectives.py).
+    by ``opt.step()`` at steps 1-3 (counted by tests/support/collectives.py).
 ``lowp`` (opt-in: ``--parts lowp``)
     Low-precision state (:mod:`sai_dist.momentum`) on the first ``--lowp-layers`` layers of
     GPT-2 small's shapes (7.1 M elements a layer; the embeddings are left out so the run
@@ -313,7 +313,7 @@ def _count_collectives(rank: int, world: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     from sai_dist.train.model import GPT, GPTConfig
-    from tests.collectives import CollectiveCounter
+    from tests.support.collectives import CollectiveCounter
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layers=12, d_model=64, n_heads=4, seq_len=32, vocab_size=256))
@@ -334,7 +334,7 @@ def _count_collectives(rank: int, world: int) -> dict[str, Any]:
 
 
 def collectives_part() -> dict[str, Any]:
-    from tests.distributed import run_ranks
+    from tests.support.ranks import run_ranks
 
     out = run_ranks(_count_collectives, 2, timeout=300)[0]
     out["world"] = 2

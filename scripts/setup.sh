@@ -8,7 +8,7 @@
 # installed without build isolation, against the torch already here.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-# tests/test_multihost.py makes its hosts with `ip netns` (iproute2); install it when root.
+# tests/job/test_multihost.py makes its hosts with `ip netns` (iproute2); install it when root.
 if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
 fi

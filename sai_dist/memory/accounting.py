@@ -43,7 +43,7 @@ Precision recipes:
   partition (``single_partition_of_fp32_groups``), so :math:`4E` master bytes appear there.
   DeepSpeed 0.19.8 ZeRO-3 clones too: its in-place branch for fp32 partitions compares
   ``tensor.device`` with the device *name* string, which never compares equal, so the
-  fp32 partition is always a copy (measured in ``tests/test_memory_measured.py``).
+  fp32 partition is always a copy (measured in ``tests/distributed/test_memory_measured.py``).
 * ``bf16-mixed``: bf16 weights and gradients for compute, fp32 master weights and fp32
   optimizer state (Megatron / DeepSpeed bf16). FSDP2 with
   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` keeps its *sharded*

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.clients.launch import torchrun
-from tests.distributed import run_ranks
+from tests.support.ranks import run_ranks
 
 pytest.importorskip("accelerate", reason="accelerate is not installed: pip install -e '.[clients]'")
 pytestmark = pytest.mark.distributed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed import run_ranks
+from tests.support.ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -24,9 +24,9 @@ def test_oss_without_import_names_the_import():
 
 def test_deepspeed_client_without_import_names_the_import():
     pytest.importorskip("deepspeed")
-    from tests import ds_plain_ranks
+    from tests.distributed import ds_unhooked_ranks
 
-    for r in run_ranks(ds_plain_ranks.plain_client_optimizer, 2, 2, timeout=300):
+    for r in run_ranks(ds_unhooked_ranks.plain_client_optimizer, 2, 2, timeout=300):
         assert "DeepSpeed without its sai_dist integration" in r["error"], r["error"]
         assert "`import sai_dist.deepspeed`" in r["error"]
         assert r["unchanged"] and r["gsnr_states"] == 0

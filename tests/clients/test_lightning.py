@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.clients.launch import torchrun
-from tests.distributed import run_ranks
+from tests.support.ranks import run_ranks
 
 pytest.importorskip("lightning", reason="lightning is not installed: pip install -e '.[clients]'")
 pytestmark = pytest.mark.distributed

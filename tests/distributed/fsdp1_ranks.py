@@ -1,0 +1,150 @@
+"""Rank functions for tests/distributed/test_fsdp1.py: real FSDP1 (torch FullyShardedDataParallel)
+training on CPU with gloo, against the single-process SGDSaI of tests/distributed/fsdp2_ranks.py.
+
+The model (two blocks wrapped as their own FSDP1 units, the root holding the rest) and
+the data split are those of the FSDP2 tests. ``use_orig_params=True`` keeps the three
+param groups; ``use_orig_params=False`` hands the optimizer one flat parameter per unit,
+which mixes decayed and undecayed parameters, so it runs with one param group and is
+compared against a single-process run with that one group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import sai_dist
+from tests.distributed import fsdp2_ranks
+
+
+def make_single_group_optimizer(model: nn.Module, layout: Any = None) -> sai_dist.SGDSaI:
+    return sai_dist.SGDSaI(
+        model.parameters(), lr=fsdp2_ranks.LR, momentum=0.9, weight_decay=0.05, layout=layout
+    )
+
+
+def reference_single_group() -> dict[Any, Any]:
+    model = fsdp2_ranks.make_model()
+    opt = make_single_group_optimizer(model)
+    for step in range(fsdp2_ranks.STEPS):
+        fsdp2_ranks.loss_fn(model, *fsdp2_ranks.batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {fsdp2_ranks.STEPS: fsdp2_ranks.full_params(model), "table": sai_dist.gsnr_table(model, opt)}
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """``fsdp2_ranks.param_groups`` for a model whose parameters FSDP1 made 1-D shard
+    views (``use_orig_params=True``): classified by the unwrapped parameter's shape."""
+    from sai_dist.table import clean_name
+
+    ndim = {n: p.ndim for n, p in fsdp2_ranks.make_model().named_parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "vector": [], "embed": []}
+    for name, p in model.named_parameters():
+        name = clean_name(name)
+        kind = "embed" if name.startswith(("embed", "pos")) else "vector" if ndim[name] == 1 else "matrix"
+        groups[kind].append(p)
+    reference = fsdp2_ranks.param_groups(fsdp2_ranks.make_model())
+    return [{**ref, "params": groups[kind]} for ref, kind in zip(reference, groups, strict=True)]
+
+
+def _wrap(world: int, orig: bool, strategy: str) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    from torch.distributed.fsdp import ShardingStrategy
+
+    kwargs: dict[str, Any] = {
+        "use_orig_params": orig,
+        "device_id": torch.device("cpu"),
+        "sharding_strategy": getattr(ShardingStrategy, strategy),
+    }
+    if strategy == "HYBRID_SHARD":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        names = ("replicate", "shard")
+        kwargs["device_mesh"] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=names)
+    model = fsdp2_ranks.make_model()
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = FSDP1(block, **kwargs)
+    return FSDP1(model, **kwargs)
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every original parameter, whole (collective: FSDP1 all-gathers)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    with FSDP1.summon_full_params(model, writeback=False):
+        return fsdp2_ranks.full_params(model)
+
+
+def fsdp1_run(rank: int, world: int, orig: bool, strategy: str) -> dict[str, Any]:
+    from sai_dist.layouts import flat_param_layout
+    from tests.support.collectives import CollectiveCounter
+
+    model = _wrap(world, orig, strategy)
+    layout = flat_param_layout(model)
+    if orig:
+        opt = sai_dist.SGDSaI(param_groups(model), lr=fsdp2_ranks.LR, momentum=0.9, layout=layout)
+    else:
+        opt = make_single_group_optimizer(model, layout)
+    counts = []
+    for step in range(fsdp2_ranks.STEPS):
+        fsdp2_ranks.loss_fn(model, *fsdp2_ranks.rank_slice(step, rank, world)).backward()
+        with CollectiveCounter() as c:
+            opt.step()
+        counts.append(dict(c.counts))
+        opt.zero_grad()
+    local = sum(p.numel() for p in model.parameters())
+    held = sum(s.stop - s.start for f in layout.flats for s in layout.segments(f))
+    return {
+        "layout": type(opt.layout).__name__,
+        "group_size": None if layout.group is None else torch.distributed.get_world_size(layout.group),
+        "counts": counts,
+        "local_elements": local,
+        "held_elements": held,
+        "table": sai_dist.gsnr_table(model, opt),  # collective: every rank calls it
+        "params": full_params(model),
+    }
+
+
+def refusal(rank: int, world: int) -> str:
+    """SGDSaI on a real FSDP1 model without the flat-parameter layout."""
+    from sai_dist.layouts import LayoutError
+
+    model = _wrap(world, False, "FULL_SHARD")
+    try:
+        sai_dist.SGDSaI(model.parameters())
+    except LayoutError as e:
+        return str(e)
+    return "no error"
+
+
+def launch_2(rank: int, world: int) -> dict[str, Any]:
+    return fsdp2_ranks._plain(
+        {
+            "flat": fsdp1_run(rank, world, False, "FULL_SHARD"),
+            "orig": fsdp1_run(rank, world, True, "FULL_SHARD"),
+            "grad_op": fsdp1_run(rank, world, True, "SHARD_GRAD_OP"),
+            "no_shard": fsdp1_run(rank, world, False, "NO_SHARD"),
+            "refusal": refusal(rank, world),
+        }
+    )
+
+
+def launch_3(rank: int, world: int) -> dict[str, Any]:
+    return fsdp2_ranks._plain(
+        {
+            "flat": fsdp1_run(rank, world, False, "FULL_SHARD"),
+            "orig": fsdp1_run(rank, world, True, "FULL_SHARD"),
+        }
+    )
+
+
+def launch_4(rank: int, world: int) -> dict[str, Any]:
+    return fsdp2_ranks._plain(
+        {
+            "hybrid_orig": fsdp1_run(rank, world, True, "HYBRID_SHARD"),
+            "hybrid_flat": fsdp1_run(rank, world, False, "HYBRID_SHARD"),
+        }
+    )
