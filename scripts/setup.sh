@@ -30,7 +30,7 @@ pip_install() {
 pip_install $torch_spec
 pip_install setuptools wheel numpy
 pip_install --no-build-isolation deepspeed==0.19.8 fairscale==0.4.13
-pip_install --no-build-isolation -e "$root[dev,mpi,clients]"
+pip_install --no-build-isolation -e "$root[dev,job,mpi,clients]"
 # torchtitan pins a huggingface_hub that transformers 5.x refuses: its own venv, which
 # tests/clients/test_torchtitan.py runs its rank script with (this repo on PYTHONPATH).
 titan=${SAI_DIST_TITAN_VENV:-$root/.venv-titan}

@@ -16,6 +16,7 @@ process group or run folder exists.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -147,11 +148,25 @@ def prepare(args: argparse.Namespace) -> tuple[TrainConfig, str | None, DistEnv 
     return cfg, resume, env
 
 
+def check_job_extras(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the missing package when the job's extra is not installed:
+    the optimizer needs only torch, the job also draws a progress bar (tqdm, unless
+    ``--no-progress``) and its report plots (matplotlib)."""
+    needed = ["matplotlib"] + (["tqdm"] if cfg.progress else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"the training job needs {' and '.join(missing)}, which is not installed: "
+            "pip install 'sai_dist[job]' (the optimizer alone needs only torch)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the job; returns its exit status (2 for an invalid setting, reported on stderr
     like an argparse usage error, before anything was started or written)."""
     try:
         cfg, resume, env = prepare(args)
+        check_job_extras(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"sai-dist train: error: {exc}", file=sys.stderr, flush=True)
         return 2

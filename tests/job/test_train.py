@@ -229,3 +229,22 @@ def test_single_process_job_matches_reference_loop(tmp_path) -> None:
     )
     assert max(row["scale"] for row in table.values()) == pytest.approx(1.0)
     assert summary["final_val_loss"] == [r for r in records if r["kind"] == "val"][-1]["val_loss"]
+
+
+def test_missing_job_extra_is_named_before_anything_starts(tmp_path, monkeypatch, capsys) -> None:
+    """The optimizer needs only torch; the job's progress bar needs tqdm: without it the job
+    stops with the install command, before any run folder exists."""
+    import importlib.util
+
+    from sai_dist.train import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda n, *a: None if n == "tqdm" else real(n, *a))
+    runs = tmp_path / "runs"
+    assert cli.main(["--backend", "single", "--runs-dir", str(runs), "--name", "x", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs tqdm" in err and "pip install 'sai_dist[job]'" in err, err
+    assert not runs.exists()
+    # --no-progress needs no tqdm: the check passes (matplotlib is installed here).
+    cfg = cli.TrainConfig(progress=False)
+    cli.check_job_extras(cfg)
