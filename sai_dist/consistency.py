@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sai_dist.stats import _collective_device
+from sai_dist.collectives import collective_device
 
 __all__ = ["FIELDS", "RankMismatchError", "check_ranks", "digest"]
 
@@ -95,7 +95,7 @@ def check_ranks(
         raise ValueError(f"check_ranks needs exactly the fields {names}, got {sorted(fields)}")
     values = {**fields, "refusal": refusal is not None}
     local = torch.tensor([digest(values[n]) for n in FIELDS], dtype=torch.int64)
-    buf = torch.cat([local, -local]).to(_collective_device(group))
+    buf = torch.cat([local, -local]).to(collective_device(group))
     dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
     buf = buf.cpu()
     k = len(FIELDS)

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sai_dist.collectives import all_reduce
 from sai_dist.layouts.zero import (
     FlatSegmentLayout,
     from_bf16_optimizer,
@@ -51,7 +52,6 @@ from sai_dist.layouts.zero import (
     from_zero12,
 )
 from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
-from sai_dist.stats import _collective_device
 
 try:
     import deepspeed as _ds
@@ -479,11 +479,8 @@ def _gather_blocks(
         for s in layout.segments(flat):
             lo = starts[s.block] + s.offset
             buf[lo : lo + s.stop - s.start] = src[s.start : s.stop]
-    if layout.group is not None and dist.is_initialized() and dist.get_world_size(layout.group) > 1:
-        device = _collective_device(layout.group)  # NCCL reduces CUDA tensors only
-        both = torch.cat([buf, have]).to(device)
-        dist.all_reduce(both, group=layout.group)
-        both = both.cpu()
+    if layout.group is not None:
+        both = all_reduce(torch.cat([buf, have]), layout.group)
         buf, have = both[:-1], both[-1:]
     if float(have) == 0:
         return None

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sai_dist import native
+from sai_dist.collectives import all_reduce
 
 # Pass 2 upcasts to float64 chunk by chunk so the temporary stays small (32 MiB) even for
 # a vocabulary-sized block.
@@ -147,26 +148,6 @@ def _stack_cpu(values: list[Tensor]) -> Tensor:
     return out
 
 
-def _all_reduce(buf: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """Sum ``buf`` over ``group``; a no-op when statistics are local."""
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return buf
-    if dist.get_world_size(group) == 1:
-        return buf
-    device = _collective_device(group)
-    moved = buf.to(device)
-    dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
-    return moved.cpu()
-
-
-def _collective_device(group: dist.ProcessGroup) -> torch.device:
-    """NCCL reduces CUDA tensors only; gloo prefers CPU ones."""
-    backend = dist.get_backend(group)
-    if backend == "nccl" or (isinstance(backend, str) and "nccl" in backend and "gloo" not in backend):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def reduce_block_moments(
     sources: Iterable[Source],
     num_blocks: int,
@@ -201,7 +182,7 @@ def reduce_block_moments(
         counts = torch.tensor([v.numel() for v in views], dtype=torch.float64)
         first[:, 0].index_add_(0, index, counts)
         first[:, 1:].index_add_(0, index, _piece_sums(views, None))
-    first = _all_reduce(first, group)
+    first = all_reduce(first, group)
     count, total, sumsq = first.unbind(1)
     mean = torch.where(count > 0, total / count.clamp_min(1), 0.0)
 
@@ -209,5 +190,5 @@ def reduce_block_moments(
     second = torch.zeros(num_blocks, dtype=torch.float64)
     if views:
         second.index_add_(0, index, _piece_sums(views, mean[index])[:, 1])
-    m2 = _all_reduce(second, group)
+    m2 = all_reduce(second, group)
     return BlockMoments(count=count.clone(), total=total.clone(), sumsq=sumsq.clone(), m2=m2)

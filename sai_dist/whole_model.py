@@ -32,9 +32,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sai_dist.collectives import all_reduce
 from sai_dist.consistency import RankMismatchError, digest
 from sai_dist.gsnr import GSNR
-from sai_dist.stats import _collective_device
 
 __all__ = ["WholeModel", "check_pipeline_group", "link_parts", "whole_model_max"]
 
@@ -97,9 +97,7 @@ def whole_model_max(
     h = digest(options)
     got = [int(refusal is not None), int(nonzero), _bits(reg), _bits(off), int(degenerate), h, -h]
     if group is not None:  # else: several parts on this rank are the whole model
-        buf = torch.tensor(got, dtype=torch.int64).to(_collective_device(group))
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-        got = buf.cpu().tolist()
+        got = all_reduce(torch.tensor(got, dtype=torch.int64), group, dist.ReduceOp.MAX).tolist()
     refused, agree = bool(got[0]), got[5] == -got[6]
     if group is not None and (refused or not agree):
         text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"

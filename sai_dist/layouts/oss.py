@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from sai_dist.collectives import all_reduce
 from sai_dist.layouts.base import Layout, LayoutError, refuse_flat_params
-from sai_dist.stats import Piece, _collective_device
+from sai_dist.stats import Piece
 
 __all__ = ["OSSLayout"]
 
@@ -151,11 +152,7 @@ class OSSLayout(Layout):
                     b = self.block_of(p)
                     values[b, 0] = float(state[GSNR])
                     values[b, 1] = float(state[SCALE])
-        group = self.group
-        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-            moved = values.to(_collective_device(group))
-            dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=group)
-            values = moved.cpu()
+        values = all_reduce(values, self.group, dist.ReduceOp.MAX)
         table: dict[str, dict[str, float | int]] = {}
         for name, p in model.named_parameters():
             b = self.block_of(p)

@@ -43,9 +43,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from sai_dist.collectives import all_reduce
 from sai_dist.layouts.base import Layout, LayoutError
 from sai_dist.state_keys import GSNR, SCALE
-from sai_dist.stats import Piece, _collective_device
+from sai_dist.stats import Piece
 
 __all__ = [
     "FlatSegmentLayout",
@@ -193,10 +194,7 @@ class FlatSegmentLayout(Layout):
             for k, seg in enumerate(self._segments[id(flat)]):
                 values[seg.block, 0] = torch.maximum(values[seg.block, 0], gsnr[k])
                 values[seg.block, 1] = torch.maximum(values[seg.block, 1], scale[k])
-        if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            moved = values.to(_collective_device(self.group))  # NCCL reduces CUDA tensors only
-            dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=self.group)
-            values = moved.cpu()
+        values = all_reduce(values, self.group, dist.ReduceOp.MAX)
         self._table = values
 
     def invalidate_table(self) -> None:
