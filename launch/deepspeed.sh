@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# The training job (`python -m sai_dist.train`) under the deepspeed launcher; the DeepSpeed
+# example script ds_train.py has its own, launch/deepspeed_example.sh.
 # The deepspeed launcher with a hostfile (default: launch/hostfile, one line per node:
 # "<host> slots=<ranks>"). With several hosts it reaches the others over pdsh/ssh
 # (passwordless ssh needed). With a single host it launches locally; deepspeed would still

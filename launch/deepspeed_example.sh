@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# SGD-SaI under DeepSpeed, started by the `deepspeed` launcher.
+# The DeepSpeed example script (ds_train.py: a config file's "type": "SGDSaI" through
+# sai_dist.deepspeed.initialize), started by the `deepspeed` launcher. The training job
+# (`sai-dist train`) under the same launcher is launch/deepspeed.sh.
 #
-#   multi-host:  HOSTFILE=launch/hostfile.example launch/ds_deepspeed.sh configs/ds_zero3.json
-#   one host:    NUM_GPUS=8 launch/ds_deepspeed.sh configs/ds_zero2.json
-#   CPU only:    NUM_GPUS=2 EXTRA="--cpu" launch/ds_deepspeed.sh configs/ds_zero2.json
+#   multi-host:  HOSTFILE=launch/hostfile.example launch/deepspeed_example.sh configs/ds_zero3.json
+#   one host:    NUM_GPUS=8 launch/deepspeed_example.sh configs/ds_zero2.json
+#   CPU only:    NUM_GPUS=2 EXTRA="--cpu" launch/deepspeed_example.sh configs/ds_zero2.json
 #
 # The launcher sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT on every host and passes
 # --local_rank; ds_train.py reads "type": "SGDSaI" from the config through
