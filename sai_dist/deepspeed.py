@@ -538,7 +538,7 @@ def save_optimizer_state(engine: Any, path: str | os.PathLike) -> None:
 
 
 def _clean(name: str) -> str:
-    from sai_dist.table import clean_name
+    from sai_dist.names import clean_name
 
     return clean_name(name)
 

@@ -8,40 +8,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from sai_dist.names import unwrapped_name
 from sai_dist.optimizer import GSNR, SCALE, SGDSaI
 from sai_dist.probe import is_placeholder
-
-# Prefixes wrappers insert into parameter names: DDP and DeepSpeed (module.), torch.compile
-# (_orig_mod.), FSDP1 and fairscale FSDP (_fsdp_wrapped_module., fairscale's
-# FlattenParamsWrapper _fpw_module.) and activation checkpointing wrappers.
-_WRAPPER_SEGMENTS = (
-    "module",
-    "_orig_mod",
-    "_fsdp_wrapped_module",
-    "_fpw_module",
-    "_checkpoint_wrapped_module",
-)
-
-
-def clean_name(name: str) -> str:
-    """A parameter name as the unwrapped model spells it."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-
-
-def _unwrapped_name(model: nn.Module, name: str) -> str:
-    """``clean_name`` that drops a ``module`` segment only where a pure wrapper put it: a
-    module with no parameters of its own whose only child is ``module`` (DDP, DeepSpeed's
-    engine). A user's own submodule that happens to be called ``module`` keeps its name, so
-    it cannot collide with a sibling parameter in the table."""
-    parts = name.split(".")
-    kept: list[str] = []
-    owner = model
-    for part in parts[:-1]:
-        pure_wrapper = not owner._parameters and list(owner._modules) == [part]
-        if part not in _WRAPPER_SEGMENTS or (part == "module" and not pure_wrapper):
-            kept.append(part)
-        owner = getattr(owner, part)
-    return ".".join([*kept, parts[-1]])
 
 
 def find_sgdsai(obj: Any) -> SGDSaI:
@@ -101,7 +70,7 @@ def gsnr_table(
     for name, p in model.named_parameters():
         if id(p) in by_id:
             gsnr, scale = by_id[id(p)]
-            table[_unwrapped_name(model, name)] = {"gsnr": gsnr, "scale": scale, "numel": p.numel()}
+            table[unwrapped_name(model, name)] = {"gsnr": gsnr, "scale": scale, "numel": p.numel()}
     return table
 
 

@@ -169,7 +169,7 @@ class _Builder:
 
 
 def _clean(*parts: str) -> str:
-    from sai_dist.table import clean_name
+    from sai_dist.names import clean_name
 
     return clean_name(".".join(p for p in parts if p))
 

@@ -140,8 +140,8 @@ class OSSLayout(Layout):
         """:func:`sai_dist.gsnr_table` under OSS: each rank stores the g-SNR of the blocks
         it owns; one ``all_reduce`` (MAX) over OSS's group assembles the whole table, so
         **every rank must call it together** (like ``consolidate_state_dict``)."""
-        from sai_dist.optimizer import GSNR, SCALE
-        from sai_dist.table import _unwrapped_name
+        from sai_dist.names import unwrapped_name
+        from sai_dist.state_keys import GSNR, SCALE
 
         n = self.num_blocks
         values = torch.full((n, 2), -math.inf, dtype=torch.float64)
@@ -158,7 +158,7 @@ class OSSLayout(Layout):
             b = self.block_of(p)
             if b is None or not math.isfinite(float(values[b, 0])):
                 continue
-            table[_unwrapped_name(model, name)] = {
+            table[unwrapped_name(model, name)] = {
                 "gsnr": float(values[b, 0]),
                 "scale": float(values[b, 1]),
                 "numel": p.numel(),

@@ -216,7 +216,7 @@ class FlatSegmentLayout(Layout):
     def gsnr_table(self, optimizer: Any, model: nn.Module) -> dict[str, dict[str, float | int]]:
         """:func:`sai_dist.gsnr_table` for flat partitions: rows for the original
         parameters, in the model's order, identical on every rank."""
-        from sai_dist.table import clean_name
+        from sai_dist.names import clean_name
 
         gsnr, scale = self.block_gsnr(optimizer)
         table: dict[str, dict[str, float | int]] = {}

@@ -72,7 +72,7 @@ def params_of(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tenso
     """Full (gathered) fp32 parameters by their unwrapped name, with ``prefix`` stripped."""
     from torch.distributed.tensor import DTensor
 
-    from sai_dist.table import clean_name
+    from sai_dist.names import clean_name
 
     out = {}
     for name, p in model.named_parameters():

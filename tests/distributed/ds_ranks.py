@@ -110,7 +110,7 @@ def full_params(engine: Any) -> dict[str, torch.Tensor]:
     """The engine's parameters as DeepSpeed itself gathers them (fp32 numpy copies)."""
     import deepspeed
 
-    from sai_dist.table import clean_name
+    from sai_dist.names import clean_name
 
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):

@@ -38,7 +38,7 @@ def reference_single_group() -> dict[Any, Any]:
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     """``fsdp2_ranks.param_groups`` for a model whose parameters FSDP1 made 1-D shard
     views (``use_orig_params=True``): classified by the unwrapped parameter's shape."""
-    from sai_dist.table import clean_name
+    from sai_dist.names import clean_name
 
     ndim = {n: p.ndim for n, p in fsdp2_ranks.make_model().named_parameters()}
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "vector": [], "embed": []}

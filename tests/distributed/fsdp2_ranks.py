@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sai_dist
-from sai_dist.table import clean_name
+from sai_dist.names import clean_name
 
 VOCAB, SEQ, DIM, HEADS, HIDDEN, CLASSES = 13, 5, 12, 2, 20, 3
 GLOBAL_BATCH = 12

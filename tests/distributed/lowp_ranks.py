@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import sai_dist
-from sai_dist.table import clean_name
+from sai_dist.names import clean_name
 
 SEED = 21
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sai_dist
-from sai_dist.table import clean_name
+from sai_dist.names import clean_name
 
 VOCAB, DIM, HEADS, SEQ = 16, 8, 2, 6
 LAYERS = 2
