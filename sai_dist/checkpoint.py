@@ -45,6 +45,7 @@ from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
 from sai_dist.probe import is_placeholder
 from sai_dist.state_keys import MOMENTUM_SCALE, ROUNDING_STEP
 from sai_dist.table import find_sgdsai
+from sai_dist.warning_categories import StateWithoutGsnrWarning, ZeroGradientStepWarning
 
 __all__ = ["load", "optimizer_state_template", "save", "state_dict"]
 
@@ -57,7 +58,7 @@ def _quiet_probe(fn: Any, *args: Any) -> Any:
     """Run a DCP state-dict call whose zero-gradient probe step SGD-SaI skips; the skip's
     warning is expected here and says nothing about the user's training."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="SGDSaI: every gradient is zero at the first step")
+        warnings.simplefilter("ignore", ZeroGradientStepWarning)
         return fn(*args)
 
 
@@ -222,7 +223,7 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
     with warnings.catch_warnings():
         if not optim_state:
             # The checkpoint really holds no SGD-SaI state (saved before the first step).
-            warnings.filterwarnings("ignore", message="SGDSaI.load_state_dict: the state dict holds no g-SNR")
+            warnings.simplefilter("ignore", StateWithoutGsnrWarning)
         # Not strict: the entries left out above (a parameter that had no gradient when the
         # checkpoint was saved) are absent on purpose; strict DCP refuses a partial state.
         options = StateDictOptions(strict=False)

@@ -52,6 +52,7 @@ from sai_dist.layouts.zero import (
     from_zero12,
 )
 from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
+from sai_dist.warning_categories import ZeroGradientStepWarning
 
 try:
     import deepspeed as _ds
@@ -177,7 +178,7 @@ def install() -> None:
                 self.optimizer.use_layout(from_fp16_unfused(self, {}))
             with warnings.catch_warnings():
                 # The probe's all-zero step is skipped by SGDSaI by design; say nothing.
-                warnings.filterwarnings("ignore", message="SGDSaI: every gradient is zero")
+                warnings.simplefilter("ignore", ZeroGradientStepWarning)
                 return init_states(self)
         return init_states(self)
 

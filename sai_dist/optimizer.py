@@ -38,6 +38,12 @@ from sai_dist.layouts import Layout, LayoutError, auto_layout, follows_rebinding
 from sai_dist.probe import drop_placeholders, is_placeholder, is_probe, placeholder_state
 from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
 from sai_dist.stats import BlockMoments, reduce_block_moments
+from sai_dist.warning_categories import (
+    DegenerateGradientWarning,
+    SGDSaIWarning,
+    StateWithoutGsnrWarning,
+    ZeroGradientStepWarning,
+)
 from sai_dist.whole_model import check_pipeline_group, whole_model_max
 
 __all__ = ["SGDSaI"]
@@ -52,14 +58,14 @@ _LIBRARY_DIRS = (
 )
 
 
-def _warn(message: str) -> None:
-    """``warnings.warn`` attributed to the caller outside sai_dist and torch."""
+def _warn(message: str, category: type[SGDSaIWarning]) -> None:
+    """``warnings.warn`` of ``category`` attributed to the caller outside sai_dist and torch."""
     frame = sys._getframe(1)
     level = 2
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         frame = frame.f_back
         level += 1
-    warnings.warn(message, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _check_range(
@@ -543,6 +549,7 @@ class SGDSaI(Optimizer):
             _warn(
                 f"SGDSaI: every gradient is zero at the first step{hint}; skipping it without fixing "
                 "g-SNR, applying weight decay or touching momentum.",
+                ZeroGradientStepWarning,
             )
             return False
 
@@ -559,6 +566,7 @@ class SGDSaI(Optimizer):
                 f"SGDSaI: gradient with zero spread (one element, all zeros or constant) at the g-SNR "
                 f"step in {names}{more}: no noise estimate, so it gets the largest regular g-SNR "
                 "(scale 1 when normalised). Pass degenerate='official' for the official formula.",
+                DegenerateGradientWarning,
             )
 
         max_t = torch.tensor(gsnr_max, dtype=torch.float32)
@@ -1057,4 +1065,5 @@ class SGDSaI(Optimizer):
                 "run had. It was not written by SGDSaI.state_dict (a template without SGD-SaI's keys?): "
                 "save and load with the optimizer's own state_dict, DCP's state-dict helpers or "
                 "sai_dist.checkpoint.",
+                StateWithoutGsnrWarning,
             )

@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sai_dist.train import faults
+from sai_dist.warning_categories import ZeroGradientStepWarning
 
 LATEST = "LATEST"
 META = "meta.json"
@@ -476,7 +477,7 @@ def load(
         with warnings.catch_warnings():
             # set_state_dict probes the optimizer with zero gradients to create its state;
             # SGD-SaI rightly refuses to fix g-SNR from that and says so.
-            warnings.filterwarnings("ignore", message="SGDSaI: every gradient is zero")
+            warnings.simplefilter("ignore", ZeroGradientStepWarning)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r}")

@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "sai_dist.state_keys",
             "sai_dist.names",
+            "sai_dist.warning_categories",
             "sai_dist.collectives",
             "sai_dist.native",
             "sai_dist.integration_hint",
