@@ -13,7 +13,7 @@ Two ways in, one mechanism:
 
 What the hook attaches (see :mod:`sai_dist.layouts.zero` for the maps):
 
-* a :class:`~sai_dist.layouts.zero.FlatSegmentLayout` mapping the wrapper's flat fp32
+* a :class:`~sai_dist.layouts.flat_segment.FlatSegmentLayout` mapping the wrapper's flat fp32
   partitions onto the original parameters, so g-SNR is that of the model's parameters;
 * for ZeRO-1/2/3, which call the client's ``step()`` once per param group / sub-group,
   a *first-step barrier*: until g-SNR is fixed, those calls are held back and the last

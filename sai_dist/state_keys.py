@@ -1,7 +1,7 @@
 """Keys of SGD-SaI's per-tensor optimizer state.
 
 A concept the optimizer, the layouts, the integrations and checkpoints all share, so it
-lives below every one of them: ``layouts/zero.py`` reads the g-SNR scalars of a state
+lives below every one of them: ``layouts/flat_segment.py`` reads the g-SNR scalars of a state
 dict without importing :mod:`sai_dist.optimizer` (which imports the layouts).
 
 - ``MOMENTUM``: the momentum buffer, same shape and placement as the parameter. Its dtype

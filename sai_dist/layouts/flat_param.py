@@ -4,8 +4,8 @@ Both wrappers concatenate the parameters of a wrapped module into one flat 1-D t
 pad it, and give every rank of the sharding group one contiguous slice. What a rank steps
 is therefore a run of *segments* of original parameters plus padding, exactly the
 situation of DeepSpeed's ZeRO partitions, so this module only reads each wrapper's
-metadata into :class:`~sai_dist.layouts.zero.Segment`\ s and reuses
-:class:`~sai_dist.layouts.zero.FlatSegmentLayout` for everything else (statistics over
+metadata into :class:`~sai_dist.layouts.flat_segment.Segment`\ s and reuses
+:class:`~sai_dist.layouts.flat_segment.FlatSegmentLayout` for everything else (statistics over
 the sharding group, padding in no segment, per-block element counts from the metadata).
 
 **FSDP1** (``torch.distributed.fsdp.FullyShardedDataParallel``). Every unit's
@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sai_dist.layouts.base import LayoutError
-from sai_dist.layouts.zero import FlatSegmentLayout, Segment, segments_in_range
+from sai_dist.layouts.flat_segment import FlatSegmentLayout, Segment, segments_in_range
 
 __all__ = [
     "FlatParamLayout",
