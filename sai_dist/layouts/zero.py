@@ -1,18 +1,8 @@
-r"""Flat-segment layout: blocks of the original model inside flat, partitioned buffers.
+r"""DeepSpeed's builders of the flat-segment layout (:mod:`sai_dist.layouts.flat_segment`).
 
 DeepSpeed's ZeRO wrappers (and its fp16/bf16 wrappers) hand the client optimizer one flat
 fp32 tensor per param group or sub-group, and each rank holds only a slice of it. The
-slice is a run of *segments*: contiguous pieces of original parameters, laid end to end,
-with alignment padding that belongs to no parameter. A :class:`Segment` records one of
-them:
-
-.. math::
-    \text{flat}[\text{start}:\text{stop}] \;=\;
-    \operatorname{vec}(W_b)[\text{offset} : \text{offset} + (\text{stop} - \text{start})]
-
-so the statistics engine sees exactly the elements of block ``b`` that this rank holds
-(``counted=True``: every element lives on exactly one rank of the data-parallel group)
-and padding never enters a g-SNR.
+functions here read each wrapper's own bookkeeping and return the slice's segments.
 
 The generic layout lives in :mod:`sai_dist.layouts.flat_segment`; this module
 holds the builders for DeepSpeed, and knows no DeepSpeed class. The ``from_*`` builders read the wrappers'
