@@ -289,6 +289,10 @@ def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: pee
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if cfg.backend == "deepspeed":
+        from sai_dist.deepspeed import release_shm_workspace
+
+        release_shm_workspace(rank)
     return summary
 
 
