@@ -13,9 +13,19 @@ Why a helper and not only ``dcp.load(get_state_dict(model, optimizer))``: that p
 works too (DCP builds its template with a zero-gradient, lr-0 probe step, which SGD-SaI
 answers with placeholders of its state's shapes, :mod:`sai_dist.probe`), but strict DCP
 refuses a checkpoint that lacks an entry the template has, e.g. a parameter that had no
-gradient yet when it was saved. :func:`optimizer_state_template` builds the full template
-(zero momentum DTensors with each parameter's own placements, scalar placeholders) and
-:func:`load` keeps only the entries the checkpoint actually holds.
+gradient yet when it was saved. :func:`load` templates exactly the entries the checkpoint
+holds. :func:`optimizer_state_template` is for the plain recipe: a full template from the
+live optimizer (zero momentum DTensors with each parameter's own placements, scalar
+placeholders) to pass to your own ``dcp.load``.
+
+One implementation for the library and the job (:mod:`sai_dist.train.run_checkpoints` adds
+only the run folder around it): :func:`save` and :func:`load` take any torch optimizer;
+SGD-SaI's extras (``optim_groups``, the int8 refusal) apply when the optimizer is one.
+:func:`load` builds its template from the checkpoint's metadata (every saved entry with its
+saved dtype and shape; state tensors of a parameter's shape templated by the parameter,
+so DCP reshards into the current layout) and reads into *copies*: nothing live is written
+until the whole checkpoint was read, so a read failing half-way raises
+:class:`CheckpointReadError` with the model and optimizer exactly as they were.
 
 Recipe (every rank calls both, as with any DCP call)::
 
@@ -26,6 +36,7 @@ Recipe (every rank calls both, as with any DCP call)::
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any
 
@@ -33,6 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,7 +60,12 @@ from sai_dist.state_keys import MOMENTUM_SCALE, ROUNDING_STEP
 from sai_dist.table import find_sgdsai
 from sai_dist.warning_categories import StateWithoutGsnrWarning, ZeroGradientStepWarning
 
-__all__ = ["load", "optimizer_state_template", "save", "state_dict"]
+__all__ = ["CheckpointReadError", "load", "optimizer_state_template", "save", "state_dict"]
+
+
+class CheckpointReadError(RuntimeError):
+    """Reading a checkpoint failed part-way; nothing was loaded into the model or optimizer."""
+
 
 _SCALARS = (GSNR, SCALE, GSNR_MAX)
 _MODEL = "model"
@@ -90,16 +108,29 @@ def _regroup(groups: list[dict[str, Any]], values: dict[str, dict[str, Any]]) ->
     return out
 
 
+def _sgdsai_or_none(optimizer: Any) -> SGDSaI | None:
+    """The :class:`SGDSaI` inside ``optimizer`` (itself or a wrapper's), else ``None``: any
+    other torch optimizer is checkpointed the plain DCP way."""
+    try:
+        return find_sgdsai(optimizer)
+    except (TypeError, ValueError):
+        return None
+
+
 def state_dict(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     """``{"model": ..., "optim": ..., "optim_groups": ...}`` as DCP saves them: sharded,
-    FQN-keyed (``optim_groups``: see :func:`_per_parameter_groups`)."""
-    opt = find_sgdsai(optimizer)
+    FQN-keyed (``optim_groups``, for SGD-SaI only: see :func:`_per_parameter_groups`)."""
+    opt = _sgdsai_or_none(optimizer)
+    if opt is None:
+        return {_MODEL: get_model_state_dict(model), _OPTIM: get_optimizer_state_dict(model, optimizer)}
     osd = _quiet_probe(get_optimizer_state_dict, model, opt)
     return {_MODEL: get_model_state_dict(model), _OPTIM: osd, _GROUPS: _per_parameter_groups(osd)}
 
 
 def optimizer_state_template(model: nn.Module, optimizer: Any, metadata: Any | None = None) -> dict[str, Any]:
-    """An optimizer state dict DCP can load SGD-SaI state into.
+    """An optimizer state dict DCP can load SGD-SaI state into, for the plain recipe
+    (``dcp.load({"optim": optimizer_state_template(...)}, ...)``; :func:`load` builds its
+    template from the checkpoint instead).
 
     Parameters with state keep it (as ``get_optimizer_state_dict`` gives it); every other
     trainable parameter gets placeholders: ``momentum_buffer`` as ``zeros_like`` of the
@@ -165,7 +196,9 @@ def _dcp(fn: Any, state: dict[str, Any], checkpoint_id: str, kwargs: dict[str, A
 def save(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) -> None:
     """Save model and optimizer with ``dcp.save``; ``kwargs`` go to it (storage_writer,
     process_group, ...)."""
-    _refuse_sharded_int8(find_sgdsai(optimizer))
+    opt = _sgdsai_or_none(optimizer)
+    if opt is not None:
+        _refuse_sharded_int8(opt)
     _dcp(dcp.save, state_dict(model, optimizer), checkpoint_id, kwargs)
 
 
@@ -183,48 +216,101 @@ def _refuse_sharded_int8(opt: SGDSaI) -> None:
         )
 
 
-def _saved_keys(checkpoint_id: str, storage_reader: Any | None) -> set[str]:
-    reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(checkpoint_id)
-    return set(reader.read_metadata().state_dict_metadata)
+def _set_path(root: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
+    """``root[path[0]][path[1]]... = value``, making dicts (lists for integer keys) on the way,
+    as DCP's planner flattened the saved state dict into ``path``."""
+    node: Any = root
+    for key, nxt in itertools.pairwise(path):
+        if isinstance(node, list):
+            while len(node) <= key:
+                node.append(None)
+            if node[key] is None:
+                node[key] = [] if isinstance(nxt, int) else {}
+            node = node[key]
+        else:
+            node = node.setdefault(key, [] if isinstance(nxt, int) else {})
+    last = path[-1]
+    if isinstance(node, list):
+        while len(node) <= last:
+            node.append(None)
+    node[last] = value
+
+
+def _saved_optimizer_template(metadata: Any, model: nn.Module) -> dict[str, Any]:
+    """``{"optim": ..., "optim_groups": ...}`` shaped like what the checkpoint holds, for any
+    optimizer: exactly the saved entries, each with its saved dtype (int8 codes stay int8).
+
+    A state tensor with its parameter's shape (a momentum buffer, int8 codes, Adam's
+    moments) is templated by the parameter, ``zeros_like`` keeping a DTensor's mesh and
+    placements, so DCP reshards it into the current layout; every other tensor (g-SNR
+    scalars, block scales, step counts) is a plain tensor of the saved size, and a Python
+    value (hyperparameters) ``None`` for DCP to fill in. Entries the checkpoint lacks (a
+    parameter that had no gradient yet when it was saved) are absent, so that parameter
+    fixes g-SNR at its first gradient as in an uninterrupted run.
+    """
+    params = get_model_state_dict(model)
+    template: dict[str, Any] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        path = metadata.planner_data[key]
+        if path[0] not in (_OPTIM, _GROUPS):
+            continue
+        if isinstance(item, BytesStorageMetadata):
+            value: Any = None
+        else:
+            per_param = path[0] == _OPTIM and len(path) >= 4 and path[1] == "state"
+            owner = params.get(path[2]) if per_param else None
+            if owner is not None and tuple(owner.shape) == tuple(item.size):
+                dtype = item.properties.dtype
+                value = torch.zeros_like(owner, dtype=dtype, memory_format=torch.contiguous_format)
+            else:
+                value = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        _set_path(template, path, value)
+    return template
 
 
 def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) -> None:
     """Load what :func:`save` wrote into ``model`` and ``optimizer``, at any world size.
 
-    Optimizer entries the checkpoint does not hold (saved before the first step, a
-    parameter that never had a gradient) are left out rather than loaded as placeholders,
-    so such parameters fix g-SNR at their first gradient as in an uninterrupted run.
+    Contract: the checkpoint is read completely into copies (model tensors cloned, the
+    optimizer's template from the checkpoint's metadata, :func:`_saved_optimizer_template`)
+    before anything live changes; a read that fails raises :class:`CheckpointReadError` and
+    leaves model and optimizer untouched. Only then are model and optimizer set. Param
+    groups come back per parameter where the checkpoint has them (``optim_groups``;
+    older checkpoints hold only the by-index groups, which are right for one stage).
     ``kwargs`` go to ``dcp.load`` (storage_reader, process_group, ...).
     """
-    opt = find_sgdsai(optimizer)
+    opt = _sgdsai_or_none(optimizer)
+    target = optimizer if opt is None else opt
     reader = kwargs.get("storage_reader")
     metadata = (reader if reader is not None else dcp.FileSystemReader(checkpoint_id)).read_metadata()
-    template = {_MODEL: get_model_state_dict(model), _OPTIM: optimizer_state_template(model, opt, metadata)}
-    saved = set(metadata.state_dict_metadata)
-    optim_state = template[_OPTIM]["state"]
-    for fqn in list(optim_state):
-        entry = {k: v for k, v in optim_state[fqn].items() if f"{_OPTIM}.state.{fqn}.{k}" in saved}
-        if entry:
-            optim_state[fqn] = entry
-        else:
-            del optim_state[fqn]
-    # Param groups by parameter where the checkpoint has them (checkpoints written before
-    # hold only the by-index groups, which are right for one stage).
-    nested = template[_OPTIM]
-    per_parameter = any(k.startswith(f"{_GROUPS}.") for k in saved)
+    template = _saved_optimizer_template(metadata, model)
+    per_parameter = opt is not None and _GROUPS in template
     if per_parameter:
-        template[_OPTIM] = {"state": nested["state"]}
-        template[_GROUPS] = _per_parameter_groups(nested)
-    _dcp(dcp.load, template, checkpoint_id, kwargs)
+        # Pipeline stages each saved their own groups under the same index, of which DCP
+        # kept one rank's: read the per-parameter copy instead.
+        template.get(_OPTIM, {}).pop("param_groups", None)
+    # Copies, not the model's own tensors (get_model_state_dict aliases the parameters, and
+    # dcp.load fills tensors one by one).
+    live = get_model_state_dict(model)
+    template[_MODEL] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in live.items()}
+    try:
+        _dcp(dcp.load, template, checkpoint_id, kwargs)
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        raise CheckpointReadError(
+            f"{checkpoint_id}: reading the checkpoint failed, nothing was loaded "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    optim = template.get(_OPTIM, {})
+    optim.setdefault("state", {})
+    if per_parameter:
+        live_groups = _quiet_probe(get_optimizer_state_dict, model, opt)["param_groups"]
+        optim["param_groups"] = _regroup(live_groups, template[_GROUPS])
     set_model_state_dict(model, template[_MODEL])
-    if per_parameter:
-        groups = _regroup(nested["param_groups"], template[_GROUPS])
-        template[_OPTIM] = {"state": template[_OPTIM]["state"], "param_groups": groups}
     with warnings.catch_warnings():
-        if not optim_state:
+        if not optim["state"]:
             # The checkpoint really holds no SGD-SaI state (saved before the first step).
             warnings.simplefilter("ignore", StateWithoutGsnrWarning)
-        # Not strict: the entries left out above (a parameter that had no gradient when the
-        # checkpoint was saved) are absent on purpose; strict DCP refuses a partial state.
+        # Not strict: entries absent from the checkpoint (a parameter that had no gradient
+        # when it was saved) are absent on purpose; strict DCP refuses a partial state.
         options = StateDictOptions(strict=False)
-        _quiet_probe(lambda: set_optimizer_state_dict(model, opt, template[_OPTIM], options=options))
+        _quiet_probe(lambda: set_optimizer_state_dict(model, target, optim, options=options))

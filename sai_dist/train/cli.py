@@ -39,7 +39,7 @@ def resolve_resume(args: argparse.Namespace) -> str | None:
     ``--resume auto`` and a torchelastic restart look in ``<runs-dir>/<name>/checkpoints``
     for the newest complete checkpoint (a ``.partial`` folder left by a kill is ignored).
     """
-    from sai_dist.train.checkpoint import latest, resolve
+    from sai_dist.train.run_checkpoints import latest, resolve
 
     wanted = args.resume
     if wanted is None and restart_count() > 0:

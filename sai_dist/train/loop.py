@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sai_dist.train import checkpoint as ckpt_io
 from sai_dist.train import faults, peers
+from sai_dist.train import run_checkpoints as ckpt_io
 from sai_dist.train.backends import Setup, build, lr_at, set_lr
 from sai_dist.train.config import TrainConfig, check_world
 from sai_dist.train.data import load_corpus, train_batch, val_batches

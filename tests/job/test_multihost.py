@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sai_dist.train import checkpoint as ckpt_io
+from sai_dist.train import run_checkpoints as ckpt_io
 from tests.support import netns
 from tests.support.job_runs import REPO, TINY, job_env, losses, run_ok
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sai_dist.train import checkpoint as ckpt_io
+from sai_dist.train import run_checkpoints as ckpt_io
 from sai_dist.train.backends import build
 from sai_dist.train.cli import main
 from sai_dist.train.config import TrainConfig

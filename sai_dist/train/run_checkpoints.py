@@ -1,5 +1,10 @@
-"""Checkpoints of the training job: DCP for single/DDP/FSDP2/HSDP, the engine's own for
-DeepSpeed, written atomically and verified before anything is loaded.
+"""The training job's run checkpoints: the run folder around :mod:`sai_dist.checkpoint`.
+
+What is the job's here: the folder layout, atomic writes, the manifest and its
+verification, the ``LATEST`` pointer, per-rank RNG state, the compatibility check against
+the live run, and DeepSpeed engine checkpoints. Model and optimizer state (DCP, for
+single/DDP/FSDP2/HSDP) are written and read by the library's one implementation,
+:func:`sai_dist.checkpoint.save`/:func:`~sai_dist.checkpoint.load`.
 
 Layout of ``runs/<name>/checkpoints/``::
 
@@ -19,45 +24,34 @@ Verification (:func:`verify`), before any live object is touched: every file the
 names must exist with its recorded size and SHA-256, otherwise the load is refused with an
 error naming the file. Then :func:`check_compatible` compares the saved model signature
 (parameter names, shapes, dtypes) and optimizer with the live ones, naming the first
-mismatch. DCP loads into *copies* of the model's tensors, which are copied into the model
-only after the whole checkpoint was read, so a failure inside DCP cannot half-load it.
+mismatch. The library reads into copies and sets the model and optimizer only once the
+whole checkpoint was read, so a failure inside DCP cannot half-load it.
 
-Model and optimizer state go through :mod:`torch.distributed.checkpoint.state_dict`
-(fully-qualified names, sharding-independent), so a DDP checkpoint resumes under FSDP2 and
-vice versa. SGD-SaI's state (``momentum_buffer`` and the g-SNR scalars) rides along like any
-optimizer state; on load the optimizer's template is built from the checkpoint's metadata,
-because an SGD-SaI optimizer has no state to template from before its first real step.
+State goes by fully-qualified names (sharding-independent), so a DDP checkpoint resumes
+under FSDP2 and vice versa.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import json
 import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
+from sai_dist import checkpoint as sai_checkpoint
 from sai_dist.train import faults
-from sai_dist.warning_categories import ZeroGradientStepWarning
 
 LATEST = "LATEST"
 META = "meta.json"
 MANIFEST = "manifest.json"
+# The tag on disk keeps the module's former name: checkpoints written before load unchanged.
 MANIFEST_FORMAT = "sai_dist.train.checkpoint/2"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHUNK = 1 << 20
@@ -87,15 +81,6 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-@contextlib.contextmanager
-def _single_process_ok() -> Iterator[None]:
-    """DCP warns when it runs without a process group; for --backend single that is the
-    intended use (and a single-process run can resume a sharded checkpoint)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-        yield
 
 
 def step_dir(root: str, step: int) -> str:
@@ -201,13 +186,7 @@ def save(
         engine.save_checkpoint(partial, tag="engine")
         fmt = "deepspeed"
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _single_process_ok():
-            dcp.save(
-                {"model": model_sd, "optim": optim_sd},
-                checkpoint_id=partial,
-                no_dist=not dist.is_initialized(),
-            )
+        sai_checkpoint.save(partial, model, optimizer)
         fmt = "dcp"
     torch.save(rng_state(), os.path.join(partial, "rng", f"rank{_rank()}.pt"))
     faults.maybe_die_in_save(step)  # test hook: this rank's files are written, the rest not
@@ -392,50 +371,6 @@ def check_compatible(ckpt: str, meta: dict[str, Any], expect: dict[str, Any]) ->
 # -- loading -----------------------------------------------------------------------------
 
 
-def _set_path(root: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
-    node: Any = root
-    for key, nxt in itertools.pairwise(path):
-        if isinstance(node, list):
-            while len(node) <= key:
-                node.append(None)
-            if node[key] is None:
-                node[key] = [] if isinstance(nxt, int) else {}
-            node = node[key]
-        else:
-            node = node.setdefault(key, [] if isinstance(nxt, int) else {})
-    last = path[-1]
-    if isinstance(node, list):
-        while len(node) <= last:
-            node.append(None)
-    node[last] = value
-
-
-def _optim_template(ckpt: str, model: nn.Module) -> dict[str, Any]:
-    """A nested optimizer state dict shaped like the saved one: state tensors with the shape
-    of their parameter are templated by the (possibly sharded) parameter, so DCP reshards
-    into the current layout; other tensors (step counts, g-SNR scalars) are plain."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    md = FileSystemReader(ckpt).read_metadata()
-    params = dict(get_model_state_dict(model).items())
-    template: dict[str, Any] = {}
-    for key, item in md.state_dict_metadata.items():
-        path = md.planner_data[key]
-        if path[0] != "optim":
-            continue
-        if isinstance(item, BytesStorageMetadata):
-            value: Any = None  # a Python object; DCP fills it in
-        else:
-            owner = params.get(path[2]) if len(path) >= 4 and path[1] == "state" else None
-            if owner is not None and tuple(owner.shape) == tuple(item.size):
-                value = torch.zeros_like(owner, dtype=item.properties.dtype)
-            else:
-                value = torch.empty(tuple(item.size), dtype=item.properties.dtype)
-        _set_path(template, path[1:], value)
-    return template
-
-
 def load(
     ckpt: str,
     model: nn.Module,
@@ -462,23 +397,12 @@ def load(
         # Copies, not the model's own tensors: get_model_state_dict aliases the parameters,
         # and dcp.load fills tensors one by one, so a read failing half-way would leave a
         # half-loaded model. The copies go into the model only once everything was read.
-        model_sd = {
-            k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-            for k, v in get_model_state_dict(model).items()
-        }
-        state = {"model": model_sd, "optim": _optim_template(ckpt, model)}
+        # One implementation for library and job: it reads into copies, so a read failing
+        # half-way changes nothing live.
         try:
-            with _single_process_ok():
-                dcp.load(state, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
-        except Exception as exc:
-            raise CheckpointError(
-                f"{ckpt}: reading the checkpoint failed, nothing was loaded ({exc})"
-            ) from exc
-        with warnings.catch_warnings():
-            # set_state_dict probes the optimizer with zero gradients to create its state;
-            # SGD-SaI rightly refuses to fix g-SNR from that and says so.
-            warnings.simplefilter("ignore", ZeroGradientStepWarning)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            sai_checkpoint.load(ckpt, model, optimizer)
+        except sai_checkpoint.CheckpointReadError as exc:
+            raise CheckpointError(str(exc)) from exc
     else:
         raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r}")
     rng_file = os.path.join(ckpt, "rng", f"rank{_rank()}.pt")
