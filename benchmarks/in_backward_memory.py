@@ -23,23 +23,14 @@ is alive.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import resource
 import subprocess
 import sys
 
+from process_memory import pin_mmap_threshold, reset_hwm
+
 MODES = ("normal", "in_backward", "two_pass")
-
-
-def _pin_mmap_threshold() -> None:
-    # glibc raises the mmap threshold dynamically after frees; pin it so every tensor buffer
-    # above 128 KiB is its own mapping and freed memory leaves the RSS at once.
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
 
 
 def _rss_now_kib() -> int:
@@ -55,15 +46,10 @@ def _hwm_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def run_mode(mode: str, width: int, layers: int, steps: int, opt_kw: dict) -> dict:
     if mode == "two_pass":
         return run_two_pass(width, layers, steps, opt_kw)
-    _pin_mmap_threshold()
+    pin_mmap_threshold()
     import torch
     from torch import nn
 
@@ -81,7 +67,7 @@ def run_mode(mode: str, width: int, layers: int, steps: int, opt_kw: dict) -> di
         runner = InBackwardSGDSaI(model.parameters(), lr=1e-3, **opt_kw)
         opt = runner.optimizer
     baseline = _rss_now_kib()
-    _reset_hwm()
+    reset_hwm()
     peaks = []
     for _ in range(steps):
         loss = model(x).square().mean()
@@ -91,7 +77,7 @@ def run_mode(mode: str, width: int, layers: int, steps: int, opt_kw: dict) -> di
             opt.zero_grad(set_to_none=True)
         if not peaks:
             peaks.append(_hwm_kib())
-            _reset_hwm()
+            reset_hwm()
     peaks.append(_hwm_kib())
     checksum = float(sum(p.double().sum() for p in model.parameters()))
     return dict(
@@ -105,7 +91,7 @@ def run_mode(mode: str, width: int, layers: int, steps: int, opt_kw: dict) -> di
 def run_two_pass(width: int, layers: int, steps: int, opt_kw: dict) -> dict:
     """``first_step="two_pass"`` through ``runner.step(closure)``; VmHWM per phase: step 1's
     pass 1 (moments only) and pass 2 (first update) apart, then the later steps."""
-    _pin_mmap_threshold()
+    pin_mmap_threshold()
     import torch
     from torch import nn
 
@@ -124,10 +110,10 @@ def run_two_pass(width: int, layers: int, steps: int, opt_kw: dict) -> dict:
         loss = model(x).square().mean()
         loss.backward()
         phases.append(_hwm_kib())  # one entry per pass of the closure
-        _reset_hwm()
+        reset_hwm()
         return loss
 
-    _reset_hwm()
+    reset_hwm()
     for _ in range(steps):
         runner.step(closure)
     checksum = float(sum(p.double().sum() for p in model.parameters()))

@@ -46,7 +46,6 @@ What one run does (each optimizer in a fresh subprocess, the cap set inside it):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
 import json
 import math
@@ -57,6 +56,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from process_memory import pin_mmap_threshold, reset_hwm, status_kib
 
 GIB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,28 +100,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _pin_mmap_threshold() -> None:
-    # Every buffer above 128 KiB its own mapping, returned to the kernel on free: the RSS
-    # (and the data segment the cap counts) follows what is alive.
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
-
-
 def _config(preset: str):
     from sai_dist.memory.models import PRESETS, LlamaConfig
 
@@ -151,7 +130,7 @@ class _Meter:
         self.t0 = time.perf_counter()
 
     def start(self) -> None:
-        _reset_hwm()
+        reset_hwm()
         if self.cuda:
             import torch
 
@@ -161,7 +140,7 @@ class _Meter:
     def end(self, name: str, **extra) -> dict:
         row = dict(
             phase=name,
-            vm_hwm_bytes=_status_kib("VmHWM") * 1024,
+            vm_hwm_bytes=status_kib("VmHWM") * 1024,
             seconds=round(time.perf_counter() - self.t0, 2),
         )
         if self.cuda:
@@ -333,7 +312,7 @@ def child(args: argparse.Namespace) -> dict:
         limit = resource.RLIMIT_DATA if args.cap_kind == "data" else resource.RLIMIT_AS
         resource.setrlimit(limit, (args.cap, args.cap))
         result["cap_kind"] = "RLIMIT_DATA" if args.cap_kind == "data" else "RLIMIT_AS"
-    _pin_mmap_threshold()
+    pin_mmap_threshold()
     import torch
 
     from sai_dist.in_backward import InBackwardSGDSaI
@@ -352,7 +331,7 @@ def child(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     result["compute_dtype"] = str(compute_dtype).replace("torch.", "")
-    result["baseline_rss_bytes"] = _status_kib("VmRSS") * 1024
+    result["baseline_rss_bytes"] = status_kib("VmRSS") * 1024
     config = _config(args.preset)
     t_start = time.perf_counter()
     meter.start()
@@ -441,7 +420,7 @@ def child(args: argparse.Namespace) -> dict:
     except BaseException as exc:
         if not _is_oom(exc):
             raise
-        row = meter.end(phase + " (failed)", vm_data_bytes=_status_kib("VmData") * 1024)
+        row = meter.end(phase + " (failed)", vm_data_bytes=status_kib("VmData") * 1024)
         result["status"] = "out of memory"
         result["failed_in"] = phase
         result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:240]}"

@@ -27,16 +27,10 @@ import subprocess
 import sys
 import time
 
+from process_memory import status_kib
+
 GIB = 1 << 30
 MODES = ("sgd_sai", "adamw", "sgd_sai_in_backward")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _config(part: str, dim: int | None, layers: int | None):
@@ -62,9 +56,9 @@ def child(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     if not cuda:
         torch.set_num_threads(args.threads)
-        baseline = _status_kib("VmRSS")
+        baseline = status_kib("VmRSS")
         if args.cap:
-            data_now = _status_kib("VmData") * 1024
+            data_now = status_kib("VmData") * 1024
             resource.setrlimit(resource.RLIMIT_DATA, (data_now + args.cap, data_now + args.cap))
     else:
         if args.cap:
@@ -114,7 +108,7 @@ def child(args: argparse.Namespace) -> dict:
     if cuda:
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
-        result["peak_bytes"] = (_status_kib("VmHWM") - baseline) * 1024
+        result["peak_bytes"] = (status_kib("VmHWM") - baseline) * 1024
     return result
 
 
