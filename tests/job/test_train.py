@@ -16,7 +16,7 @@ from sai_dist.train.config import TrainConfig
 from sai_dist.train.data import load_corpus, train_batch, val_batches
 from sai_dist.train.distributed import detect, first_slurm_host
 from sai_dist.train.model import GPT, GPTConfig, lm_loss
-from tests.support.job_runs import TINY_CONFIG
+from tests.support.job_runs import TINY_CONFIG, tiny_train_config
 
 
 def test_detect_plain_process_is_single() -> None:
@@ -188,19 +188,7 @@ def _reference_losses(steps: int, lr: float, clip: float) -> list[float]:
 def test_single_process_job_matches_reference_loop(tmp_path) -> None:
     from sai_dist.train.loop import train
 
-    cfg = TrainConfig(
-        name="ref",
-        runs_dir=str(tmp_path),
-        backend="single",
-        steps=8,
-        warmup_steps=3,
-        eval_every=4,
-        ckpt_every=4,
-        progress=False,
-        lr=0.5,
-        **TINY_CONFIG,
-    )
-    cfg.validate()
+    cfg = tiny_train_config(tmp_path, "ref", steps=8, warmup_steps=3, eval_every=4, ckpt_every=4, lr=0.5)
     summary = train(cfg, None)
     run = tmp_path / "ref"
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]

@@ -29,11 +29,8 @@ from sai_dist.train.config import TrainConfig
 from sai_dist.train.loop import train
 from sai_dist.train.model import GPT, GPTConfig
 from sai_dist.train.processes import wait_tree
-from tests.support.job_runs import BIN, REPO, TINY, job_env, losses, start_job
+from tests.support.job_runs import BIN, REPO, TINY, job_env, losses, start_job, tiny_train_config
 from tests.support.ranks import free_port
-
-SHAPE = dict(n_layers=1, d_model=32, n_heads=2, seq_len=32)
-
 
 # -- bad input: refused before anything starts -------------------------------------------
 
@@ -77,21 +74,8 @@ def test_bad_command_line_is_refused_before_anything_starts(
 
 
 def _tiny_cfg(tmp_path: Path, name: str, **over: object) -> TrainConfig:
-    cfg = TrainConfig(
-        name=name,
-        runs_dir=str(tmp_path),
-        backend="single",
-        global_batch=4,
-        steps=4,
-        warmup_steps=2,
-        eval_every=4,
-        eval_batches=1,
-        ckpt_every=2,
-        progress=False,
-        **{**SHAPE, **over},  # type: ignore[arg-type]
-    )
-    cfg.validate()
-    return cfg
+    defaults = dict(steps=4, warmup_steps=2, eval_every=4, eval_batches=1, ckpt_every=2)
+    return tiny_train_config(tmp_path, name, **{**defaults, **over})
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from sai_dist.train.processes import wait_tree
 from tests.support.paths import REPO
@@ -37,6 +38,19 @@ TINY = [
 ]
 # The same tiny model as a TrainConfig, for tests that call the job in-process.
 TINY_CONFIG = dict(n_layers=1, d_model=32, n_heads=2, seq_len=32, global_batch=4)
+
+
+def tiny_train_config(runs_dir: str | os.PathLike, name: str, **over: Any) -> Any:
+    """A validated single-process :class:`~sai_dist.train.config.TrainConfig` of the
+    :data:`TINY_CONFIG` model, no progress bar; ``over`` sets (or overrides) any field."""
+    from sai_dist.train.config import TrainConfig
+
+    fields = dict(name=name, runs_dir=str(runs_dir), backend="single", progress=False, **TINY_CONFIG)
+    cfg = TrainConfig(**{**fields, **over})
+    cfg.validate()
+    return cfg
+
+
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -457,22 +457,11 @@ def test_dcp_checkpoint_resume_is_bit_identical(tmp_path, momentum_dtype, param_
 def test_train_job_takes_momentum_dtype(tmp_path):
     from sai_dist.train.config import TrainConfig
     from sai_dist.train.loop import train
-    from tests.support.job_runs import TINY_CONFIG as tiny
+    from tests.support.job_runs import tiny_train_config
 
-    cfg = TrainConfig(
-        name="lowp",
-        runs_dir=str(tmp_path),
-        backend="single",
-        steps=4,
-        warmup_steps=1,
-        eval_every=2,
-        ckpt_every=2,
-        progress=False,
-        lr=0.5,
-        momentum_dtype="int8",
-        **tiny,
+    cfg = tiny_train_config(
+        tmp_path, "lowp", steps=4, warmup_steps=1, eval_every=2, ckpt_every=2, lr=0.5, momentum_dtype="int8"
     )
-    cfg.validate()
     summary = train(cfg, None)
     assert math.isfinite(summary["final_val_loss"])
     with pytest.raises(ValueError, match="--momentum-dtype"):
