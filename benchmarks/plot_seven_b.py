@@ -25,6 +25,18 @@ LABELS = {
 }
 
 
+def _predictions(report: dict) -> dict:
+    """Today's accounting for a preset of ``sai_dist.memory`` (so the plot follows the
+    accounting as it improves); the predictions recorded with the run otherwise."""
+    from sai_dist.memory import PRESETS
+    from sai_dist.memory.in_backward import seven_b_predictions
+
+    if report["preset"] not in PRESETS:
+        return report["predicted"]
+    config = PRESETS[report["preset"]]
+    return seven_b_predictions(config, report["batch"], report["context"], device=report["device"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", help="the JSON seven_b.py wrote")
@@ -32,29 +44,28 @@ def main() -> int:
     args = ap.parse_args()
     with open(args.report) as f:
         report = json.load(f)
+    predicted = _predictions(report)
     runs = [r for r in report["runs"] if r["run"] in LABELS]
-    runs.sort(key=lambda r: report["predicted"][r["run"]]["total"])
+    runs.sort(key=lambda r: predicted[r["run"]]["total"])
     fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(runs) + 1.6))
     for i, r in enumerate(runs):
-        predicted = report["predicted"][r["run"]]["total"] / GIB
+        peak = predicted[r["run"]]["total"] / GIB
         reached = r.get("peak_vm_hwm_bytes", 0) / GIB
         trained = r["status"] == "trained"
-        ax.barh(i, predicted, color="none", edgecolor="tab:gray", hatch="//", height=0.7)
+        ax.barh(i, peak, color="none", edgecolor="tab:gray", hatch="//", height=0.7)
         ax.barh(i, reached, color="tab:blue" if trained else "tab:red", height=0.45)
         what = f"trained {r['steps_done']} steps" if trained else r["status"]
-        note = (
-            f"{what}: {reached:.2f} of {predicted:.2f} GiB"
-            if reached
-            else f"{what} (predicted {predicted:.2f} GiB)"
-        )
-        ax.text(max(predicted, reached) * 1.02, i, note, va="center")
+        note = f"{what}: {reached:.2f} of {peak:.2f} GiB" if reached else f"{what} (predicted {peak:.2f} GiB)"
+        ax.text(max(peak, reached) * 1.02, i, note, va="center")
     cap = report["cap_bytes"] / GIB
     ax.axvline(cap, color="black", lw=1.2, ls="--")
     ax.text(cap, -0.75, f" cap {cap:g} GiB", va="bottom")
     ax.set_ylim(-0.8, len(runs) - 0.4)
     ax.set_yticks(range(len(runs)), [LABELS[r["run"]] for r in runs])
-    ax.set_xlabel("GiB (hatched: predicted peak; solid: peak resident memory reached, VmHWM)")
-    ax.set_xlim(0, max(report["predicted"][r["run"]]["total"] for r in runs) / GIB * 1.75)
+    ax.set_xlabel(
+        "GiB (hatched: predicted by sai-dist memory; solid: peak resident set reached, VmHWM)"
+    )
+    ax.set_xlim(0, max(predicted[r["run"]]["total"] for r in runs) / GIB * 1.75)
     n = next((r["parameters"] for r in runs if r.get("parameters")), 0)
     ax.set_title(f"{report['preset']} ({n / 1e9:.2f} B parameters, bf16), in-backward, {report['device']}")
     fig.tight_layout()

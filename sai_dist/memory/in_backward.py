@@ -17,7 +17,8 @@ from the 16-bit storage. The peak of the whole process is
   to the compute dtype (none when compute and storage dtypes agree, as on a GPU), and for
   its largest tensor the gradient in the storage dtype plus the larger of its gradient in
   the compute dtype (freed once cast) and the update's temporaries (three fp32 copies of
-  the block where state or parameter is not fp32: gradient, decoded state, parameter).
+  the block where state or parameter is not fp32: gradient, decoded state, parameter;
+  none for SGD-SaI on CPU, whose single-pass kernel updates in place).
   Each parameter outside every region is a region of its own (the head, computed from a
   cast; the embedding table, looked up in its storage dtype).
 * :math:`A`: activations with checkpointing: the layer inputs kept at region boundaries,
@@ -90,16 +91,28 @@ def state_bytes(optimizer: str, n: int, param_bytes: int) -> int:
     )
 
 
-def _update_temporaries(optimizer: str, n: int, param_bytes: int) -> int:
+def _update_temporaries(optimizer: str, n: int, param_bytes: int, single_pass: bool) -> int:
     """Temporaries of one block's update (module docstring): three fp32 copies of the
     block (gradient, decoded state, parameter) wherever state or parameter is not fp32,
     as in the reference low-precision update of ``sai_dist.functional`` and in the fp32
-    AdamW here; torch's AdamW in the parameter's dtype keeps one (its denominator)."""
+    AdamW here; torch's AdamW in the parameter's dtype keeps one (its denominator).
+    ``single_pass``: SGD-SaI's update runs in the single-pass CPU kernel
+    (:mod:`sai_dist.native_lowp`, every parameter x momentum dtype), which reads and
+    writes each element in place and allocates nothing of the block's size."""
+    if optimizer.startswith("sgd_sai") and single_pass:
+        return 0
     if optimizer == "adamw_bf16":
         return param_bytes * n
     if optimizer == "sgd_sai_fp32" and param_bytes == 4:
         return 0
     return 3 * 4 * n
+
+
+def _single_pass_kernel() -> bool:
+    """Whether :mod:`sai_dist.native_lowp` builds on this machine (compiled once, cached)."""
+    from sai_dist import native_lowp
+
+    return native_lowp.library() is not None
 
 
 def _regions(module: nn.Module) -> list[tuple[list[int], bool]]:
@@ -168,8 +181,16 @@ def in_backward_peak(
     batch: int = 1,
     seq: int = 128,
     runtime: int = RUNTIME_BYTES,
+    single_pass: bool | None = None,
 ) -> InBackwardPeak:
-    """Predicted peak of ``optimizer`` stepped in backward (module docstring)."""
+    """Predicted peak of ``optimizer`` stepped in backward (module docstring).
+
+    ``single_pass``: whether SGD-SaI's update runs in the single-pass CPU kernel; default:
+    on CPU (``compute_dtype`` fp32, this module's CPU setting) where that kernel builds
+    here (a C compiler is present), otherwise the reference update with its temporaries
+    (the GPU setting computes in bf16)."""
+    if single_pass is None:
+        single_pass = compute_dtype == "fp32" and _single_pass_kernel()
     if param_dtype not in DTYPE_BYTES or compute_dtype not in DTYPE_BYTES:
         raise ValueError(
             f"in-backward prediction: unknown dtype (param {param_dtype!r}, compute {compute_dtype!r}); "
@@ -187,7 +208,7 @@ def in_backward_peak(
         # Then its largest tensor: the gradient in the compute dtype is cast to the storage
         # dtype and freed before the hook runs the update with its temporaries.
         before_hook = cb * largest if cast else 0
-        after = max(before_hook, _update_temporaries(optimizer, largest, pb))
+        after = max(before_hook, _update_temporaries(optimizer, largest, pb, single_pass))
         transient = max(transient, weights + pb * largest + after)
     acts = _activations(spec, batch, seq, cb)
     return InBackwardPeak(optimizer, runtime, params, state, transient, acts)
