@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 
 from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
 from sai_dist.probe import is_placeholder
@@ -117,9 +118,23 @@ def _sgdsai_or_none(optimizer: Any) -> SGDSaI | None:
         return None
 
 
+def _reshard(model: nn.Module) -> None:
+    """Register FSDP2's sharded parameters again where a forward left unsharded ones.
+
+    FSDP2 keeps the root module unsharded after a forward (``reshard_after_forward`` is off
+    for the root), and an eval forward leaves every module so: the module then holds plain
+    unsharded tensors, not the DTensors the optimizer steps, and the optimizer's state
+    cannot be named by the module's parameters. ``FSDPModule.reshard`` is FSDP2's own way
+    back (what its state-dict hooks do before a model state dict)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def state_dict(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     """``{"model": ..., "optim": ..., "optim_groups": ...}`` as DCP saves them: sharded,
     FQN-keyed (``optim_groups``, for SGD-SaI only: see :func:`_per_parameter_groups`)."""
+    _reshard(model)
     opt = _sgdsai_or_none(optimizer)
     if opt is None:
         return {_MODEL: get_model_state_dict(model), _OPTIM: get_optimizer_state_dict(model, optimizer)}
@@ -147,6 +162,7 @@ def optimizer_state_template(model: nn.Module, optimizer: Any, metadata: Any | N
     """
     saved = {} if metadata is None else metadata.state_dict_metadata
     opt: SGDSaI = find_sgdsai(optimizer)
+    _reshard(model)
     osd = _quiet_probe(get_optimizer_state_dict, model, opt)
     # Per parameter: real state where it exists. (An entry can exist and be empty: a
     # skipped zero-gradient step still indexes the optimizer's state defaultdict.)
@@ -279,6 +295,7 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
     older checkpoints hold only the by-index groups, which are right for one stage).
     ``kwargs`` go to ``dcp.load`` (storage_reader, process_group, ...).
     """
+    _reshard(model)
     opt = _sgdsai_or_none(optimizer)
     target = optimizer if opt is None else opt
     reader = kwargs.get("storage_reader")

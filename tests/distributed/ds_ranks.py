@@ -307,7 +307,4 @@ def shipped_configs(rank: int, world: int, paths: list[str], steps: int) -> list
             }
         )
         engine.destroy()
-    # DeepSpeed's CPU all-reduce workspace of this launch (run_ranks releases it at exit).
-    shm = sds.shm_workspace_path(rank)
-    out.append({"shm": shm, "shm_existed": os.path.exists(shm)})
     return out

@@ -187,6 +187,9 @@ def test_deepspeed_backend_under_deepspeed_launcher(tmp_path: Path, config: str)
         "ds",
     ]
     run_ok(["bash", "launch/deepspeed.sh", *TINY, *args], env)
+    # The launcher sets LOCAL_SIZE, so DeepSpeed's CPU comm op made a ~67 MB /dev/shm
+    # segment per rank, which it never unlinks: the job releases its own.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
     ds = losses(tmp_path / "ds")
     single = spawned(tmp_path, "single", "--backend", "single")
     for step in single:

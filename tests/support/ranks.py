@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -50,10 +49,6 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        if "deepspeed" in sys.modules:
-            from sai_dist.deepspeed import release_shm_workspace
-
-            release_shm_workspace(rank)
 
 
 def run_ranks(
