@@ -186,6 +186,8 @@ def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
     tp, pp = getattr(args, "tp", 1), getattr(args, "pp", 1)
     parallel = None
     if tp != 1 or pp != 1:
+        if getattr(args, "in_backward", False):
+            raise ValueError("--in-backward models one process, not --tp/--pp (it is single-process only)")
         strategies = _parallel_strategies(args.strategies)
     else:
         strategies = _strategies(args.strategies)

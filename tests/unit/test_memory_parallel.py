@@ -227,5 +227,7 @@ def test_cli_json_and_table(capsys):
     assert "--strategies zero2 with --tp/--pp" in capsys.readouterr().err
     assert cli_main([*argv, "--momentum-dtype", "int8"]) == 2
     assert "SGDSaI refuses low-precision momentum" in capsys.readouterr().err
+    assert cli_main([*argv, "--in-backward"]) == 2
+    assert "--in-backward models one process, not --tp/--pp" in capsys.readouterr().err
     pp_only = ["memory", "--model", "llama2-7b", "--pp", "4", "--world-size", "8", "--momentum-dtype", "int8"]
     assert cli_main(pp_only) == 0
