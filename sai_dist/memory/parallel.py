@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from sai_dist.memory.accounting import RankMemory, rank_memory
+from sai_dist.memory.accounting import RankMemory, _dim0_shard, buffer_elements, rank_memory
 from sai_dist.memory.models import ModelSpec
 
 __all__ = [
@@ -267,17 +267,9 @@ def _sgd_sai_state(
     dtype = torch.bfloat16 if param_dtype == "bfloat16" else torch.float32
     total = 0
     for p in params:
-        local = _local_rows(p.tp_shape, dp, rank) * (_numel(p.tp_shape[1:]) if p.tp_shape else 1)
+        local = _dim0_shard(p.tp_shape, dp, rank)[0]
         total += lowp.state_bytes(momentum_dtype, _numel(p.shape), [local] if local else [], dtype)
     return total
-
-
-def _local_rows(shape: Shape, dp: int, rank: int) -> int:
-    d0 = shape[0] if shape else 1
-    if dp == 1:
-        return d0
-    chunk = -(-d0 // dp)
-    return max(0, min(chunk, d0 - rank * chunk))
 
 
 @dataclass
@@ -388,14 +380,7 @@ def parallel_memory(
         if momentum_dtype is not None or param_dtype != "float32":
             # The small-tensor rule on the ORIGINAL size (rank_memory saw TP-local shapes).
             mem.state["sgd_sai"] = _sgd_sai_state(local, dp, dp_rank, momentum_dtype, param_dtype)
-        local_elems = sum(
-            _local_rows(p.tp_shape, dp, dp_rank) * (_numel(p.tp_shape[1:]) if p.tp_shape else 1)
-            for p in local
-        )
-        padded = sum(
-            (-(-(p.tp_shape[0] if p.tp_shape else 1) // dp)) * (_numel(p.tp_shape[1:]) if p.tp_shape else 1)
-            for p in local
-        )
+        local_elems, padded = buffer_elements(shapes, strategy, dp, rank=dp_rank)
         block_ids = sorted({b for p in local if (b := _block_index(container, p.name)) is not None})
         stages.append(
             StageMemory(
