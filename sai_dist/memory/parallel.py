@@ -39,11 +39,13 @@ its global size), so a TP shard never changes which tensors are small.
 
 Low-precision momentum needs each element's index in the original parameter, which
 :class:`sai_dist.layouts.dtensor.DTensorLayout` gives only for a local piece that is one
-contiguous run (at most one ``Shard`` placement, on dim 0). The optimizer therefore
-refuses bf16/int8 momentum for a row-parallel weight (``Shard(1)``) and for a TP-sharded
-tensor that FSDP2 also shards (two ``Shard`` placements); :func:`check_low_precision`
-refuses the same tensors with the optimizer's reason, instead of predicting bytes no run
-can hold.
+contiguous run of it. A column-parallel tensor is one (``Shard(0)`` on ``tp``; FSDP2 over
+it adds a ``_StridedShard(0)`` on ``dp``, which keeps the rank's rows contiguous and which
+torch 2.13 does not derive from ``Shard``), a row-parallel weight is not (``Shard(1)``:
+one run per row). The optimizer therefore refuses bf16/int8 momentum for a row-parallel
+weight (int8 only from 4096 elements, below which it stays float32), and
+:func:`check_low_precision` refuses the same tensors with the optimizer's reason, instead of
+predicting bytes no run can hold.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ class LocalParam:
     shape: Shape  #: global (original) shape
     tp_shape: Shape  #: after the tensor-parallel split
     style: str  #: colwise / rowwise / replicate, as applied (``replicate`` when tp == 1)
-    shard_dims: tuple[int, ...]  #: dims of the DTensor's Shard placements (TP, then FSDP2)
+    shard_dims: tuple[int, ...]  #: dims split: by TP, then FSDP2's dim 0 (a _StridedShard over TP dim 0)
 
 
 def local_params(
@@ -240,18 +242,14 @@ def check_low_precision(params: Sequence[LocalParam], momentum_dtype: str | None
         return
     for p in params:
         low = momentum_dtype == "bfloat16" or _numel(p.shape) >= _INT8_SMALL
-        contiguous = len(p.shard_dims) <= 1 and all(d == 0 for d in p.shard_dims)
-        if low and not contiguous:
-            why = (
-                "row-parallel (Shard(1))"
-                if 1 in p.shard_dims
-                else "tensor-parallel and FSDP2-sharded (two Shard placements)"
-            )
+        # Only a split of dim 1 (row-parallel) scatters the local piece; FSDP2's dim-0 shard
+        # of it or of a column-parallel piece keeps each row run contiguous.
+        if low and 1 in p.shard_dims:
             raise ValueError(
-                f"--momentum-dtype {momentum_dtype}: {p.name} {p.shape} is {why}, and SGDSaI refuses "
-                "low-precision momentum there (its quantization blocks and random draws are keyed on "
-                "each element's index in the original parameter, which that layout cannot give). "
-                "Use --momentum-dtype float32, or a layout where it is shard-free / dim-0 sharded once."
+                f"--momentum-dtype {momentum_dtype}: {p.name} {p.shape} is row-parallel (Shard(1)), and "
+                "SGDSaI refuses low-precision momentum there (its quantization blocks and random draws "
+                "are keyed on each element's index in the original parameter, which a dim-1 shard "
+                "cannot give). Use --momentum-dtype float32 with --tp > 1."
             )
 
 

@@ -2,7 +2,7 @@
 rank of a real (pp, dp, tp) layout on gloo holds exactly the bytes of parameters, gradients
 and SGD-SaI state (momentum + int8 scales) that the accounting predicts for its stage and
 data-parallel rank, for float32, bfloat16 and int8 momentum; where SGDSaI refuses a
-momentum dtype (bf16/int8 on row-parallel or TP+FSDP2 tensors) the accounting refuses too,
+momentum dtype (bf16/int8 on row-parallel weights) the accounting refuses too,
 naming a tensor of the shape the optimizer names."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _held(st) -> int:
         (1, 1, 2, {"bfloat16"}),  # TP only: row-parallel o/down are Shard(1), small enough for int8
         (2, 2, 1, set()),  # PP x FSDP2: every tensor dim-0 sharded once
         (2, 1, 2, {"bfloat16"}),  # TP x PP
-        (1, 2, 2, {"bfloat16", "int8"}),  # FSDP2 x TP: the fused qkv has two Shard placements
+        (1, 2, 2, {"bfloat16"}),  # FSDP2 x TP: qkv is (_StridedShard(0), Shard(0)), contiguous
     ],
     ids=["tp2", "pp2xdp2", "tp2xpp2", "dp2xtp2"],
 )

@@ -90,7 +90,7 @@ def test_tp_plan_shapes_for_llama_and_fused_gpt2_qkv():
         assert llama[name].tp_shape == llama[name].shape and llama[name].style == "replicate"
     gpt = {p.name: p for p in local_params(resolve_model("gpt2").params, tp=4, dp=2)}
     assert gpt["h.0.c_attn.weight"].tp_shape == (3 * 768 // 4, 768)  # fused qkv over its rows
-    assert gpt["h.0.c_attn.weight"].shard_dims == (0, 0)  # TP, then FSDP2's dim-0 shard
+    assert gpt["h.0.c_attn.weight"].shard_dims == (0, 0)  # TP, then FSDP2's dim-0 (strided) shard
     assert gpt["h.0.mlp_proj.weight"].shard_dims == (1, 0)
     toy = {p.name: p for p in local_params(_toy().params, tp=2, dp=1)}
     assert toy["layers.0.qkv.bias"].tp_shape == (60,)  # a column-parallel bias is split
@@ -178,9 +178,10 @@ def test_dp1_tp1_pp1_is_the_single_and_fsdp2_rules():
             dict(world_size=2, tp=2, pp=1, momentum_dtype="bfloat16"),
             r"layers\.0\.o\.weight \(40, 40\) is row-",
         ),
+        (dict(world_size=4, tp=2, pp=1, momentum_dtype="int8"), None),  # colwise qkv + FSDP2: contiguous
         (
-            dict(world_size=4, tp=2, pp=1, momentum_dtype="int8"),
-            r"layers\.0\.qkv\.weight .*\(two Shard placements\)",
+            dict(world_size=4, tp=2, pp=1, momentum_dtype="bfloat16"),
+            r"layers\.0\.o\.weight \(40, 40\) is row-parallel \(Shard\(1\)\)",
         ),
         (dict(world_size=2, tp=2, pp=1, momentum_dtype="int8"), None),
         (dict(world_size=16, tp=16, pp=1), r"layers\.0\.qkv\.weight \(120, 40\) is column-parallel .* by 16"),
