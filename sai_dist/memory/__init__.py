@@ -2,6 +2,7 @@
 
 :mod:`~sai_dist.memory.models` builds real architectures on the meta device,
 :mod:`~sai_dist.memory.accounting` turns their parameter shapes into per-rank bytes,
+:mod:`~sai_dist.memory.parallel` does so per pipeline stage under tensor x pipeline x FSDP2,
 :mod:`~sai_dist.memory.plan` estimates activations and checks a per-device budget, and
 :mod:`~sai_dist.memory.cli` is ``sai-dist memory``.
 """

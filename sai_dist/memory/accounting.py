@@ -142,7 +142,7 @@ def buffer_elements(
 
 @dataclass
 class RankMemory:
-    """Bytes held by one rank (rank 0, the largest) under a strategy."""
+    """Bytes held by one rank (rank 0, the largest, unless asked) under a strategy."""
 
     strategy: str
     world_size: int
@@ -185,9 +185,11 @@ def rank_memory(
     largest_unit: int = 0,
     momentum_dtype: str | None = None,
     param_dtype: str = "float32",
+    rank: int = 0,
 ) -> RankMemory:
-    """Per-rank memory of ``strategy``; ``largest_unit`` is the element count of the largest
-    FSDP unit (a transformer block), for the transient unsharded parameters of FSDP2/ZeRO-3.
+    """Per-rank memory of ``strategy`` on ``rank`` (default 0, which holds the most);
+    ``largest_unit`` is the element count of the largest FSDP unit (a transformer block),
+    for the transient unsharded parameters of FSDP2/ZeRO-3.
 
     ``momentum_dtype`` (SGD-SaI's storage, :mod:`sai_dist.momentum`) and ``param_dtype``
     (``"bfloat16"``: pure bf16 parameters and gradients stepped with stochastic rounding,
@@ -211,7 +213,7 @@ def rank_memory(
     if strategy == "single":
         world_size = 1
     total = sum(_numel(s) for s in shapes)
-    e, e_pad = buffer_elements(shapes, strategy, world_size, shard_size=shard_size)
+    e, e_pad = buffer_elements(shapes, strategy, world_size, rank=rank, shard_size=shard_size)
     mixed = precision == "bf16-mixed"
     low = 2 if mixed or param_dtype == "bfloat16" else 4  # bytes of compute weights / gradients
     buffers = transient = 0
@@ -238,7 +240,7 @@ def rank_memory(
     state = {name: slots * 4 * e for name, slots in OPTIMIZERS.items()}
     if low_state:
         state["sgd_sai"] = sgd_sai_state_bytes(
-            shapes, strategy, world_size, momentum_dtype, param_dtype, shard_size=shard_size
+            shapes, strategy, world_size, momentum_dtype, param_dtype, rank=rank, shard_size=shard_size
         )
     host: dict[str, int] = {}
     if offload:

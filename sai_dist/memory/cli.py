@@ -17,12 +17,14 @@ import sys
 from sai_dist.memory import in_backward
 from sai_dist.memory.accounting import OPTIMIZERS, PRECISIONS, STRATEGIES, rank_memory, sgd_sai_scalar_bytes
 from sai_dist.memory.models import PRESETS, ModelSpec, ViTConfig, resolve_model
+from sai_dist.memory.parallel import parallel_memory
 from sai_dist.memory.plan import (
     GIB,
     PAPER_TABLE1,
     cuda_block_bytes,
     estimate_activations,
     largest_unit,
+    parallel_verdicts,
     plan,
 )
 
@@ -84,7 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--offload", action="store_true", help="optimizer state (and master weights) on the host"
     )
     parser.add_argument(
-        "--strategies", default=",".join(STRATEGIES), help=f"comma-separated subset of {','.join(STRATEGIES)}"
+        "--strategies",
+        default=None,
+        help=f"comma-separated subset of {','.join(STRATEGIES)} (default all; fsdp2 under --tp/--pp)",
+    )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel degree (Megatron/torchtitan plan; FSDP2 on world/(tp*pp) data-parallel ranks)",
+    )
+    parser.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        help="pipeline-parallel degree: contiguous block stages, the busiest stage reported",
     )
     parser.add_argument(
         "--device-mem",
@@ -109,7 +125,9 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
 
-def _strategies(text: str) -> tuple[str, ...]:
+def _strategies(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return STRATEGIES
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in names if s not in STRATEGIES]
     if bad or not names:
@@ -117,6 +135,22 @@ def _strategies(text: str) -> tuple[str, ...]:
             f"--strategies: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(STRATEGIES)}"
         )
     return names
+
+
+_PARALLEL = ("fsdp2",)
+
+
+def _parallel_strategies(text: str | None) -> tuple[str, ...]:
+    """Under --tp/--pp only FSDP2 on the data-parallel ranks composes (torchtitan's layout)."""
+    names = _strategies(text) if text is not None else _PARALLEL
+    bad = [s for s in names if s != "fsdp2"]
+    if bad:
+        raise ValueError(
+            f"--strategies {','.join(bad)} with --tp/--pp: tensor and pipeline parallel are accounted "
+            "with FSDP2 on the world/(tp*pp) data-parallel ranks only (DeepSpeed ZeRO and DDP do not "
+            "compose with DTensor tensor parallel here, HSDP is not modelled); use --strategies fsdp2"
+        )
+    return _PARALLEL
 
 
 def paper_rows() -> list[dict]:
@@ -149,7 +183,14 @@ def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
     world = max(1, args.world_size)
     # HSDP default: the largest shard group of at most 8 ranks (one node) dividing the world.
     shard = args.shard_size or max(d for d in range(1, min(8, world) + 1) if world % d == 0)
-    strategies = _strategies(args.strategies)
+    tp, pp = getattr(args, "tp", 1), getattr(args, "pp", 1)
+    parallel = None
+    if tp != 1 or pp != 1:
+        if getattr(args, "in_backward", False):
+            raise ValueError("--in-backward models one process, not --tp/--pp (it is single-process only)")
+        strategies = _parallel_strategies(args.strategies)
+    else:
+        strategies = _strategies(args.strategies)
     unit = largest_unit(spec.module)
     low = dict(
         momentum_dtype=getattr(args, "momentum_dtype", None),
@@ -173,36 +214,47 @@ def report(spec: ModelSpec, args: argparse.Namespace) -> dict:
     out["savings_gib"] = {k: v / GIB for k, v in out["savings_bytes"].items()}
     if low["momentum_dtype"] is not None or low["param_dtype"] != "float32":
         out["sgd_sai_state"] = low
-    out["strategies"] = {
-        s: rank_memory(
-            shapes, s, world, args.precision, args.offload, shard_size=shard, largest_unit=unit, **low
-        ).as_dict()
-        for s in strategies
-    }
+    if strategies == _PARALLEL:
+        parallel = parallel_memory(spec, world, tp, pp, args.precision, args.offload, **low)
+        out["parallel"] = parallel.as_dict()
+        # The busiest stage's rank, in the same shape as every other strategy's entry.
+        out["strategies"] = {"fsdp2": parallel.busiest.memory.as_dict()}
+    else:
+        out["strategies"] = {
+            s: rank_memory(
+                shapes, s, world, args.precision, args.offload, shard_size=shard, largest_unit=unit, **low
+            ).as_dict()
+            for s in strategies
+        }
     if args.device_mem is not None:
         act = args.activation_mem
         source = "given"
         if act is None:
-            act = estimate_activations(spec, args.batch, args.seq, args.precision)
+            act = estimate_activations(spec, args.batch, args.seq, args.precision, tp=tp)
             c = spec.config
             tokens = (
                 f"{(c.image_size // c.patch_size) ** 2 + 1} tokens per image"
                 if isinstance(c, ViTConfig)
                 else f"context {args.seq}"
             )
-            source = f"estimated (batch {args.batch}, {tokens}, no recomputation)"
+            source = f"estimated (batch {args.batch}, {tokens}, no recomputation"
+            source += f", tp {tp} without sequence parallel)" if tp > 1 else ")"
             if act is None:
                 raise ValueError(f"cannot estimate activations of {spec.name!r}: pass --activation-mem")
-        verdicts = plan(
-            spec,
-            args.device_mem,
-            act,
-            world_size=world,
-            precision=args.precision,
-            offload=args.offload,
-            shard_size=shard,
-            strategies=strategies,
-            **low,
+        verdicts = (
+            parallel_verdicts(parallel, args.device_mem, act)
+            if parallel is not None
+            else plan(
+                spec,
+                args.device_mem,
+                act,
+                world_size=world,
+                precision=args.precision,
+                offload=args.offload,
+                shard_size=shard,
+                strategies=strategies,
+                **low,
+            )
         )
         out["planner"] = dict(
             device_mem=args.device_mem,
@@ -249,6 +301,8 @@ def format_human(r: dict) -> str:
         if offload:
             row += f"{_gib(m['host']['sgd_sai']):>10s}{_gib(m['host']['adamw']):>10s}"
         lines.append(row)
+    if "parallel" in r:
+        lines += ["", *format_parallel(r["parallel"])]
     if "planner" in r:
         p = r["planner"]
         lines += [
@@ -272,6 +326,32 @@ def format_human(r: dict) -> str:
     if "in_backward" in r:
         lines.append(in_backward.format_human(r["in_backward"]))
     return "\n".join(lines)
+
+
+def format_parallel(par: dict) -> list[str]:
+    """The per-stage table of ``--tp/--pp`` (dp rank 0 of each stage; ``*`` the busiest)."""
+    dp = par["dp"]
+    how = f"FSDP2 over dp {dp}" if dp > 1 else "dp 1, no data-parallel sharding"
+    lines = [
+        f"tp {par['tp']} x pp {par['pp']} x dp {dp} ({how}): per rank of each stage (dp rank 0), GiB",
+        f"{'stage':7s}{'blocks':>9s}{'params':>9s}{'grads':>9s}{'master':>9s}{'transient':>10s}"
+        + "".join(f"{_NAMES[o]:>10s}" for o in OPTIMIZERS)
+        + f"{'total SaI':>10s}{'total Adam':>11s}",
+    ]
+    for st in par["stages"]:
+        m, b = st["memory"], st["blocks"]
+        blocks = f"{b[0]}-{b[-1]}" if b else "-"
+        mark = "*" if st["stage"] == par["busiest_stage"] else " "
+        fixed = m["params"] + m["grads"] + m["master"] + m["buffers"] + m["transient"]
+        lines.append(
+            f"{st['stage']:<6d}{mark}{blocks:>9s}"
+            + "".join(f"{_gib(m[k]):>9s}" for k in ("params", "grads", "master"))
+            + f"{_gib(m['transient']):>10s}"
+            + "".join(f"{_gib(m['state'][o]):>10s}" for o in OPTIMIZERS)
+            + f"{_gib(fixed + m['state']['sgd_sai']):>10s}{_gib(fixed + m['state']['adamw']):>11s}"
+        )
+    lines.append("* busiest stage (the most bytes with SGD-SaI): its rank is the 'fsdp2' row above")
+    return lines
 
 
 def format_paper(rows: list[dict]) -> str:

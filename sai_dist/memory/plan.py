@@ -17,6 +17,7 @@ from torch import nn
 
 from sai_dist.memory.accounting import STRATEGIES, RankMemory, rank_memory
 from sai_dist.memory.models import GPTConfig, LlamaConfig, ModelSpec, ViTConfig
+from sai_dist.memory.parallel import ParallelMemory
 
 GIB = 1 << 30
 
@@ -57,9 +58,16 @@ def largest_unit(module: nn.Module) -> int:
     return max(sum(p.numel() for p in child.parameters()) for child in biggest)
 
 
-def estimate_activations(spec: ModelSpec, batch: int, seq: int, precision: str) -> int | None:
+def estimate_activations(spec: ModelSpec, batch: int, seq: int, precision: str, tp: int = 1) -> int | None:
     """Estimated activation bytes of one micro-batch (see module docstring), or ``None``
-    for a model whose family is unknown (a factory): the user must give ``--activation-mem``."""
+    for a model whose family is unknown (a factory): the user must give ``--activation-mem``.
+
+    Under tensor parallel without sequence parallel a layer keeps :math:`sbh(10 + 24/t)`
+    bytes in 16-bit (Korthikanti et al. eq. 2: the norms' and dropouts' inputs stay whole);
+    :math:`t = 1` is the 34 sbh above. Under 1F1B pipelining the first stage holds
+    :math:`p` micro-batches of :math:`L/p` layers, i.e. the same :math:`L` layers' worth
+    (their §4.2.3), so ``pp`` changes nothing here; the logits term is kept on every stage
+    (the head is replicated across ``tp``), which over-counts the stages without it."""
     c = spec.config
     elem = 2 if precision == "bf16-mixed" else 4
     if isinstance(c, GPTConfig):
@@ -71,7 +79,7 @@ def estimate_activations(spec: ModelSpec, batch: int, seq: int, precision: str) 
         layers, h, vocab = c.depth, c.width, 0
     else:
         return None
-    per_layer = 34 * seq * batch * h * elem // 2
+    per_layer = seq * batch * h * (10 * tp + 24) * elem // (2 * tp)
     return layers * per_layer + 2 * seq * batch * vocab * 4
 
 
@@ -123,3 +131,15 @@ def plan(
         )
         out.append((mem, [Verdict(strategy, o, mem.total(o, activations), budget) for o in optimizers]))
     return out
+
+
+def parallel_verdicts(
+    parallel: ParallelMemory,
+    budget: int,
+    activations: int,
+    optimizers: tuple[str, ...] = ("sgd_sai", "adamw"),
+) -> list[tuple[RankMemory, list[Verdict]]]:
+    """:func:`plan` under ``--tp/--pp``: each optimizer's verdict for the stage whose rank
+    needs the most for it (``fsdp2`` on the data-parallel ranks)."""
+    mem = parallel.busiest.memory
+    return [(mem, [Verdict("fsdp2", o, parallel.total(o, activations), budget) for o in optimizers])]
