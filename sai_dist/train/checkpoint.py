@@ -24,7 +24,12 @@ only after the whole checkpoint was read, so a failure inside DCP cannot half-lo
 
 Model and optimizer state go through :mod:`torch.distributed.checkpoint.state_dict`
 (fully-qualified names, sharding-independent), so a DDP checkpoint resumes under FSDP2 and
-vice versa. SGD-SaI's state (``momentum_buffer`` and the g-SNR scalars) rides along like any
+vice versa. Runs with ``--tp``/``--pp`` save the optimizer state *flattened*
+(``flatten_optimizer_state_dict``: ``state.<fqn>.<key>`` and ``param_groups.<fqn>.<key>``,
+recorded as ``"optim_state": "flat"`` in ``meta.json``): pipeline stages hold different
+parameters in their param groups, which the nested form keys by group index, so DCP would keep
+one stage's groups; keyed by parameter, every stage's entries survive and each stage loads its
+own. SGD-SaI's state (``momentum_buffer`` and the g-SNR scalars) rides along like any
 optimizer state; on load the optimizer's template is built from the checkpoint's metadata,
 because an SGD-SaI optimizer has no state to template from before its first real step.
 """
@@ -47,6 +52,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
@@ -60,6 +66,7 @@ META = "meta.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "sai_dist.train.checkpoint/2"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+FLAT = "flat"  # meta["optim_state"] of checkpoints with a flattened optimizer state dict
 _CHUNK = 1 << 20
 
 
@@ -201,7 +208,8 @@ def save(
         engine.save_checkpoint(partial, tag="engine")
         fmt = "deepspeed"
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        options = StateDictOptions(flatten_optimizer_state_dict=meta.get("optim_state") == FLAT)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         with _single_process_ok():
             dcp.save(
                 {"model": model_sd, "optim": optim_sd},
@@ -436,6 +444,36 @@ def _optim_template(ckpt: str, model: nn.Module) -> dict[str, Any]:
     return template
 
 
+def _flat_optim_template(ckpt: str, model: nn.Module) -> dict[str, Any]:
+    """The flattened optimizer state dict (see the module doc) to read this rank's part of
+    a flat checkpoint into: only the entries of this model's (this stage's) parameters;
+    state tensors shaped like their parameter are templated by it (resharding), others plain."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    md = FileSystemReader(ckpt).read_metadata()
+    params = dict(get_model_state_dict(model).items())
+    template: dict[str, Any] = {}
+    for key, item in md.state_dict_metadata.items():
+        path = md.planner_data[key]
+        if path[0] != "optim" or len(path) != 2:
+            continue
+        section, _, rest = str(path[1]).partition(".")
+        fqn = rest.rpartition(".")[0]
+        if section not in ("state", "param_groups") or fqn not in params:
+            continue  # another stage's parameter
+        if isinstance(item, BytesStorageMetadata):
+            value: Any = None  # a Python object; DCP fills it in
+        else:
+            owner = params[fqn] if section == "state" else None
+            if owner is not None and tuple(owner.shape) == tuple(item.size):
+                value = torch.zeros_like(owner, dtype=item.properties.dtype)
+            else:
+                value = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        template[path[1]] = value
+    return template
+
+
 def load(
     ckpt: str,
     model: nn.Module,
@@ -466,7 +504,9 @@ def load(
             k: v.detach().clone() if isinstance(v, torch.Tensor) else v
             for k, v in get_model_state_dict(model).items()
         }
-        state = {"model": model_sd, "optim": _optim_template(ckpt, model)}
+        flat = meta.get("optim_state") == FLAT
+        optim = _flat_optim_template(ckpt, model) if flat else _optim_template(ckpt, model)
+        state = {"model": model_sd, "optim": optim}
         try:
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
@@ -478,7 +518,13 @@ def load(
             # set_state_dict probes the optimizer with zero gradients to create its state;
             # SGD-SaI rightly refuses to fix g-SNR from that and says so.
             warnings.simplefilter("ignore", ZeroGradientStepWarning)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+                options=StateDictOptions(flatten_optimizer_state_dict=flat),
+            )
     else:
         raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r}")
     rng_file = os.path.join(ckpt, "rng", f"rank{_rank()}.pt")
