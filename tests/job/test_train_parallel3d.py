@@ -22,10 +22,12 @@ import pytest
 
 from tests.support.job_runs import finish_job, job, job_env, losses, records, run_ok, spawned, start_job
 
-# Measured on this model (6 steps, CPU float32; see docs/training.md): per-step train and
-# validation losses within 3e-7 relative of the single-process job; g-SNR and scale within 2e-6.
-LOSS_RTOL = 1e-5
-GSNR_RTOL = 1e-4
+# Measured on this model (6 steps, CPU float32, every case below; see docs/training.md): per-step
+# train and validation losses within 1.8e-7 relative of the single-process job, g-SNR within
+# 8.6e-8 relative (rows with signal), scales within 1.9e-6 absolute.
+LOSS_RTOL = 1e-6
+GSNR_RTOL = 1e-6
+SCALE_ATOL = 1e-5
 MODEL = ["--qkv", "separate", "--n-layers", "2", "--steps", "6", "--eval-every", "3", "--ckpt-every", "3"]
 
 CASES = {
@@ -70,10 +72,21 @@ def test_3d_job_matches_single_process(tmp_path: Path, single: Path, case: str) 
     val_err = max(_rel(val_got[s], val_want[s]) for s in val_want)
     t_want, t_got = _table(single), _table(run)
     assert list(t_got) == list(t_want)  # every stage's parameters, single-process names and order
-    gsnr_err = max(_rel(t_got[n][k], t_want[n][k]) for n in t_want for k in ("gsnr", "scale"))
-    print(f"{case}: loss rel err {loss_err:.2e}, val {val_err:.2e}, g-SNR/scale {gsnr_err:.2e}")
+    assert all(t_got[n]["numel"] == t_want[n]["numel"] for n in t_want)
+    # Scales (g-SNR / the whole model's max) absolutely, for every row; g-SNR relatively where
+    # it carries signal. Not attn.k.bias: its gradient is exactly zero in exact arithmetic (a
+    # key bias adds q.b to every score of a query row, which softmax ignores), so its g-SNR
+    # (~6e-4, scale ~1e-5) is that of rounding noise and differs by tens of percent between
+    # any two summation orders.
+    scale_err = max(abs(t_got[n]["scale"] - t_want[n]["scale"]) for n in t_want)
+    signal = [n for n in t_want if t_want[n]["scale"] > 1e-3]
+    assert len(signal) == len(t_want) - 2  # the two blocks' attn.k.bias
+    gsnr_err = max(_rel(t_got[n]["gsnr"], t_want[n]["gsnr"]) for n in signal)
+    print(
+        f"{case}: loss rel err {loss_err:.2e}, val {val_err:.2e}, g-SNR {gsnr_err:.2e}, scale {scale_err:.2e}"
+    )
     assert loss_err <= LOSS_RTOL and val_err <= LOSS_RTOL
-    assert gsnr_err <= GSNR_RTOL
+    assert gsnr_err <= GSNR_RTOL and scale_err <= SCALE_ATOL
     assert max(row["scale"] for row in t_got.values()) == pytest.approx(1.0)  # one whole-model max
     assert want[6] < want[1]  # it learns
     meta = json.load(open(run / "checkpoints" / "step_000006" / "meta.json"))
