@@ -14,6 +14,7 @@ the refusals before start.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,18 @@ def test_killed_3d_run_resumes_bit_identically(tmp_path: Path) -> None:
     assert _table(killed) == _table(tmp_path / "full")
     events = [json.loads(line) for line in open(killed / "events.jsonl")]
     assert [e.get("gsnr") for e in events if e["event"] == "start"] == ["pending", "loaded"]
+
+    # The same checkpoint resumed as one process (DCP reshards the flat state): the losses
+    # continue within the tolerance and g-SNR is the loaded one, unchanged.
+    elsewhere = tmp_path / "as_single"
+    shutil.copytree(tmp_path / "full", elsewhere)
+    ckpt = elsewhere / "checkpoints" / "step_000003"
+    back = ["--backend", "single", "--tp", "1", "--pp", "1", "--no-progress"]
+    run_ok([sys.executable, "-m", "sai_dist.train", "--resume", str(ckpt), *back])
+    single = losses(elsewhere)
+    assert single[3] == full[3]  # kept from the 3-D run
+    assert max(_rel(single[s], full[s]) for s in (4, 5, 6)) <= LOSS_RTOL
+    assert _table(elsewhere) == _table(tmp_path / "full")
 
 
 # -- refusals before start (in-process: nothing is spawned) ------------------------------------
