@@ -95,6 +95,7 @@ def test_3d_job_matches_single_process(tmp_path: Path, single: Path, case: str) 
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_killed_3d_run_resumes_bit_identically(tmp_path: Path) -> None:
     flags = [*MODEL, "--tp", "2", "--pp", "2", "--nproc", "4", "--runs-dir", str(tmp_path)]
     full = spawned(tmp_path, "full", *flags)
