@@ -131,15 +131,23 @@ def _reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def state_dict(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+def state_dict(model: nn.Module, optimizer: Any, *, flatten: bool = False) -> dict[str, Any]:
     """``{"model": ..., "optim": ..., "optim_groups": ...}`` as DCP saves them: sharded,
-    FQN-keyed (``optim_groups``, for SGD-SaI only: see :func:`_per_parameter_groups`)."""
+    FQN-keyed (``optim_groups``, for SGD-SaI only: see :func:`_per_parameter_groups`).
+
+    ``flatten``: the optimizer state in torch's flat form (``state.<fqn>.<key>``,
+    ``param_groups.<fqn>.<key>``; ``StateDictOptions(flatten_optimizer_state_dict=True)``,
+    as torchtitan saves pipeline stages), which keys param groups by parameter for any
+    optimizer, so no ``optim_groups`` is needed."""
     _reshard(model)
     opt = _sgdsai_or_none(optimizer)
-    if opt is None:
-        return {_MODEL: get_model_state_dict(model), _OPTIM: get_optimizer_state_dict(model, optimizer)}
-    osd = _quiet_probe(get_optimizer_state_dict, model, opt)
-    return {_MODEL: get_model_state_dict(model), _OPTIM: osd, _GROUPS: _per_parameter_groups(osd)}
+    target = optimizer if opt is None else opt
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    osd = _quiet_probe(lambda: get_optimizer_state_dict(model, target, options=options))
+    out = {_MODEL: get_model_state_dict(model), _OPTIM: osd}
+    if opt is not None and not flatten:
+        out[_GROUPS] = _per_parameter_groups(osd)
+    return out
 
 
 def optimizer_state_template(model: nn.Module, optimizer: Any, metadata: Any | None = None) -> dict[str, Any]:
@@ -209,13 +217,16 @@ def _dcp(fn: Any, state: dict[str, Any], checkpoint_id: str, kwargs: dict[str, A
         return fn(state, checkpoint_id=checkpoint_id, **kwargs)
 
 
-def save(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) -> None:
-    """Save model and optimizer with ``dcp.save``; ``kwargs`` go to it (storage_writer,
-    process_group, ...)."""
+def save(
+    checkpoint_id: str, model: nn.Module, optimizer: Any, *, flatten: bool = False, **kwargs: Any
+) -> None:
+    """Save model and optimizer with ``dcp.save``; ``flatten``: see :func:`state_dict`
+    (:func:`load` tells the two forms apart by itself); ``kwargs`` go to ``dcp.save``
+    (storage_writer, process_group, ...)."""
     opt = _sgdsai_or_none(optimizer)
     if opt is not None:
         _refuse_sharded_int8(opt)
-    _dcp(dcp.save, state_dict(model, optimizer), checkpoint_id, kwargs)
+    _dcp(dcp.save, state_dict(model, optimizer, flatten=flatten), checkpoint_id, kwargs)
 
 
 def _refuse_sharded_int8(opt: SGDSaI) -> None:
@@ -252,34 +263,59 @@ def _set_path(root: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
     node[last] = value
 
 
-def _saved_optimizer_template(metadata: Any, model: nn.Module) -> dict[str, Any]:
-    """``{"optim": ..., "optim_groups": ...}`` shaped like what the checkpoint holds, for any
-    optimizer: exactly the saved entries, each with its saved dtype (int8 codes stay int8).
+def _is_flat(metadata: Any) -> bool:
+    """Whether the checkpoint holds the optimizer state in torch's flat form
+    (``optim`` -> ``"state.<fqn>.<key>"``: one path element under it, not nested)."""
+    return any(path[0] == _OPTIM and len(path) == 2 for path in metadata.planner_data.values())
 
-    A state tensor with its parameter's shape (a momentum buffer, int8 codes, Adam's
-    moments) is templated by the parameter, ``zeros_like`` keeping a DTensor's mesh and
-    placements, so DCP reshards it into the current layout; every other tensor (g-SNR
-    scalars, block scales, step counts) is a plain tensor of the saved size, and a Python
-    value (hyperparameters) ``None`` for DCP to fill in. Entries the checkpoint lacks (a
-    parameter that had no gradient yet when it was saved) are absent, so that parameter
-    fixes g-SNR at its first gradient as in an uninterrupted run.
+
+def _template_value(item: Any, owner: torch.Tensor | None) -> Any:
+    """What DCP reads one saved entry into: ``None`` for a Python value (DCP fills it in); a
+    tensor of its parameter's shape as ``zeros_like`` of the parameter (a DTensor keeps its
+    mesh and placements, so DCP reshards into the current layout); otherwise a plain tensor
+    of the saved size. Always the saved dtype (int8 codes stay int8)."""
+    if isinstance(item, BytesStorageMetadata):
+        return None
+    dtype = item.properties.dtype
+    if owner is not None and tuple(owner.shape) == tuple(item.size):
+        return torch.zeros_like(owner, dtype=dtype, memory_format=torch.contiguous_format)
+    return torch.empty(tuple(item.size), dtype=dtype)
+
+
+def _saved_optimizer_template(metadata: Any, model: nn.Module) -> dict[str, Any]:
+    """``{"optim": ..., "optim_groups": ...}`` shaped like what the checkpoint holds for this
+    model's parameters, for any optimizer: exactly the saved entries, each with its saved
+    dtype and shape (:func:`_template_value`), nested or flat as saved.
+
+    Entries of parameters this model does not hold (other pipeline stages') are left out,
+    and so are entries the checkpoint lacks (a parameter that had no gradient yet when it
+    was saved), so such a parameter fixes g-SNR at its first gradient as in an
+    uninterrupted run.
     """
     params = get_model_state_dict(model)
     template: dict[str, Any] = {}
     for key, item in metadata.state_dict_metadata.items():
         path = metadata.planner_data[key]
-        if path[0] not in (_OPTIM, _GROUPS):
+        if path[0] == _OPTIM and len(path) == 2:  # flat: "state.<fqn>.<key>", "param_groups.<fqn>.<key>"
+            section, _, rest = str(path[1]).partition(".")
+            fqn = rest.rpartition(".")[0]
+            if fqn not in params:
+                continue
+            owner = params[fqn] if section == "state" else None
+            template.setdefault(_OPTIM, {})[path[1]] = _template_value(item, owner)
             continue
-        if isinstance(item, BytesStorageMetadata):
-            value: Any = None
+        if path[0] == _OPTIM and len(path) >= 4 and path[1] == "state":
+            if path[2] not in params:
+                continue
+            value = _template_value(item, params[path[2]])
+        elif path[0] == _GROUPS:
+            if path[1] not in params:
+                continue
+            value = _template_value(item, None)
+        elif path[0] == _OPTIM:
+            value = _template_value(item, None)
         else:
-            per_param = path[0] == _OPTIM and len(path) >= 4 and path[1] == "state"
-            owner = params.get(path[2]) if per_param else None
-            if owner is not None and tuple(owner.shape) == tuple(item.size):
-                dtype = item.properties.dtype
-                value = torch.zeros_like(owner, dtype=dtype, memory_format=torch.contiguous_format)
-            else:
-                value = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+            continue
         _set_path(template, path, value)
     return template
 
@@ -291,8 +327,10 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
     optimizer's template from the checkpoint's metadata, :func:`_saved_optimizer_template`)
     before anything live changes; a read that fails raises :class:`CheckpointReadError` and
     leaves model and optimizer untouched. Only then are model and optimizer set. Param
-    groups come back per parameter where the checkpoint has them (``optim_groups``;
-    older checkpoints hold only the by-index groups, which are right for one stage).
+    groups come back per parameter where the checkpoint has them (``optim_groups``, or a
+    flat state dict; older checkpoints hold only the by-index groups, which are right for
+    one stage). Each rank reads only its own model's parameters' entries (a pipeline
+    stage, its own).
     ``kwargs`` go to ``dcp.load`` (storage_reader, process_group, ...).
     """
     _reshard(model)
@@ -317,17 +355,20 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
             f"{checkpoint_id}: reading the checkpoint failed, nothing was loaded "
             f"({type(exc).__name__}: {exc})"
         ) from exc
+    flat = _is_flat(metadata)
     optim = template.get(_OPTIM, {})
-    optim.setdefault("state", {})
+    if not flat:
+        optim.setdefault("state", {})
     if per_parameter:
         live_groups = _quiet_probe(get_optimizer_state_dict, model, opt)["param_groups"]
         optim["param_groups"] = _regroup(live_groups, template[_GROUPS])
     set_model_state_dict(model, template[_MODEL])
     with warnings.catch_warnings():
-        if not optim["state"]:
+        has_state = any(k.startswith("state.") for k in optim) if flat else bool(optim["state"])
+        if not has_state:
             # The checkpoint really holds no SGD-SaI state (saved before the first step).
             warnings.simplefilter("ignore", StateWithoutGsnrWarning)
         # Not strict: entries absent from the checkpoint (a parameter that had no gradient
         # when it was saved) are absent on purpose; strict DCP refuses a partial state.
-        options = StateDictOptions(strict=False)
+        options = StateDictOptions(strict=False, flatten_optimizer_state_dict=flat)
         _quiet_probe(lambda: set_optimizer_state_dict(model, target, optim, options=options))

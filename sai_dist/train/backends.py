@@ -13,6 +13,10 @@ deepspeed ``sai_dist.deepspeed.initialize`` (mirrors ``deepspeed.initialize``) w
           config from ``configs/``
 ========  ===========================================================================
 
+With ``--tp``/``--pp`` > 1 (fsdp2 only) the model is built by
+:func:`sai_dist.train.parallel3d.build`: tensor parallel, pipeline stages and FSDP2 on one
+``(pp, dp, tp)`` mesh.
+
 The optimizer is always built *after* wrapping, from the tensors the wrapper gives it,
 exactly as a user would: ``SGDSaI(model.parameters())`` picks its layout by itself.
 """
@@ -42,6 +46,9 @@ class Setup:
     model: nn.Module
     optimizer: Any
     engine: Any | None = None
+    # --tp/--pp runs: this rank's mesh coordinates and pipeline schedule
+    # (sai_dist.train.parallel3d.Parallel); None otherwise.
+    parallel: Any | None = None
 
 
 def param_groups(named: Iterable[tuple[str, Tensor]], weight_decay: float) -> list[dict[str, Any]]:
@@ -57,7 +64,11 @@ def param_groups(named: Iterable[tuple[str, Tensor]], weight_decay: float) -> li
     ]
 
 
-def make_optimizer(cfg: TrainConfig, named: Iterable[tuple[str, Tensor]]) -> Optimizer:
+def make_optimizer(
+    cfg: TrainConfig, named: Iterable[tuple[str, Tensor]], sgdsai_extra: dict[str, Any] | None = None
+) -> Optimizer:
+    """The optimizer ``cfg`` names over ``named``; ``sgdsai_extra``: more SGDSaI arguments
+    (a pipeline stage's ``pipeline_group``), ignored by the others."""
     groups = param_groups(named, cfg.weight_decay)
     lr = cfg.learning_rate
     if cfg.optimizer == "sgdsai":
@@ -67,6 +78,7 @@ def make_optimizer(cfg: TrainConfig, named: Iterable[tuple[str, Tensor]]) -> Opt
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             momentum_dtype=cfg.momentum_dtype,
+            **(sgdsai_extra or {}),
         )
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -110,6 +122,11 @@ def build(cfg: TrainConfig, model: GPT, device: torch.device, local_world_size: 
         raise RuntimeError(f"--backend {cfg.backend} needs a process group; none was set up")
     if cfg.backend == "single" and world > 1:
         raise ValueError(f"--backend single cannot run on {world} ranks; use ddp, fsdp2, hsdp or deepspeed")
+    if cfg.parallel3d:
+        from sai_dist.train import parallel3d
+
+        stage, parallel, extra = parallel3d.build(cfg, model, device)
+        return Setup(stage, make_optimizer(cfg, stage.named_parameters(), extra), parallel=parallel)
     model.to(device)
     if cfg.backend == "single":
         return Setup(model, make_optimizer(cfg, model.named_parameters()))

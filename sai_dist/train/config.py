@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BACKENDS = ("single", "ddp", "fsdp2", "hsdp", "deepspeed")
+QKV_FORMS = ("fused", "separate")  # mirrors sai_dist.train.model.QKV_FORMS (no torch import here)
 OPTIMIZERS = ("sgdsai", "adamw", "sgd")
 
 # Learning rates picked by the sweep in docs/benchmarks.md (best final validation loss at
@@ -36,12 +37,18 @@ class TrainConfig:
     hsdp_shard_size: int | None = None
     deepspeed_config: str | None = None
     pg_timeout: float = 600.0
+    # tensor / pipeline parallel degrees (FSDP2 shards over the rest: dp = world / (tp * pp))
+    tp: int = 1
+    pp: int = 1
+    # pipeline micro-batches per step; None = pp
+    microbatches: int | None = None
     # model
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
     seq_len: int = 128
     dropout: float = 0.0
+    qkv: str = "fused"
     # data
     data_dir: str | None = None
     max_bytes: int = 4 << 20
@@ -91,15 +98,22 @@ class TrainConfig:
             "n_heads",
             "seq_len",
             "max_bytes",
+            "tp",
+            "pp",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ValueError(f"--microbatches must be >= 1, got {self.microbatches}")
         if not (math.isfinite(self.pg_timeout) and self.pg_timeout > 0):
             raise ValueError(f"--pg-timeout must be a finite number of seconds > 0, got {self.pg_timeout}")
         if self.hsdp_shard_size is not None and self.hsdp_shard_size < 1:
             raise ValueError(f"--hsdp-shard-size must be >= 1, got {self.hsdp_shard_size}")
         if self.d_model % self.n_heads:
             raise ValueError(f"--d-model {self.d_model} must be divisible by --n-heads {self.n_heads}")
+        if self.qkv not in QKV_FORMS:
+            raise ValueError(f"--qkv {self.qkv!r}: choose one of {', '.join(QKV_FORMS)}")
+        self._validate_parallel()
         for name in ("warmup_steps", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -127,6 +141,36 @@ class TrainConfig:
             raise ValueError("--backend deepspeed needs --deepspeed-config (e.g. configs/ds_zero2.json)")
         if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
             raise FileNotFoundError(f"--deepspeed-config {self.deepspeed_config!r}: no such file")
+
+    @property
+    def parallel3d(self) -> bool:
+        """Whether this run uses tensor or pipeline parallelism (:mod:`sai_dist.train.parallel3d`)."""
+        return self.tp > 1 or self.pp > 1
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.pp if self.microbatches is None else self.microbatches
+
+    def _validate_parallel(self) -> None:
+        """The world-independent conditions of ``--tp``/``--pp`` (the world-dependent ones are
+        :func:`check_world`'s)."""
+        if self.microbatches is not None and self.pp == 1:
+            raise ValueError("--microbatches is for pipeline parallel: it needs --pp > 1")
+        if not self.parallel3d:
+            return
+        if self.backend != "fsdp2":
+            raise ValueError(
+                f"--tp {self.tp} --pp {self.pp} with --backend {self.backend}: tensor and pipeline "
+                "parallel run with FSDP2 on the remaining ranks only; use --backend fsdp2 (the default)"
+            )
+        if self.tp > 1 and self.qkv != "separate":
+            raise ValueError(
+                f"--tp {self.tp} needs --qkv separate: the fused qkv projection cannot be split "
+                "column-wise by heads (the split would cut across q, k and v)"
+            )
+        from sai_dist.train.parallel3d import check_model
+
+        check_model(self.tp, self.pp, self.n_heads, self.d_model, self.n_layers)
 
     @property
     def learning_rate(self) -> float:
@@ -192,7 +236,17 @@ def _check_types(cfg: TrainConfig) -> None:
 def check_world(cfg: TrainConfig, world_size: int) -> None:
     """What the world size must divide: the global batch (every rank gets the same number
     of rows) and, for HSDP, be divisible by the shard-group size. Raises ``ValueError``
-    naming the flags, before any model is built."""
+    naming the flags, before any model is built.
+
+    Under ``--tp``/``--pp`` the world must be a multiple of ``tp * pp`` and the global batch
+    is split over the data-parallel degree ``dp = world / (tp * pp)`` only (the ranks of one
+    data-parallel coordinate see the same rows), then into ``--microbatches`` equal parts."""
+    if cfg.parallel3d:
+        from sai_dist.train.parallel3d import check_batch, check_degrees
+
+        degrees = check_degrees(world_size, cfg.tp, cfg.pp, cfg.n_heads, cfg.n_layers, d_model=cfg.d_model)
+        check_batch(cfg.global_batch, degrees.dp, cfg.num_microbatches)
+        return
     if cfg.global_batch % world_size:
         raise ValueError(
             f"--global-batch {cfg.global_batch} is not divisible by the world size {world_size}: "
@@ -223,11 +277,26 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
         "seconds a rank waits in a collective (or for peers at start-up) before it fails naming "
         "it: the bound on detecting a dead or unreachable host (default: 600)",
     ),
+    (
+        "--tp",
+        "tp",
+        int,
+        "tensor-parallel degree (needs --qkv separate; FSDP2 shards over world / (tp * pp)) (default: 1)",
+    ),
+    ("--pp", "pp", int, "pipeline-parallel stages (default: 1)"),
+    ("--microbatches", "microbatches", int, "pipeline micro-batches per step (default: --pp)"),
     ("--n-layers", "n_layers", int, "transformer blocks (default: 4)"),
     ("--d-model", "d_model", int, "model width (default: 128)"),
     ("--n-heads", "n_heads", int, "attention heads (default: 4)"),
     ("--seq-len", "seq_len", int, "context length in bytes (default: 128)"),
     ("--dropout", "dropout", float, "dropout probability (default: 0)"),
+    (
+        "--qkv",
+        "qkv",
+        str,
+        "attention projections: fused (one qkv Linear) or separate (q, k, v; needed by --tp) "
+        "(default: fused)",
+    ),
     ("--data-dir", "data_dir", str, "folder of *.py files to train on (default: the standard library)"),
     ("--max-bytes", "max_bytes", int, "corpus size cap in bytes (default: 4 MiB)"),
     ("--global-batch", "global_batch", int, "sequences per step over all ranks (default: 16)"),

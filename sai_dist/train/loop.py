@@ -3,7 +3,10 @@
 Per step ``s`` (0-based): learning rate ``lr_at(s)``, the batch ``train_batch(seed, s)``
 (this rank's rows of the global batch), forward under bf16 autocast on CUDA, backward,
 global-norm clipping, optimizer step. The logged loss is the mean over ranks, i.e. the loss
-of the global batch. Everything a step depends on is either a pure function of ``(seed, s)``
+of the global batch. Under ``--tp``/``--pp`` (:mod:`sai_dist.train.parallel3d`) the rows are
+this rank's data-parallel coordinate's, the step runs through the pipeline schedule, and the
+logged loss is the last stage's mean over micro-batches and data-parallel ranks: the same
+global-batch loss. Everything a step depends on is either a pure function of ``(seed, s)``
 or in the checkpoint, so a resumed run continues with exactly the uninterrupted run's losses.
 
 Each start of the job on a run folder (the first attempt, a ``--resume``, a torchelastic
@@ -115,10 +118,18 @@ def _autocast(device: torch.device):  # type: ignore[no-untyped-def]
 def evaluate(setup: Setup, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
     setup.model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    parallel = setup.parallel
     for x, y in batches:
         with _autocast(device):
-            total += lm_loss(setup.model(x.to(device)), y.to(device)).double()
+            if parallel is not None and parallel.schedule is not None:
+                local = parallel.pipeline_step(x.to(device), y.to(device), train=False)
+                if local is not None:
+                    total += local.double()
+            else:
+                total += lm_loss(setup.model(x.to(device)), y.to(device)).double()
     setup.model.train()
+    if parallel is not None and parallel.schedule is not None:
+        return parallel.batch_mean(total / len(batches) if parallel.is_last else None, device)
     return _mean_over_ranks(total / len(batches))
 
 
@@ -160,13 +171,18 @@ def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: pee
             json.dump(cfg.to_json(), f, indent=2)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    gcfg = GPTConfig(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.seq_len, cfg.dropout)
+    gcfg = GPTConfig(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.seq_len, cfg.dropout, qkv=cfg.qkv)
     model = GPT(gcfg)
     n_params = sum(p.numel() for p in model.parameters())
+    # What a checkpoint must match to be loaded into this run (and what ours record): the
+    # whole model's names and global shapes, taken before a pipeline stage drops the rest.
+    expect = {"optimizer": cfg.optimizer, "model": ckpt_io.model_signature(model)}
     local_world = env.local_world_size if env else 1
     setup = build(cfg, model, device, local_world)
-    # What a checkpoint must match to be loaded into this run (and what ours record).
-    expect = {"optimizer": cfg.optimizer, "model": ckpt_io.model_signature(model)}
+    model = setup.model if setup.parallel is not None else model  # this rank's stage
+    parallel = setup.parallel
+    # Which rows of the global batch this rank trains on: its data-parallel coordinate's.
+    shard, shards = (parallel.dp_rank, parallel.degrees.dp) if parallel is not None else (rank, world)
 
     start = 0
     if ckpt_path:
@@ -174,13 +190,15 @@ def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: pee
         if start > cfg.steps:
             raise ValueError(f"checkpoint is at step {start}, beyond --steps {cfg.steps}")
     corpus = load_corpus(cfg.data_dir, cfg.max_bytes)
-    val = val_batches(corpus, cfg.seed, cfg.eval_batches, cfg.global_batch, cfg.seq_len, rank, world)
+    val = val_batches(corpus, cfg.seed, cfg.eval_batches, cfg.global_batch, cfg.seq_len, shard, shards)
     metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"), start if ckpt_path else None, rank == 0)
     events = Metrics(os.path.join(run_dir, "events.jsonl"), None, rank == 0)
     if not ckpt_path and rank == 0:
         open(metrics.path, "w").close()
         open(events.path, "w").close()
     meta = {"backend": cfg.backend, "world_size": world, "optimizer": cfg.optimizer, **expect}
+    if parallel is not None:
+        meta.update(tp=cfg.tp, pp=cfg.pp, optim_state=ckpt_io.FLAT)
     gsnr_fixed, gsnr_max = _gsnr_state(setup.optimizer)
     events.write(
         {
@@ -203,8 +221,9 @@ def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: pee
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.backend}x{world} {cfg.optimizer}", unit="step")
     elif rank == 0:
+        layout = f" ({parallel.describe()})" if parallel is not None else ""
         print(
-            f"[sai-dist train] {run_dir}: {cfg.backend} on {world} rank(s), {device}, "
+            f"[sai-dist train] {run_dir}: {cfg.backend} on {world} rank(s){layout}, {device}, "
             f"{n_params:,} parameters, steps {start}..{cfg.steps}",
             flush=True,
         )
@@ -218,20 +237,23 @@ def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: pee
         t0 = time.perf_counter()
         lr = lr_at(cfg, step)
         set_lr(setup.optimizer, lr)
-        x, y = train_batch(corpus, cfg.seed, step, cfg.global_batch, cfg.seq_len, rank, world)
+        x, y = train_batch(corpus, cfg.seed, step, cfg.global_batch, cfg.seq_len, shard, shards)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device):
-            loss = lm_loss(step_model(x), y)
-        if setup.engine is not None:
-            setup.engine.backward(loss)
-            setup.engine.step()
+        if parallel is not None:
+            loss_value = _parallel_step(cfg, setup, parallel, x, y, device)
         else:
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
-            setup.optimizer.step()
-            setup.optimizer.zero_grad(set_to_none=True)
-        loss_value = _mean_over_ranks(loss)
+            with _autocast(device):
+                loss = lm_loss(step_model(x), y)
+            if setup.engine is not None:
+                setup.engine.backward(loss)
+                setup.engine.step()
+            else:
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
+                setup.optimizer.step()
+                setup.optimizer.zero_grad(set_to_none=True)
+            loss_value = _mean_over_ranks(loss)
         if cfg.optimizer == "sgdsai" and not gsnr_fixed:
             gsnr_fixed, gsnr_max = _gsnr_state(setup.optimizer)
             if gsnr_fixed:
@@ -296,6 +318,25 @@ def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: pee
     return summary
 
 
+def _parallel_step(
+    cfg: TrainConfig, setup: Setup, parallel: Any, x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> float:
+    """One step under ``--tp``/``--pp``; returns the global batch's loss (on every rank)."""
+    if parallel.schedule is not None:
+        with _autocast(device):
+            local = parallel.pipeline_step(x, y)
+    else:
+        with _autocast(device):
+            loss = lm_loss(setup.model(x), y)
+        loss.backward()
+        local = loss.detach()
+    if cfg.grad_clip:
+        parallel.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return parallel.batch_mean(local, device)
+
+
 def _finish(
     cfg: TrainConfig,
     setup: Setup,
@@ -311,7 +352,9 @@ def _finish(
     """g-SNR table, plots and summary.json (rank 0 writes; every rank joins collectives)."""
     from sai_dist.table import format_table, gsnr_table
 
-    table = gsnr_table(model, setup.optimizer) if cfg.optimizer == "sgdsai" else None
+    # Pipeline stages each hold part of the table: gather the whole model's on every rank.
+    whole = setup.parallel is not None and cfg.pp > 1
+    table = gsnr_table(model, setup.optimizer, whole_model=whole) if cfg.optimizer == "sgdsai" else None
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl")) if rank == 0 else []
     vals = [r["val_loss"] for r in records if r.get("kind") == "val"]
     summary = {

@@ -28,7 +28,11 @@ mismatch. The library reads into copies and sets the model and optimizer only on
 whole checkpoint was read, so a failure inside DCP cannot half-load it.
 
 State goes by fully-qualified names (sharding-independent), so a DDP checkpoint resumes
-under FSDP2 and vice versa.
+under FSDP2 and vice versa. Runs with ``--tp``/``--pp`` save the optimizer state *flat*
+(``state.<fqn>.<key>``, ``param_groups.<fqn>.<key>``; ``"optim_state": "flat"`` in
+``meta.json``): pipeline stages hold different parameters in their param groups, which the
+nested form keys by group index; keyed by parameter, every stage's entries survive and
+each stage loads its own.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ MANIFEST = "manifest.json"
 # The tag on disk keeps the module's former name: checkpoints written before load unchanged.
 MANIFEST_FORMAT = "sai_dist.train.checkpoint/2"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+FLAT = "flat"  # meta["optim_state"] of checkpoints with a flattened optimizer state dict
 _CHUNK = 1 << 20
 
 
@@ -186,7 +191,7 @@ def save(
         engine.save_checkpoint(partial, tag="engine")
         fmt = "deepspeed"
     else:
-        sai_checkpoint.save(partial, model, optimizer)
+        sai_checkpoint.save(partial, model, optimizer, flatten=meta.get("optim_state") == FLAT)
         fmt = "dcp"
     torch.save(rng_state(), os.path.join(partial, "rng", f"rank{_rank()}.pt"))
     faults.maybe_die_in_save(step)  # test hook: this rank's files are written, the rest not
