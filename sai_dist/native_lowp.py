@@ -71,62 +71,111 @@ INLINE uint16_t f_to_bf16(float f, uint32_t add, int stochastic) {
     return (uint16_t)(r >> 16);
 }
 
+/* Hash bits of one block: out[j] = draw(key, base + j). When the low 32 bits of the index
+   do not wrap inside the block (always, but for a block straddling a 2^32 boundary) the
+   high word is one constant, and the loop is a pure uint32 expression (vectorizes). */
+INLINE void draws(uint32_t *out, uint32_t key, int64_t base, int len) {
+    const uint32_t lo = (uint32_t)base, hi = (uint32_t)((uint64_t)base >> 32);
+    if ((uint64_t)lo + (uint64_t)len <= 0x100000000ull) {
+        for (int j = 0; j < len; j++) out[j] = mix(mix(key ^ (lo + (uint32_t)j)) ^ hi);
+    } else {
+        for (int j = 0; j < len; j++) out[j] = draw(key, base + j);
+    }
+}
+
 /* One block; PK: 0 float32, 1 bfloat16 parameter (and gradient); MK: 0 float32,
    1 bfloat16, 2 int8, -1 no momentum. Constants after inlining: every combination is its
-   own branch-free loop pair. */
-INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int64_t len, const int PK,
+   own branch-free set of passes. The passes run over the block (<= BLOCK elements, held
+   in L1 in stack buffers) so that each is a simple loop gcc vectorizes:
+   decode+update -> absmax -> hash bits -> encode -> parameter update. */
+INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int len, const int PK,
                   const int MK, int born, float b, float c, float d, float a, uint32_t key_m,
                   uint32_t key_p, int64_t offset, const int RP) {
     float mn[BLOCK];
-    float absmax = 0.0f;
+    uint32_t bits[BLOCK];
     const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
-    for (int64_t j = 0; j < len; j++) {
-        const int64_t i = s + j;
-        const float gi = PK ? bf16_to_f(((const uint16_t *)g)[i]) : ((const float *)g)[i];
-        float mo = 0.0f;
-        if (MK == 0) mo = ((float *)m)[i];
-        else if (MK == 1) mo = bf16_to_f(((uint16_t *)m)[i]);
-        else if (MK == 2) mo = (float)((int8_t *)m)[i] * old_scale;
-        float mb = mo * b;
-        float cg = gi * c;
-        const float v = MK < 0 ? gi : (born ? cg : mb + cg);
-        mn[j] = v;
-        const float av = fabsf(v);
-        absmax = av > absmax ? av : absmax;
+    const float *gf = (const float *)g + s;
+    const uint16_t *gh = (const uint16_t *)g + s;
+    /* pass 1: m' = b m + c g (born: c g; no momentum: g) */
+    if (MK < 0) {
+        for (int j = 0; j < len; j++) mn[j] = PK ? bf16_to_f(gh[j]) : gf[j];
+    } else if (born) {
+        for (int j = 0; j < len; j++) {
+            const float gi = PK ? bf16_to_f(gh[j]) : gf[j];
+            mn[j] = gi * c;
+        }
+    } else {
+        for (int j = 0; j < len; j++) {
+            const float gi = PK ? bf16_to_f(gh[j]) : gf[j];
+            float mo;
+            if (MK == 0) mo = ((const float *)m)[s + j];
+            else if (MK == 1) mo = bf16_to_f(((const uint16_t *)m)[s + j]);
+            else mo = (float)((const int8_t *)m)[s + j] * old_scale;
+            const float mb = mo * b;
+            const float cg = gi * c;
+            mn[j] = mb + cg;
+        }
     }
-    const float scale = absmax / 127.0f;
-    if (MK == 2) scales[s / BLOCK] = scale;
-    const float safe = scale > 0.0f ? scale : 1.0f;
-    for (int64_t j = 0; j < len; j++) {
-        const int64_t i = s + j;
-        const float v = mn[j];
-        if (MK == 0) {
-            ((float *)m)[i] = v;
-        } else if (MK == 1) {
-            ((uint16_t *)m)[i] = f_to_bf16(v, draw(key_m, offset + i), 1);
-        } else if (MK == 2) {
-            /* scale 0 means every v of the block is 0: dividing by 1 gives the 0 torch's
-               where() gives, without a branch (a guarded division blocks vectorization) */
-            float q = v / safe;
-            const float u = (float)(draw(key_m, offset + i) >> 8) * 5.9604644775390625e-08f;
+    /* pass 2: store the momentum */
+    if (MK == 0) {
+        memcpy((float *)m + s, mn, (size_t)len * sizeof(float));
+    } else if (MK == 1) {
+        uint16_t *mh = (uint16_t *)m + s;
+        draws(bits, key_m, offset + s, len);
+        for (int j = 0; j < len; j++) mh[j] = f_to_bf16(mn[j], bits[j], 1);
+    } else if (MK == 2) {
+        /* absmax over the bit patterns of |v| (ordered like the floats for non-negative
+           values); a NaN is skipped, as the float compare av > absmax skipped it */
+        uint32_t amax = 0u;
+        for (int j = 0; j < len; j++) {
+            uint32_t u; memcpy(&u, &mn[j], 4);
+            u &= 0x7fffffffu;
+            u = u > 0x7f800000u ? 0u : u;
+            amax = u > amax ? u : amax;
+        }
+        float absmax; memcpy(&absmax, &amax, 4);
+        const float scale = absmax / 127.0f;
+        scales[s / BLOCK] = scale;
+        /* scale 0 means every v of the block is 0: dividing by 1 gives the 0 torch's
+           where() gives, without a branch (a guarded division blocks vectorization) */
+        const float safe = scale > 0.0f ? scale : 1.0f;
+        int8_t *mq = (int8_t *)m + s;
+        draws(bits, key_m, offset + s, len);
+        for (int j = 0; j < len; j++) {
+            float q = mn[j] / safe;
+            const float u = (float)(int32_t)(bits[j] >> 8) * 5.9604644775390625e-08f;
             q = q + u;
-            /* floor by truncation (vectorizes; floorf may be a call): |q| <= 128 here */
+            /* floor by truncation (floorf may be a call): clamped to |q| <= 127 first */
             q = q > 127.0f ? 127.0f : q;
             q = q < -127.0f ? -127.0f : q;
             int32_t t = (int32_t)q;
-            t -= (float)t > q;
-            ((int8_t *)m)[i] = (int8_t)t;
+            t -= (int32_t)((float)t > q);
+            mq[j] = (int8_t)t;
         }
-        if (PK) {
-            float pd = bf16_to_f(((uint16_t *)p)[i]) * d;
-            float am = v * a;
-            const uint32_t bits = RP ? draw(key_p, offset + i) : 0u;
-            ((uint16_t *)p)[i] = f_to_bf16(pd + am, bits, RP);
+    }
+    /* pass 3: p' = d p + a m' */
+    if (PK) {
+        uint16_t *ph = (uint16_t *)p + s;
+        if (RP) {
+            draws(bits, key_p, offset + s, len);
+            for (int j = 0; j < len; j++) {
+                const float pd = bf16_to_f(ph[j]) * d;
+                const float am = mn[j] * a;
+                ph[j] = f_to_bf16(pd + am, bits[j], 1);
+            }
         } else {
-            float *pp = (float *)p;
-            float pd = pp[i] * d;
-            float am = v * a;
-            pp[i] = pd + am;
+            for (int j = 0; j < len; j++) {
+                const float pd = bf16_to_f(ph[j]) * d;
+                const float am = mn[j] * a;
+                ph[j] = f_to_bf16(pd + am, 0u, 0);
+            }
+        }
+    } else {
+        float *pp = (float *)p + s;
+        for (int j = 0; j < len; j++) {
+            const float pd = pp[j] * d;
+            const float am = mn[j] * a;
+            pp[j] = pd + am;
         }
     }
 }
@@ -134,7 +183,7 @@ INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int
 #define CASE(PK, MK)                                                                          \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)")       \
     for (int64_t k = 0; k < nblocks; k++) {                                                   \
-        const int64_t s = k * BLOCK, len = (s + BLOCK < n ? s + BLOCK : n) - s;               \
+        const int64_t s = k * BLOCK; const int len = (int)((s + BLOCK < n ? s + BLOCK : n) - s);             \
         if (round_p) block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 1); \
         else block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 0); \
     }                                                                                         \
