@@ -6,27 +6,41 @@ the same dtype) × momentum {float32, bfloat16, int8}. Per block of
 :data:`~sai_dist.momentum.BLOCK` elements of the piece (OpenMP splits the blocks):
 
 .. math::
-    m' = b\,\hat m + c\,g \;(\text{or } c\,g \text{ when born}),\qquad
-    p' = d\,p + a\,m'
+    m' = \operatorname{fma}(g, c, \hat m\,b) \;(\text{or } c\,g \text{ when born}),\qquad
+    p' = \operatorname{fma}(m', a, p\,d)
 
-in float32 (``-std=c99``: no FMA contraction), ``\hat m`` the decoded buffer; ``m'`` is
-kept in a block-sized stack buffer so the int8 absmax scale of the block is known before
-its codes are written. Stochastic rounding draws the bits of the documented counter-based
-hash (:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the same keys computed
-in Python), so the kernel and the torch reference round with the same random bits; their
-float32 arithmetic may differ in the last bit (torch's vectorized ``add(alpha=)`` fuses a
-multiply-add), which changes a stochastic rounding only when the value sits within that
-bit of its threshold (tested: all elements within one unit of the stored type, > 99 %
-identical).
+in float32, ``\hat m`` the decoded buffer, every product rounded once and each ``fma``
+rounded once: exactly what the torch reference (:func:`sai_dist.functional._low_precision_sgd_sai`)
+computes, whose ``m.mul_(b).add_(g, alpha=c)`` and ``p.mul_(d).add_(m, alpha=a)`` are a
+rounded product and a fused multiply-add in torch's CPU kernels (checked by the tests).
+Stochastic rounding draws the bits of the documented counter-based hash
+(:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the same keys computed in
+Python) and rounds as the reference does (bfloat16: add the high 16 bits, truncate; int8:
+``floor(v / s + u)``, clamped to ±127), so kernel and reference agree bit for bit.
 
-Built like :mod:`sai_dist.native` (system compiler, cached by source, compiler and
-machine; ``SAI_DIST_NATIVE=0`` disables it, and the torch reference runs instead).
+Two implementations of the same per-element operations, in one source:
+
+- AVX2 + FMA intrinsics (8 lanes: the hash's ``uint32`` multiply-xorshift mixing, bf16
+  conversion and stochastic rounding, int8 decode, absmax on the ``|v|`` bit patterns,
+  int8 encode, the parameter update), compiled with ``-mavx2 -mfma`` when
+  ``/proc/cpuinfo`` lists both and ``SAI_DIST_LOWP_SIMD`` is not ``0``. For int8 the new
+  values of a block stay in a block-sized stack buffer (L1) so the block's absmax scale is
+  known before its codes are written; the other combinations are one pass.
+- The scalar definition (``fmaf`` for the fused multiply-adds): the portable build's only
+  path, and, in the AVX2 build, a block's last ``len mod 8`` elements and any block whose
+  element index crosses a multiple of :math:`2^{32}` (the vector hash keeps the index's
+  high word constant over a block).
+
+Built like :mod:`sai_dist.native` (system compiler, cached by source, flags, compiler and
+machine; ``SAI_DIST_NATIVE=0`` disables it, and the torch reference runs instead;
+``SAI_DIST_LOWP_SIMD=0`` builds the portable scalar kernel).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -35,20 +49,23 @@ from torch import Tensor
 from sai_dist import native
 from sai_dist.momentum import BLOCK, STREAM_MOMENTUM, STREAM_PARAM, Rounding
 
-__all__ = ["library", "step_piece", "supported"]
+__all__ = ["library", "simd", "step_piece", "supported"]
+
+#: Instruction-set flags of the vector build, used when the CPU reports every feature.
+_ISA = {"avx2": "-mavx2", "fma": "-mfma"}
 
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define BLOCK SAI_BLOCK
-#ifdef SAI_MULTIVERSION
-#define SAI_TARGETS __attribute__((target_clones("avx2", "default")))
-#else
-#define SAI_TARGETS
-#endif
 #define INLINE static inline __attribute__((always_inline))
+
+/* ---- the scalar definition (fallback, tails, blocks whose index wraps 2^32) ---------- */
 
 INLINE uint32_t mix(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x5bd1e995u; x ^= x >> 16;
@@ -60,140 +77,286 @@ INLINE uint32_t draw(uint32_t key, int64_t index) {
 INLINE float bf16_to_f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
 }
-/* Branch-free (vectorizable): non-finite values round to nearest (NaN stays NaN, quiet). */
-INLINE uint16_t f_to_bf16(float f, uint32_t add, int stochastic) {
+/* Non-finite values round to nearest (NaN stays NaN, quiet). */
+INLINE uint16_t f_to_bf16(float f, uint32_t bits, int stochastic) {
     uint32_t u; memcpy(&u, &f, 4);
     const uint32_t nearest = u + 0x7fffu + ((u >> 16) & 1u);
     const int finite = (u & 0x7f800000u) != 0x7f800000u;
     const int nan = !finite && (u & 0x007fffffu);
-    uint32_t r = (stochastic && finite) ? u + (add >> 16) : (finite ? nearest : u);
+    uint32_t r = (stochastic && finite) ? u + (bits >> 16) : (finite ? nearest : u);
     r = nan ? (u | 0x00400000u) : r;
     return (uint16_t)(r >> 16);
 }
+/* |v| as ordered bits, NaN as 0 (skipped by the absmax, as torch's compare skipped it) */
+INLINE uint32_t abs_bits(float v) {
+    uint32_t u; memcpy(&u, &v, 4);
+    u &= 0x7fffffffu;
+    return u > 0x7f800000u ? 0u : u;
+}
 
-/* Hash bits of one block: out[j] = draw(key, base + j). When the low 32 bits of the index
-   do not wrap inside the block (always, but for a block straddling a 2^32 boundary) the
-   high word is one constant, and the loop is a pure uint32 expression (vectorizes). */
-INLINE void draws(uint32_t *out, uint32_t key, int64_t base, int len) {
-    const uint32_t lo = (uint32_t)base, hi = (uint32_t)((uint64_t)base >> 32);
-    if ((uint64_t)lo + (uint64_t)len <= 0x100000000ull) {
-        for (int j = 0; j < len; j++) out[j] = mix(mix(key ^ (lo + (uint32_t)j)) ^ hi);
+/* Element i (index in the piece) of the update: m' = b m + c g, computed as torch's
+   m.mul_(b).add_(g, alpha=c) computes it: one rounded product, then a fused multiply-add.
+   born: c g; no momentum (MK < 0): g. */
+INLINE float elem_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
+                    float b, float c, float old_scale) {
+    const float gi = PK ? bf16_to_f(((const uint16_t *)g)[i]) : ((const float *)g)[i];
+    if (MK < 0) return gi;
+    if (born) return gi * c;
+    float mo;
+    if (MK == 0) mo = ((const float *)m)[i];
+    else if (MK == 1) mo = bf16_to_f(((const uint16_t *)m)[i]);
+    else mo = (float)((const int8_t *)m)[i] * old_scale;
+    return fmaf(gi, c, mo * b);
+}
+/* p' = d p + a m' as torch's p.mul_(d).add_(m', alpha=a): product, then fused multiply-add. */
+INLINE void elem_p(void *p, int64_t i, float mv, const int PK, const int RP, float d, float a,
+                   uint32_t key_p, int64_t index) {
+    if (PK) {
+        uint16_t *ph = (uint16_t *)p;
+        const float v = fmaf(mv, a, bf16_to_f(ph[i]) * d);
+        ph[i] = RP ? f_to_bf16(v, draw(key_p, index), 1) : f_to_bf16(v, 0u, 0);
     } else {
-        for (int j = 0; j < len; j++) out[j] = draw(key, base + j);
+        float *pp = (float *)p;
+        pp[i] = fmaf(mv, a, pp[i] * d);
+    }
+}
+/* Momentum store of float32 / bfloat16 (stochastic) buffers. */
+INLINE void elem_store_m(void *m, int64_t i, float mv, const int MK, uint32_t key_m, int64_t index) {
+    if (MK == 0) ((float *)m)[i] = mv;
+    else if (MK == 1) ((uint16_t *)m)[i] = f_to_bf16(mv, draw(key_m, index), 1);
+}
+/* int8 code: floor(v / scale + u), u = (bits >> 8) / 2^24, clamped to [-127, 127]. A zero
+   scale (every v of the block 0, or too small for absmax / 127 to be a float) is passed as
+   infinity: v / inf = +-0, so the code is 0, the 0 torch's where(scale > 0, ...) gives. */
+INLINE int8_t elem_code(float v, float safe, uint32_t bits) {
+    float q = v / safe;
+    q = q + (float)(int32_t)(bits >> 8) * 5.9604644775390625e-08f;
+    q = q > 127.0f ? 127.0f : q;
+    q = q < -127.0f ? -127.0f : q;
+    int32_t t = (int32_t)q; /* floor by truncation: |q| <= 127 */
+    t -= (int32_t)((float)t > q);
+    return (int8_t)t;
+}
+INLINE float scale_of(uint32_t amax) {
+    float absmax; memcpy(&absmax, &amax, 4);
+    return absmax / 127.0f;
+}
+
+/* One block (elements [s, s + len) of the piece) element by element, from element j0 on;
+   for int8 the block's absmax folds in `amax` (the lanes already done) and mn[0..j0) holds
+   the first j0 new values. */
+INLINE void block_tail(void *p, const void *g, void *m, float *scales, int64_t s, int len, int j0,
+                       float *mn, uint32_t amax, const int PK, const int MK, int born, float b,
+                       float c, float d, float a, uint32_t key_m, uint32_t key_p, int64_t offset,
+                       const int RP, float old_scale) {
+    const int64_t base = offset + s;
+    if (MK != 2) {
+        for (int j = j0; j < len; j++) {
+            const float mv = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+            elem_store_m(m, s + j, mv, MK, key_m, base + j);
+            elem_p(p, s + j, mv, PK, RP, d, a, key_p, base + j);
+        }
+        return;
+    }
+    for (int j = j0; j < len; j++) {
+        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+        const uint32_t u = abs_bits(mn[j]);
+        amax = u > amax ? u : amax;
+    }
+    const float scale = scale_of(amax);
+    scales[s / BLOCK] = scale;
+    const float safe = scale > 0.0f ? scale : INFINITY;
+    int8_t *mq = (int8_t *)m;
+    for (int j = 0; j < len; j++) {
+        mq[s + j] = elem_code(mn[j], safe, draw(key_m, base + j));
+        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
     }
 }
 
-/* One block; PK: 0 float32, 1 bfloat16 parameter (and gradient); MK: 0 float32,
-   1 bfloat16, 2 int8, -1 no momentum. Constants after inlining: every combination is its
-   own branch-free set of passes. The passes run over the block (<= BLOCK elements, held
-   in L1 in stack buffers) so that each is a simple loop gcc vectorizes:
-   decode+update -> absmax -> hash bits -> encode -> parameter update. */
+#ifdef __AVX2__
+/* ---- AVX2: the same operations on 8 lanes ------------------------------------------- */
+
+INLINE __m256i mix8(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x5bd1e995));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+/* draw(key, index) for 8 consecutive indices whose low words lo .. lo + 7 do not wrap:
+   the high word hi is then one constant. */
+INLINE __m256i draw8(uint32_t key, uint32_t lo, uint32_t hi) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)lo), lane);
+    const __m256i h = mix8(_mm256_xor_si256(idx, _mm256_set1_epi32((int)key)));
+    return mix8(_mm256_xor_si256(h, _mm256_set1_epi32((int)hi)));
+}
+INLINE __m256 load_bf16(const uint16_t *x) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+INLINE __m256 load_g(const void *g, int64_t i, const int PK) {
+    return PK ? load_bf16((const uint16_t *)g + i) : _mm256_loadu_ps((const float *)g + i);
+}
+/* f_to_bf16 on 8 lanes, stored. */
+INLINE void store_bf16(uint16_t *out, __m256 v, __m256i bits, const int stochastic) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    const __m256i inf = _mm256_set1_epi32(0x7f800000);
+    const __m256i finite = _mm256_cmpgt_epi32(inf, mag);
+    const __m256i nan = _mm256_cmpgt_epi32(mag, inf);
+    __m256i add;
+    if (stochastic) {
+        add = _mm256_srli_epi32(bits, 16);
+    } else {
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        add = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
+    }
+    __m256i r = _mm256_add_epi32(u, _mm256_and_si256(finite, add));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    _mm_storeu_si128((__m128i *)out,
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+INLINE __m256 vec_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
+                    __m256 b, __m256 c, __m256 old_scale) {
+    const __m256 gi = load_g(g, i, PK);
+    if (MK < 0) return gi;
+    if (born) return _mm256_mul_ps(gi, c);
+    __m256 mo;
+    if (MK == 0) mo = _mm256_loadu_ps((const float *)m + i);
+    else if (MK == 1) mo = load_bf16((const uint16_t *)m + i);
+    else mo = _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)m + i)))),
+        old_scale);
+    return _mm256_fmadd_ps(gi, c, _mm256_mul_ps(mo, b));
+}
+INLINE void vec_p(void *p, int64_t i, __m256 mv, const int PK, const int RP, __m256 d, __m256 a,
+                  uint32_t key_p, uint32_t lo, uint32_t hi) {
+    if (PK) {
+        uint16_t *ph = (uint16_t *)p + i;
+        const __m256 v = _mm256_fmadd_ps(mv, a, _mm256_mul_ps(load_bf16(ph), d));
+        store_bf16(ph, v, RP ? draw8(key_p, lo, hi) : _mm256_setzero_si256(), RP);
+    } else {
+        float *pp = (float *)p + i;
+        _mm256_storeu_ps(pp, _mm256_fmadd_ps(mv, a, _mm256_mul_ps(_mm256_loadu_ps(pp), d)));
+    }
+}
+/* elem_code on 8 lanes; the low byte of each int32 is stored (as the scalar cast does). */
+INLINE void store_codes(int8_t *out, __m256 v, __m256 safe, __m256i bits) {
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8)),
+                                   _mm256_set1_ps(5.9604644775390625e-08f));
+    __m256 q = _mm256_add_ps(_mm256_div_ps(v, safe), u);
+    /* operand order keeps a NaN q (min/max return the second operand on NaN) */
+    q = _mm256_min_ps(_mm256_set1_ps(127.0f), q);
+    q = _mm256_max_ps(_mm256_set1_ps(-127.0f), q);
+    const __m256i t = _mm256_cvttps_epi32(_mm256_floor_ps(q));
+    const __m256i lowbytes = _mm256_shuffle_epi8(
+        t, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m256i packed = _mm256_permutevar8x32_epi32(lowbytes, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+    _mm_storel_epi64((__m128i *)out, _mm256_castsi256_si128(packed));
+}
+
+INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s, int len,
+                       const int PK, const int MK, int born, float b, float c, float d, float a,
+                       uint32_t key_m, uint32_t key_p, int64_t offset, const int RP) {
+    float mn[BLOCK];
+    const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
+    const int64_t base = offset + s;
+    const uint32_t lo = (uint32_t)base, hi = (uint32_t)((uint64_t)base >> 32);
+    const int len8 = len & ~7;
+    const __m256 vb = _mm256_set1_ps(b), vc = _mm256_set1_ps(c), vd = _mm256_set1_ps(d);
+    const __m256 va = _mm256_set1_ps(a), vs = _mm256_set1_ps(old_scale);
+    if (MK != 2) {
+        for (int j = 0; j < len8; j += 8) {
+            const __m256 mv = vec_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+            if (MK == 0) _mm256_storeu_ps((float *)m + s + j, mv);
+            else if (MK == 1) store_bf16((uint16_t *)m + s + j, mv, draw8(key_m, lo + (uint32_t)j, hi), 1);
+            vec_p(p, s + j, mv, PK, RP, vd, va, key_p, lo + (uint32_t)j, hi);
+        }
+        block_tail(p, g, m, scales, s, len, len8, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p,
+                   offset, RP, old_scale);
+        return;
+    }
+    /* int8: the new values and their absmax first (the scale precedes every code) */
+    __m256i vmax = _mm256_setzero_si256();
+    const __m256i inf = _mm256_set1_epi32(0x7f800000), mask = _mm256_set1_epi32(0x7fffffff);
+    for (int j = 0; j < len8; j += 8) {
+        const __m256 mv = vec_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+        _mm256_storeu_ps(mn + j, mv);
+        __m256i u = _mm256_and_si256(_mm256_castps_si256(mv), mask);
+        u = _mm256_andnot_si256(_mm256_cmpgt_epi32(u, inf), u);
+        vmax = _mm256_max_epi32(vmax, u);
+    }
+    uint32_t lanes[8], amax = 0u;
+    _mm256_storeu_si256((__m256i *)lanes, vmax);
+    for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+    for (int j = len8; j < len; j++) {
+        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+        const uint32_t u = abs_bits(mn[j]);
+        amax = u > amax ? u : amax;
+    }
+    const float scale = scale_of(amax);
+    scales[s / BLOCK] = scale;
+    const float safe = scale > 0.0f ? scale : INFINITY;
+    const __m256 vsafe = _mm256_set1_ps(safe);
+    int8_t *mq = (int8_t *)m + s;
+    for (int j = 0; j < len8; j += 8) {
+        const __m256 mv = _mm256_loadu_ps(mn + j);
+        store_codes(mq + j, mv, vsafe, draw8(key_m, lo + (uint32_t)j, hi));
+        vec_p(p, s + j, mv, PK, RP, vd, va, key_p, lo + (uint32_t)j, hi);
+    }
+    for (int j = len8; j < len; j++) {
+        mq[j] = elem_code(mn[j], safe, draw(key_m, base + j));
+        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
+    }
+}
+#endif
+
 INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int len, const int PK,
                   const int MK, int born, float b, float c, float d, float a, uint32_t key_m,
                   uint32_t key_p, int64_t offset, const int RP) {
+#ifdef __AVX2__
+    /* the vector hash keeps the index's high word constant over the block: a block whose
+       element index crosses a multiple of 2^32 takes the scalar path */
+    if ((uint64_t)(uint32_t)(offset + s) + (uint64_t)len <= 0x100000000ull) {
+        block_avx2(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, RP);
+        return;
+    }
+#endif
     float mn[BLOCK];
-    uint32_t bits[BLOCK];
     const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
-    const float *gf = (const float *)g + s;
-    const uint16_t *gh = (const uint16_t *)g + s;
-    /* pass 1: m' = b m + c g (born: c g; no momentum: g) */
-    if (MK < 0) {
-        for (int j = 0; j < len; j++) mn[j] = PK ? bf16_to_f(gh[j]) : gf[j];
-    } else if (born) {
-        for (int j = 0; j < len; j++) {
-            const float gi = PK ? bf16_to_f(gh[j]) : gf[j];
-            mn[j] = gi * c;
-        }
-    } else {
-        for (int j = 0; j < len; j++) {
-            const float gi = PK ? bf16_to_f(gh[j]) : gf[j];
-            float mo;
-            if (MK == 0) mo = ((const float *)m)[s + j];
-            else if (MK == 1) mo = bf16_to_f(((const uint16_t *)m)[s + j]);
-            else mo = (float)((const int8_t *)m)[s + j] * old_scale;
-            const float mb = mo * b;
-            const float cg = gi * c;
-            mn[j] = mb + cg;
-        }
-    }
-    /* pass 2: store the momentum */
-    if (MK == 0) {
-        memcpy((float *)m + s, mn, (size_t)len * sizeof(float));
-    } else if (MK == 1) {
-        uint16_t *mh = (uint16_t *)m + s;
-        draws(bits, key_m, offset + s, len);
-        for (int j = 0; j < len; j++) mh[j] = f_to_bf16(mn[j], bits[j], 1);
-    } else if (MK == 2) {
-        /* absmax over the bit patterns of |v| (ordered like the floats for non-negative
-           values); a NaN is skipped, as the float compare av > absmax skipped it */
-        uint32_t amax = 0u;
-        for (int j = 0; j < len; j++) {
-            uint32_t u; memcpy(&u, &mn[j], 4);
-            u &= 0x7fffffffu;
-            u = u > 0x7f800000u ? 0u : u;
-            amax = u > amax ? u : amax;
-        }
-        float absmax; memcpy(&absmax, &amax, 4);
-        const float scale = absmax / 127.0f;
-        scales[s / BLOCK] = scale;
-        /* scale 0 means every v of the block is 0: dividing by 1 gives the 0 torch's
-           where() gives, without a branch (a guarded division blocks vectorization) */
-        const float safe = scale > 0.0f ? scale : 1.0f;
-        int8_t *mq = (int8_t *)m + s;
-        draws(bits, key_m, offset + s, len);
-        for (int j = 0; j < len; j++) {
-            float q = mn[j] / safe;
-            const float u = (float)(int32_t)(bits[j] >> 8) * 5.9604644775390625e-08f;
-            q = q + u;
-            /* floor by truncation (floorf may be a call): clamped to |q| <= 127 first */
-            q = q > 127.0f ? 127.0f : q;
-            q = q < -127.0f ? -127.0f : q;
-            int32_t t = (int32_t)q;
-            t -= (int32_t)((float)t > q);
-            mq[j] = (int8_t)t;
-        }
-    }
-    /* pass 3: p' = d p + a m' */
-    if (PK) {
-        uint16_t *ph = (uint16_t *)p + s;
-        if (RP) {
-            draws(bits, key_p, offset + s, len);
-            for (int j = 0; j < len; j++) {
-                const float pd = bf16_to_f(ph[j]) * d;
-                const float am = mn[j] * a;
-                ph[j] = f_to_bf16(pd + am, bits[j], 1);
-            }
-        } else {
-            for (int j = 0; j < len; j++) {
-                const float pd = bf16_to_f(ph[j]) * d;
-                const float am = mn[j] * a;
-                ph[j] = f_to_bf16(pd + am, 0u, 0);
-            }
-        }
-    } else {
-        float *pp = (float *)p + s;
-        for (int j = 0; j < len; j++) {
-            const float pd = pp[j] * d;
-            const float am = mn[j] * a;
-            pp[j] = pd + am;
-        }
-    }
+    block_tail(p, g, m, scales, s, len, 0, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p, offset,
+               RP, old_scale);
 }
 
-#define CASE(PK, MK)                                                                          \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)")       \
-    for (int64_t k = 0; k < nblocks; k++) {                                                   \
-        const int64_t s = k * BLOCK; const int len = (int)((s + BLOCK < n ? s + BLOCK : n) - s);             \
-        if (round_p) block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 1); \
-        else block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 0); \
-    }                                                                                         \
+#define CASE(PK, MK)                                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)")        \
+    for (int64_t k = 0; k < nblocks; k++) {                                                    \
+        const int64_t s = k * BLOCK;                                                           \
+        const int len = (int)((s + BLOCK < n ? s + BLOCK : n) - s);                            \
+        if (round_p)                                                                           \
+            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 1);       \
+        else                                                                                   \
+            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 0);       \
+    }                                                                                          \
     return;
+
+/* 1 when built with the AVX2 path. */
+int sai_lowp_simd(void) {
+#ifdef __AVX2__
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* coef = {b, c, d, a}: m' = b m + c g (born: c g), p' = d p + a m'. round_p: stochastic
    rounding of a bfloat16 parameter (else nearest). */
-SAI_TARGETS void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk,
-                                int mk, int born, const float *coef, uint32_t key_m, uint32_t key_p,
-                                int64_t offset, int round_p, int nthreads) {
+void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk, int mk,
+                    int born, const float *coef, uint32_t key_m, uint32_t key_p, int64_t offset,
+                    int round_p, int nthreads) {
     const float b = coef[0], c = coef[1], d = coef[2], a = coef[3];
     const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
     if (pk == 0) {
@@ -211,20 +374,40 @@ _PK = {torch.float32: 0, torch.bfloat16: 1}
 _MK = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
+def _isa_flags() -> list[str]:
+    if os.environ.get("SAI_DIST_LOWP_SIMD", "1") == "0":
+        return []
+    flags = native.cpu_flags()
+    return list(_ISA.values()) if all(f in flags for f in _ISA) else []
+
+
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, built on first use; ``None`` when unavailable."""
+def _load(isa: tuple[str, ...]) -> ctypes.CDLL | None:
     global _reason
     try:
-        lib = native.load_c_library("sai_lowp", _SOURCE, libs=["-lm"])
+        lib = native.load_c_library("sai_lowp", _SOURCE, libs=["-lm"], isa=isa)
     except native.KernelUnavailable as exc:
         _reason = f"the low-precision kernel: {exc}"
         return None
     ptr, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
     lib.sai_lowp_piece.argtypes = [ptr, ptr, ptr, ptr, i64, i32, i32, i32, ptr, u32, u32, i64, i32, i32]
     lib.sai_lowp_piece.restype = None
+    lib.sai_lowp_simd.argtypes = []
+    lib.sai_lowp_simd.restype = i32
     _reason = None
     return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use (AVX2 where this CPU has it and
+    ``SAI_DIST_LOWP_SIMD`` is not ``0``, else portable); ``None`` when unavailable."""
+    return _load(tuple(_isa_flags()))
+
+
+def simd() -> bool:
+    """Whether :func:`library` runs the AVX2 path (``False`` also when it is unavailable)."""
+    lib = library()
+    return lib is not None and bool(lib.sai_lowp_simd())
 
 
 def supported(param: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
