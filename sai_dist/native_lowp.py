@@ -18,22 +18,23 @@ Stochastic rounding draws the bits of the documented counter-based hash
 Python) and rounds as the reference does (bfloat16: add the high 16 bits, truncate; int8:
 ``floor(v / s + u)``, clamped to ±127), so kernel and reference agree bit for bit.
 
-Two implementations of the same per-element operations, in one source:
+The same per-element operations in three implementations, one source:
 
-- AVX2 + FMA intrinsics (8 lanes: the hash's ``uint32`` multiply-xorshift mixing, bf16
-  conversion and stochastic rounding, int8 decode, absmax on the ``|v|`` bit patterns,
-  int8 encode, the parameter update), compiled with ``-mavx2 -mfma`` when
-  ``/proc/cpuinfo`` lists both and ``SAI_DIST_LOWP_SIMD`` is not ``0``. For int8 the new
-  values of a block stay in a block-sized stack buffer (L1) so the block's absmax scale is
-  known before its codes are written; the other combinations are one pass.
+- AVX-512F (16 lanes) and AVX2 + FMA (8 lanes) intrinsics: the hash's ``uint32``
+  multiply-xorshift mixing, bf16 conversion and stochastic rounding, int8 decode, absmax on
+  the ``|v|`` bit patterns, int8 encode, the parameter update. The build takes the widest
+  one whose features ``/proc/cpuinfo`` lists (``-mavx2 -mfma [-mavx512f]``; the flags are
+  in the cache key), at most ``SAI_DIST_LOWP_SIMD`` (``avx512``, ``avx2``, or ``0``: the
+  portable build). For int8 the new values of a block stay in a block-sized stack buffer
+  (L1) so the block's absmax scale is known before its codes are written; the other
+  combinations are one pass.
 - The scalar definition (``fmaf`` for the fused multiply-adds): the portable build's only
-  path, and, in the AVX2 build, a block's last ``len mod 8`` elements and any block whose
-  element index crosses a multiple of :math:`2^{32}` (the vector hash keeps the index's
-  high word constant over a block).
+  path, and, in a vector build, a block's last ``len mod lanes`` elements and any block
+  whose element index crosses a multiple of :math:`2^{32}` (the vector hash keeps the
+  index's high word constant over a block).
 
 Built like :mod:`sai_dist.native` (system compiler, cached by source, flags, compiler and
-machine; ``SAI_DIST_NATIVE=0`` disables it, and the torch reference runs instead;
-``SAI_DIST_LOWP_SIMD=0`` builds the portable scalar kernel).
+machine; ``SAI_DIST_NATIVE=0`` disables it, and the torch reference runs instead).
 """
 
 from __future__ import annotations
@@ -49,16 +50,19 @@ from torch import Tensor
 from sai_dist import native
 from sai_dist.momentum import BLOCK, STREAM_MOMENTUM, STREAM_PARAM, Rounding
 
-__all__ = ["library", "simd", "step_piece", "supported"]
+__all__ = ["isa_flags", "lanes", "library", "step_piece", "supported"]
 
-#: Instruction-set flags of the vector build, used when the CPU reports every feature.
-_ISA = {"avx2": "-mavx2", "fma": "-mfma"}
+#: Vector builds, widest first: (``SAI_DIST_LOWP_SIMD`` name, CPU flags it needs, compiler flags).
+_BUILDS = (
+    ("avx512", ("avx2", "fma", "avx512f"), ("-mavx2", "-mfma", "-mavx512f")),
+    ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma")),
+)
 
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -314,14 +318,146 @@ INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s
 }
 #endif
 
+#ifdef __AVX512F__
+/* ---- AVX-512F: the same operations on 16 lanes (where the CPU has it) ------------------ */
+
+INLINE __m512i mix16(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x5bd1e995));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+/* draw(key, index) for the 16 indices whose low words are idx (no wrap: hi constant) */
+INLINE __m512i draw16(__m512i idx, __m512i key, __m512i hi) {
+    return mix16(_mm512_xor_si512(mix16(_mm512_xor_si512(idx, key)), hi));
+}
+INLINE __m512 load_bf16_16(const uint16_t *x) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+/* f_to_bf16 on 16 lanes, stored (the kept high halves are < 2^16: truncating vpmovdw). */
+INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i bits, const int stochastic) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    const __m512i inf = _mm512_set1_epi32(0x7f800000);
+    const __mmask16 finite = _mm512_cmpgt_epi32_mask(inf, mag);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, inf);
+    __m512i add;
+    if (stochastic) {
+        add = _mm512_srli_epi32(bits, 16);
+    } else {
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        add = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd);
+    }
+    __m512i r = _mm512_mask_add_epi32(u, finite, u, add);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+INLINE __m512 vec16_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
+                      __m512 b, __m512 c, __m512 old_scale) {
+    const __m512 gi = PK ? load_bf16_16((const uint16_t *)g + i) : _mm512_loadu_ps((const float *)g + i);
+    if (MK < 0) return gi;
+    if (born) return _mm512_mul_ps(gi, c);
+    __m512 mo;
+    if (MK == 0) mo = _mm512_loadu_ps((const float *)m + i);
+    else if (MK == 1) mo = load_bf16_16((const uint16_t *)m + i);
+    else mo = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)m + i)))),
+        old_scale);
+    return _mm512_fmadd_ps(gi, c, _mm512_mul_ps(mo, b));
+}
+INLINE void vec16_p(void *p, int64_t i, __m512 mv, const int PK, const int RP, __m512 d, __m512 a,
+                    __m512i idx, __m512i key_p, __m512i hi) {
+    if (PK) {
+        uint16_t *ph = (uint16_t *)p + i;
+        const __m512 v = _mm512_fmadd_ps(mv, a, _mm512_mul_ps(load_bf16_16(ph), d));
+        store_bf16_16(ph, v, RP ? draw16(idx, key_p, hi) : _mm512_setzero_si512(), RP);
+    } else {
+        float *pp = (float *)p + i;
+        _mm512_storeu_ps(pp, _mm512_fmadd_ps(mv, a, _mm512_mul_ps(_mm512_loadu_ps(pp), d)));
+    }
+}
+/* elem_code on 16 lanes; vpmovdb keeps the low byte of each int32, as the scalar cast. */
+INLINE void store_codes16(int8_t *out, __m512 v, __m512 safe, __m512i bits) {
+    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)),
+                                   _mm512_set1_ps(5.9604644775390625e-08f));
+    __m512 q = _mm512_add_ps(_mm512_div_ps(v, safe), u);
+    q = _mm512_min_ps(_mm512_set1_ps(127.0f), q); /* a NaN q passes, as in the scalar code */
+    q = _mm512_max_ps(_mm512_set1_ps(-127.0f), q);
+    q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q)));
+}
+
+INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t s, int len,
+                         const int PK, const int MK, int born, float b, float c, float d, float a,
+                         uint32_t key_m, uint32_t key_p, int64_t offset, const int RP) {
+    float mn[BLOCK];
+    const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
+    const int64_t base = offset + s;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i idx0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lane);
+    const __m512i vhi = _mm512_set1_epi32((int)(uint32_t)((uint64_t)base >> 32));
+    const __m512i km = _mm512_set1_epi32((int)key_m), kp = _mm512_set1_epi32((int)key_p);
+    const int len16 = len & ~15;
+    const __m512 vb = _mm512_set1_ps(b), vc = _mm512_set1_ps(c), vd = _mm512_set1_ps(d);
+    const __m512 va = _mm512_set1_ps(a), vs = _mm512_set1_ps(old_scale);
+    if (MK != 2) {
+        for (int j = 0; j < len16; j += 16) {
+            const __m512i idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(j));
+            const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+            if (MK == 0) _mm512_storeu_ps((float *)m + s + j, mv);
+            else if (MK == 1) store_bf16_16((uint16_t *)m + s + j, mv, draw16(idx, km, vhi), 1);
+            vec16_p(p, s + j, mv, PK, RP, vd, va, idx, kp, vhi);
+        }
+        block_tail(p, g, m, scales, s, len, len16, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p,
+                   offset, RP, old_scale);
+        return;
+    }
+    __m512i vmax = _mm512_setzero_si512();
+    const __m512i inf = _mm512_set1_epi32(0x7f800000), mask = _mm512_set1_epi32(0x7fffffff);
+    for (int j = 0; j < len16; j += 16) {
+        const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+        _mm512_storeu_ps(mn + j, mv);
+        const __m512i u = _mm512_and_si512(_mm512_castps_si512(mv), mask);
+        vmax = _mm512_mask_max_epi32(vmax, _mm512_cmple_epi32_mask(u, inf), vmax, u);
+    }
+    uint32_t amax = (uint32_t)_mm512_reduce_max_epi32(vmax);
+    for (int j = len16; j < len; j++) {
+        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+        const uint32_t u = abs_bits(mn[j]);
+        amax = u > amax ? u : amax;
+    }
+    const float scale = scale_of(amax);
+    scales[s / BLOCK] = scale;
+    const float safe = scale > 0.0f ? scale : INFINITY;
+    const __m512 vsafe = _mm512_set1_ps(safe);
+    int8_t *mq = (int8_t *)m + s;
+    for (int j = 0; j < len16; j += 16) {
+        const __m512i idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(j));
+        const __m512 mv = _mm512_loadu_ps(mn + j);
+        store_codes16(mq + j, mv, vsafe, draw16(idx, km, vhi));
+        vec16_p(p, s + j, mv, PK, RP, vd, va, idx, kp, vhi);
+    }
+    for (int j = len16; j < len; j++) {
+        mq[j] = elem_code(mn[j], safe, draw(key_m, base + j));
+        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
+    }
+}
+#endif
+
 INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int len, const int PK,
                   const int MK, int born, float b, float c, float d, float a, uint32_t key_m,
                   uint32_t key_p, int64_t offset, const int RP) {
-#ifdef __AVX2__
+#if defined(__AVX512F__) || defined(__AVX2__)
     /* the vector hash keeps the index's high word constant over the block: a block whose
        element index crosses a multiple of 2^32 takes the scalar path */
     if ((uint64_t)(uint32_t)(offset + s) + (uint64_t)len <= 0x100000000ull) {
+#ifdef __AVX512F__
+        block_avx512(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, RP);
+#else
         block_avx2(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, RP);
+#endif
         return;
     }
 #endif
@@ -343,12 +479,14 @@ INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int
     }                                                                                          \
     return;
 
-/* 1 when built with the AVX2 path. */
-int sai_lowp_simd(void) {
-#ifdef __AVX2__
-    return 1;
+/* Lanes of the vector path this build runs: 16 (AVX-512F), 8 (AVX2), 1 (scalar). */
+int sai_lowp_lanes(void) {
+#if defined(__AVX512F__)
+    return 16;
+#elif defined(__AVX2__)
+    return 8;
 #else
-    return 0;
+    return 1;
 #endif
 }
 
@@ -374,11 +512,21 @@ _PK = {torch.float32: 0, torch.bfloat16: 1}
 _MK = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
-def _isa_flags() -> list[str]:
-    if os.environ.get("SAI_DIST_LOWP_SIMD", "1") == "0":
-        return []
-    flags = native.cpu_flags()
-    return list(_ISA.values()) if all(f in flags for f in _ISA) else []
+def isa_flags(choice: str | None = None) -> tuple[str, ...]:
+    """Compiler flags of the kernel build for this CPU: the widest vector build whose
+    features ``/proc/cpuinfo`` lists, at most ``choice`` (default ``SAI_DIST_LOWP_SIMD``:
+    ``avx512``/unset the widest, ``avx2``, ``0`` the portable scalar build, flags ``()``)."""
+    choice = os.environ.get("SAI_DIST_LOWP_SIMD", "avx512") if choice is None else choice
+    if choice == "0":
+        return ()
+    names = [name for name, _, _ in _BUILDS]
+    if choice not in names:
+        raise ValueError(f"SAI_DIST_LOWP_SIMD={choice!r}: must be one of {', '.join(names)} or 0")
+    cpu = native.cpu_flags()
+    for _, needs, flags in _BUILDS[names.index(choice) :]:
+        if all(f in cpu for f in needs):
+            return flags
+    return ()
 
 
 @functools.cache
@@ -392,22 +540,23 @@ def _load(isa: tuple[str, ...]) -> ctypes.CDLL | None:
     ptr, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
     lib.sai_lowp_piece.argtypes = [ptr, ptr, ptr, ptr, i64, i32, i32, i32, ptr, u32, u32, i64, i32, i32]
     lib.sai_lowp_piece.restype = None
-    lib.sai_lowp_simd.argtypes = []
-    lib.sai_lowp_simd.restype = i32
+    lib.sai_lowp_lanes.argtypes = []
+    lib.sai_lowp_lanes.restype = i32
     _reason = None
     return lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, built on first use (AVX2 where this CPU has it and
-    ``SAI_DIST_LOWP_SIMD`` is not ``0``, else portable); ``None`` when unavailable."""
-    return _load(tuple(_isa_flags()))
+    """The loaded kernel, built on first use for :func:`isa_flags`; ``None`` when
+    unavailable."""
+    return _load(isa_flags())
 
 
-def simd() -> bool:
-    """Whether :func:`library` runs the AVX2 path (``False`` also when it is unavailable)."""
-    lib = library()
-    return lib is not None and bool(lib.sai_lowp_simd())
+def lanes(lib: ctypes.CDLL | None = None) -> int:
+    """Lanes of the vector path ``lib`` (default :func:`library`) runs: 16 (AVX-512F),
+    8 (AVX2), 1 (the scalar code alone); 0 when unavailable."""
+    lib = library() if lib is None else lib
+    return 0 if lib is None else int(lib.sai_lowp_lanes())
 
 
 def supported(param: Tensor, grad: Tensor, buf: Tensor | None) -> bool:

@@ -7,7 +7,7 @@ draw the same counter-based bits, so any difference is a bug: the assertions are
 a multiple of the AVX2 width (8) or of the block (2048), shorter than a block or than the
 width, fresh (uninitialised) buffers, maximize, bf16 parameters with and without stochastic
 rounding, element origins next to 2^32 (a block whose index crosses it takes the scalar
-path), the small-tensor rule through the optimizer, and the portable scalar build."""
+path), the small-tensor rule through the optimizer, and every build (AVX-512, AVX2, scalar)."""
 
 from __future__ import annotations
 
@@ -160,16 +160,25 @@ def test_small_tensor_rule_through_the_optimizer_is_bit_identical():
             assert torch.equal(ka, rb), (dtype, stochastic, i)
 
 
-def test_portable_scalar_build_equals_reference(monkeypatch):
-    """SAI_DIST_LOWP_SIMD=0 builds the kernel without -mavx2 (the scalar code alone, fmaf
-    for the fused multiply-adds); it gives the same bits."""
-    if {"avx2", "fma"} <= native.cpu_flags():
-        assert native_lowp.simd(), "this CPU has AVX2 and FMA: the default build takes the vector path"
-    monkeypatch.setenv("SAI_DIST_LOWP_SIMD", "0")
+@pytest.mark.parametrize("choice", ["0", "avx2", "avx512"])
+def test_every_build_equals_reference(monkeypatch, choice):
+    """Each build this CPU can run gives the same bits: ``SAI_DIST_LOWP_SIMD=0`` the
+    portable scalar code alone (no -mavx2; fmaf for the fused multiply-adds), ``avx2`` the
+    8-lane path, ``avx512`` the 16-lane one (the default where the CPU has it)."""
+    cpu = native.cpu_flags()
+    want = {"0": 1, "avx2": 8 if {"avx2", "fma"} <= cpu else 1}
+    want["avx512"] = 16 if {"avx2", "fma", "avx512f"} <= cpu else want["avx2"]
+    monkeypatch.setenv("SAI_DIST_LOWP_SIMD", choice)
     assert native_lowp.library() is not None, native_lowp._reason
-    assert not native_lowp.simd()
+    assert native_lowp.lanes() == want[choice]
     for param_dtype, buf_dtype in [(torch.float32, torch.int8), (torch.bfloat16, torch.bfloat16)]:
         for n in (37, 5000):
             kw = dict(offset=2**32 - 3000, maximize=True, round_params=True)
             kernel = _steps(None, n, param_dtype, buf_dtype, **kw)
             _assert_same(kernel, _steps(False, n, param_dtype, buf_dtype, **kw))
+
+
+def test_unknown_simd_choice_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("SAI_DIST_LOWP_SIMD", "sse9")
+    with pytest.raises(ValueError, match="SAI_DIST_LOWP_SIMD='sse9'"):
+        native_lowp.library()
