@@ -58,7 +58,8 @@ _BUILDS = (
     ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma")),
 )
 
-_SOURCE = r"""
+_SOURCE = (
+    r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -490,12 +491,19 @@ int sai_lowp_lanes(void) {
 #endif
 }
 
-/* coef = {b, c, d, a}: m' = b m + c g (born: c g), p' = d p + a m'. round_p: stochastic
-   rounding of a bfloat16 parameter (else nearest). */
+/* Rounding.key(stream) of sai_dist.momentum (seed, step and block taken mod 2^32). */
+static uint32_t stream_key(uint32_t seed, uint32_t stream, uint32_t step, uint32_t blk) {
+    return mix(mix(mix(mix(seed) ^ stream) ^ step) ^ blk);
+}
+
+/* m' = b m + c g (born: c g), p' = d p + a m'. rounding: draw from the keys of (seed, step,
+   blk), offset the piece's first element's index in the original parameter (else keys 0);
+   round_p: stochastic rounding of a bfloat16 parameter (else nearest). */
 void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk, int mk,
-                    int born, const float *coef, uint32_t key_m, uint32_t key_p, int64_t offset,
-                    int round_p, int nthreads) {
-    const float b = coef[0], c = coef[1], d = coef[2], a = coef[3];
+                    int born, float b, float c, float d, float a, int rounding, uint32_t seed,
+                    uint32_t step, uint32_t blk, int64_t offset, int round_p, int nthreads) {
+    const uint32_t key_m = rounding ? stream_key(seed, SAI_STREAM_M, step, blk) : 0u;
+    const uint32_t key_p = rounding ? stream_key(seed, SAI_STREAM_P, step, blk) : 0u;
     const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
     if (pk == 0) {
         if (mk == 0) { CASE(0, 0) } else if (mk == 1) { CASE(0, 1) } else if (mk == 2) { CASE(0, 2) }
@@ -506,9 +514,14 @@ void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, i
     }
 }
 """.replace("SAI_BLOCK", str(BLOCK))
+    .replace("SAI_STREAM_M", f"{STREAM_MOMENTUM}u")
+    .replace("SAI_STREAM_P", f"{STREAM_PARAM}u")
+)
 
 _reason: str | None = None
+_M32 = 0xFFFFFFFF
 _PK = {torch.float32: 0, torch.bfloat16: 1}
+_PLAIN = (Tensor, torch.nn.Parameter)
 _MK = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
@@ -537,8 +550,12 @@ def _load(isa: tuple[str, ...]) -> ctypes.CDLL | None:
     except native.KernelUnavailable as exc:
         _reason = f"the low-precision kernel: {exc}"
         return None
-    ptr, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
-    lib.sai_lowp_piece.argtypes = [ptr, ptr, ptr, ptr, i64, i32, i32, i32, ptr, u32, u32, i64, i32, i32]
+    ptr, i64, i32, u32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
+    lib.sai_lowp_piece.argtypes = [
+        *(ptr, ptr, ptr, ptr, i64, i32, i32, i32),  # p, g, m, scales, n, pk, mk, born
+        *(f32, f32, f32, f32),  # b, c, d, a
+        *(i32, u32, u32, u32, i64, i32, i32),  # rounding, seed, step, block, offset, round_p, nthreads
+    ]
     lib.sai_lowp_piece.restype = None
     lib.sai_lowp_lanes.argtypes = []
     lib.sai_lowp_lanes.restype = i32
@@ -546,10 +563,15 @@ def _load(isa: tuple[str, ...]) -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def _flags_for(choice: str | None) -> tuple[str, ...]:
+    return isa_flags("avx512" if choice is None else choice)
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, built on first use for :func:`isa_flags`; ``None`` when
     unavailable."""
-    return _load(isa_flags())
+    return _load(_flags_for(os.environ.get("SAI_DIST_LOWP_SIMD")))
 
 
 def lanes(lib: ctypes.CDLL | None = None) -> int:
@@ -562,14 +584,14 @@ def lanes(lib: ctypes.CDLL | None = None) -> int:
 def supported(param: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
     """Contiguous CPU tensors: parameter float32 or bfloat16 with a gradient of its dtype,
     buffer float32, bfloat16 or int8 (or none)."""
-    tensors = [t for t in (param, grad, buf) if t is not None]
-    return (
-        param.dtype in _PK
-        and grad.dtype == param.dtype
-        and (buf is None or buf.dtype in _MK)
-        and all(t.device.type == "cpu" and t.is_contiguous() and t.shape == param.shape for t in tensors)
-        and all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
-    )
+    # Called once per tensor per step: plain checks, no generators.
+    if param.dtype not in _PK or grad.dtype != param.dtype or (buf is not None and buf.dtype not in _MK):
+        return False
+    shape = param.shape
+    for t in (param, grad) if buf is None else (param, grad, buf):
+        if type(t) not in _PLAIN or t.device.type != "cpu" or not t.is_contiguous() or t.shape != shape:
+            return False
+    return True
 
 
 def step_piece(
@@ -589,9 +611,7 @@ def step_piece(
     n = param.numel()
     if n == 0:
         return
-    coef_t = torch.tensor(list(coef), dtype=torch.float32)
-    key_m = rounding.key(STREAM_MOMENTUM) if rounding is not None else 0
-    key_p = rounding.key(STREAM_PARAM) if rounding is not None else 0
+    b, c, d, a = coef
     lib.sai_lowp_piece(
         param.data_ptr(),
         grad.data_ptr(),
@@ -601,9 +621,14 @@ def step_piece(
         _PK[param.dtype],
         -1 if buf is None else _MK[buf.dtype],
         int(born),
-        coef_t.data_ptr(),
-        key_m,
-        key_p,
+        b,
+        c,
+        d,
+        a,
+        rounding is not None,
+        0 if rounding is None else rounding.seed & _M32,
+        0 if rounding is None else rounding.step & _M32,
+        0 if rounding is None else rounding.block & _M32,
         0 if rounding is None else rounding.offset,
         int(round_param and rounding is not None),
         torch.get_num_threads(),
