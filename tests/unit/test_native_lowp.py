@@ -90,6 +90,23 @@ def test_kernel_equals_reference_bit_for_bit(param_dtype, buf_dtype):
                 _assert_same(kernel, _steps(False, n, param_dtype, buf_dtype, **kw))
 
 
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+def test_threads_split_blocks_without_changing_a_bit(param_dtype):
+    """With 2 threads (OpenMP splits the blocks, and the int8 path pipelines each
+    thread's range) the kernel gives the single-threaded reference's bits."""
+    n = 41 * 2048 + 77  # enough blocks for the parallel region (more than 16)
+    for buf_dtype in (torch.int8, torch.bfloat16):
+        kw = dict(offset=2**32 + 5, maximize=False, round_params=True)
+        reference = _steps(False, n, param_dtype, buf_dtype, **kw)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            kernel = _steps(None, n, param_dtype, buf_dtype, **kw)
+        finally:
+            torch.set_num_threads(threads)
+        _assert_same(kernel, reference)
+
+
 def test_kernel_writes_the_documented_int8_codes_and_bf16_rounding():
     """Independent of the reference's code: a born int8 buffer holds floor(v / s + u) with
     s = absmax / 127 per block and u from the documented bits; a bf16 parameter rounded
