@@ -347,9 +347,7 @@ INLINE __m512 load_bf16_16(const uint16_t *x) {
 INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i bits, const int stochastic) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    const __m512i inf = _mm512_set1_epi32(0x7f800000);
-    const __mmask16 finite = _mm512_cmpgt_epi32_mask(inf, mag);
-    const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, inf);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
     __m512i add;
     if (stochastic) {
         add = _mm512_srli_epi32(bits, 16);
@@ -357,7 +355,8 @@ INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i bits, const int stoch
         const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
         add = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd);
     }
-    __m512i r = _mm512_mask_add_epi32(u, finite, u, add);
+    /* no finite mask: an infinity's low 16 bits are 0 and add < 2^16, so it stays infinite */
+    __m512i r = _mm512_add_epi32(u, add);
     r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
     _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
@@ -387,13 +386,13 @@ INLINE void vec16_p(void *p, int64_t i, __m512 mv, const int PK, const int RP, _
 }
 /* elem_code on 16 lanes; vpmovdb keeps the low byte of each int32, as the scalar cast. */
 INLINE void store_codes16(int8_t *out, __m512 v, __m512 safe, __m512i bits) {
-    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)),
-                                   _mm512_set1_ps(5.9604644775390625e-08f));
-    __m512 q = _mm512_add_ps(_mm512_div_ps(v, safe), u);
+    /* q = v / s + u as one fma: (bits >> 8) * 2^-24 is exact, so the one rounding is the add's */
+    __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)),
+                               _mm512_set1_ps(5.9604644775390625e-08f), _mm512_div_ps(v, safe));
     q = _mm512_min_ps(_mm512_set1_ps(127.0f), q); /* a NaN q passes, as in the scalar code */
     q = _mm512_max_ps(_mm512_set1_ps(-127.0f), q);
-    q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q)));
+    const __m512i t = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(t));
 }
 
 INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t s, int len,
