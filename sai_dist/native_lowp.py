@@ -213,9 +213,7 @@ INLINE __m256 load_g(const void *g, int64_t i, const int PK) {
 INLINE void store_bf16(uint16_t *out, __m256 v, __m256i bits, const int stochastic) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-    const __m256i inf = _mm256_set1_epi32(0x7f800000);
-    const __m256i finite = _mm256_cmpgt_epi32(inf, mag);
-    const __m256i nan = _mm256_cmpgt_epi32(mag, inf);
+    const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
     __m256i add;
     if (stochastic) {
         add = _mm256_srli_epi32(bits, 16);
@@ -223,7 +221,8 @@ INLINE void store_bf16(uint16_t *out, __m256 v, __m256i bits, const int stochast
         const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         add = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
     }
-    __m256i r = _mm256_add_epi32(u, _mm256_and_si256(finite, add));
+    /* no finite mask: an infinity's low 16 bits are 0 and add < 2^16, so it stays infinite */
+    __m256i r = _mm256_add_epi32(u, add);
     r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
     r = _mm256_srli_epi32(r, 16);
     _mm_storeu_si128((__m128i *)out,
@@ -255,9 +254,9 @@ INLINE void vec_p(void *p, int64_t i, __m256 mv, const int PK, const int RP, __m
 }
 /* elem_code on 8 lanes; the low byte of each int32 is stored (as the scalar cast does). */
 INLINE void store_codes(int8_t *out, __m256 v, __m256 safe, __m256i bits) {
-    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8)),
-                                   _mm256_set1_ps(5.9604644775390625e-08f));
-    __m256 q = _mm256_add_ps(_mm256_div_ps(v, safe), u);
+    /* q = v / s + u as one fma: (bits >> 8) * 2^-24 is exact, so the one rounding is the add's */
+    __m256 q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8)),
+                               _mm256_set1_ps(5.9604644775390625e-08f), _mm256_div_ps(v, safe));
     /* operand order keeps a NaN q (min/max return the second operand on NaN) */
     q = _mm256_min_ps(_mm256_set1_ps(127.0f), q);
     q = _mm256_max_ps(_mm256_set1_ps(-127.0f), q);
