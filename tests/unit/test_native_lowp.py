@@ -188,9 +188,10 @@ def test_every_build_equals_reference(monkeypatch, choice):
     monkeypatch.setenv("SAI_DIST_LOWP_SIMD", choice)
     assert native_lowp.library() is not None, native_lowp._reason
     assert native_lowp.lanes() == want[choice]
+    cases = [(37, 100, True), (5000, 2**32 - 3000, True), (4104, 2**32 + 5, False)]
     for param_dtype in PARAM_DTYPES:
         for buf_dtype in BUF_DTYPES:
-            for n, offset, round_params in [(37, 100, True), (5000, 2**32 - 3000, True), (4104, 2**32 + 5, False)]:
+            for n, offset, round_params in cases:
                 kw = dict(offset=offset, maximize=True, round_params=round_params)
                 kernel = _steps(None, n, param_dtype, buf_dtype, **kw)
                 _assert_same(kernel, _steps(False, n, param_dtype, buf_dtype, **kw))
