@@ -66,12 +66,6 @@ _SOURCE = (
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#define SAI_THREAD_IDS id = omp_get_thread_num(); nth = omp_get_num_threads();
-#else
-#define SAI_THREAD_IDS
-#endif
 
 #define BLOCK SAI_BLOCK
 #define INLINE static inline __attribute__((always_inline))
@@ -450,105 +444,6 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
     }
 }
 
-/* int8 momentum over blocks [k0, k1), software-pipelined: the first pass of block k + 1
-   (decode, update, absmax: reads g and m) runs in the same loop as the second pass of
-   block k (codes and parameter: reads and writes p), so every stream moves at once and
-   the hash's arithmetic overlaps the loads, instead of a memory-bound pass followed by a
-   compute-bound one. Same operations per element as block_avx512. */
-typedef struct {
-    int64_t s;
-    int len, len16;
-    float old_scale;
-    __m512i idx0, vhi;
-} blk8;
-
-INLINE blk8 blk8_at(int64_t k, int64_t n, int64_t offset, const float *scales, int born) {
-    blk8 B;
-    B.s = k * BLOCK;
-    B.len = (int)((B.s + BLOCK < n ? B.s + BLOCK : n) - B.s);
-    B.len16 = B.len & ~15;
-    B.old_scale = born ? 0.0f : scales[k];
-    const int64_t base = offset + B.s;
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    B.idx0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lane);
-    B.vhi = _mm512_set1_epi32((int)(uint32_t)((uint64_t)base >> 32));
-    return B;
-}
-INLINE __m512i int8_first(const void *g, const void *m, const blk8 *B, int j, const int PK, int born,
-                          __m512 vb, __m512 vc, float *mn, __m512i vmax) {
-    const __m512 mv = vec16_m(g, m, B->s + j, PK, 2, born, vb, vc, _mm512_set1_ps(B->old_scale));
-    _mm512_storeu_ps(mn + j, mv);
-    const __m512i u = _mm512_and_si512(_mm512_castps_si512(mv), _mm512_set1_epi32(0x7fffffff));
-    return _mm512_mask_max_epi32(vmax, _mm512_cmple_epi32_mask(u, _mm512_set1_epi32(0x7f800000)), vmax, u);
-}
-/* the first pass's scalar tail and the block's scale; returns the divisor of its codes */
-INLINE float int8_scale(const void *g, const void *m, float *scales, const blk8 *B, const int PK,
-                        int born, float b, float c, float *mn, __m512i vmax) {
-    uint32_t amax = (uint32_t)_mm512_reduce_max_epi32(vmax);
-    for (int j = B->len16; j < B->len; j++) {
-        mn[j] = elem_m(g, m, B->s + j, PK, 2, born, b, c, B->old_scale);
-        const uint32_t u = abs_bits(mn[j]);
-        amax = u > amax ? u : amax;
-    }
-    const float scale = scale_of(amax);
-    scales[B->s / BLOCK] = scale;
-    return scale > 0.0f ? scale : INFINITY;
-}
-INLINE void int8_second(void *p, void *m, const blk8 *B, int j, const int PK, const int RP, __m512 vd,
-                        __m512 va, __m512 vsafe, __m512i km, __m512i kp, const float *mn) {
-    const __m512i idx = _mm512_add_epi32(B->idx0, _mm512_set1_epi32(j));
-    const __m512 mv = _mm512_loadu_ps(mn + j);
-    store_codes16((int8_t *)m + B->s + j, mv, vsafe, draw16(idx, km, B->vhi));
-    vec16_p(p, B->s + j, mv, PK, RP, vd, va, idx, kp, B->vhi);
-}
-INLINE void int8_second_tail(void *p, void *m, const blk8 *B, const int PK, const int RP, float d,
-                             float a, float safe, uint32_t key_m, uint32_t key_p, int64_t offset,
-                             const float *mn) {
-    for (int j = B->len16; j < B->len; j++) {
-        const int64_t index = offset + B->s + j;
-        ((int8_t *)m)[B->s + j] = elem_code(mn[j], safe, draw(key_m, index));
-        elem_p(p, B->s + j, mn[j], PK, RP, d, a, key_p, index);
-    }
-}
-INLINE void int8_range(void *p, const void *g, void *m, float *scales, int64_t n, int64_t k0, int64_t k1,
-                       const int PK, int born, float b, float c, float d, float a, uint32_t key_m,
-                       uint32_t key_p, int64_t offset, const int RP) {
-    float buf_a[BLOCK], buf_b[BLOCK];
-    float *cur = buf_a, *nxt = buf_b;
-    const __m512 vb = _mm512_set1_ps(b), vc = _mm512_set1_ps(c), vd = _mm512_set1_ps(d);
-    const __m512 va = _mm512_set1_ps(a);
-    const __m512i km = _mm512_set1_epi32((int)key_m), kp = _mm512_set1_epi32((int)key_p);
-    blk8 B = blk8_at(k0, n, offset, scales, born);
-    __m512i vmax = _mm512_setzero_si512();
-    for (int j = 0; j < B.len16; j += 16) vmax = int8_first(g, m, &B, j, PK, born, vb, vc, cur, vmax);
-    float safe = int8_scale(g, m, scales, &B, PK, born, b, c, cur, vmax);
-    for (int64_t k = k0; k < k1; k++) {
-        const __m512 vsafe = _mm512_set1_ps(safe);
-        if (k + 1 == k1) {
-            for (int j = 0; j < B.len16; j += 16)
-                int8_second(p, m, &B, j, PK, RP, vd, va, vsafe, km, kp, cur);
-            int8_second_tail(p, m, &B, PK, RP, d, a, safe, key_m, key_p, offset, cur);
-            break;
-        }
-        /* the old scale of block k + 1 is read here, before its first pass rewrites it */
-        const blk8 N = blk8_at(k + 1, n, offset, scales, born);
-        __m512i nmax = _mm512_setzero_si512();
-        const int common = B.len16 < N.len16 ? B.len16 : N.len16;
-        int j = 0;
-        for (; j < common; j += 16) {
-            int8_second(p, m, &B, j, PK, RP, vd, va, vsafe, km, kp, cur);
-            nmax = int8_first(g, m, &N, j, PK, born, vb, vc, nxt, nmax);
-        }
-        for (int i = j; i < B.len16; i += 16) int8_second(p, m, &B, i, PK, RP, vd, va, vsafe, km, kp, cur);
-        for (int i = j; i < N.len16; i += 16) nmax = int8_first(g, m, &N, i, PK, born, vb, vc, nxt, nmax);
-        int8_second_tail(p, m, &B, PK, RP, d, a, safe, key_m, key_p, offset, cur);
-        safe = int8_scale(g, m, scales, &N, PK, born, b, c, nxt, nmax);
-        float *t = cur;
-        cur = nxt;
-        nxt = t;
-        B = N;
-    }
-}
 #endif
 
 INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int len, const int PK,
@@ -584,18 +479,6 @@ INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int
     }                                                                                          \
     return;
 
-/* int8 momentum, no block crossing 2^32: each thread pipelines a contiguous range of blocks. */
-#define INT8(PK, RP)                                                                           \
-    _Pragma("omp parallel num_threads(nthreads) if(nblocks > 16)")                             \
-    {                                                                                          \
-        int id = 0, nth = 1;                                                                   \
-        SAI_THREAD_IDS                                                                         \
-        const int64_t k0 = nblocks * id / nth, k1 = nblocks * (id + 1) / nth;                  \
-        if (k0 < k1)                                                                           \
-            int8_range(p, g, m, scales, n, k0, k1, PK, born, b, c, d, a, key_m, key_p, offset, RP); \
-    }                                                                                          \
-    return;
-
 /* Lanes of the vector path this build runs: 16 (AVX-512F), 8 (AVX2), 1 (scalar). */
 int sai_lowp_lanes(void) {
 #if defined(__AVX512F__)
@@ -621,11 +504,6 @@ void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, i
     const uint32_t key_m = rounding ? stream_key(seed, SAI_STREAM_M, step, blk) : 0u;
     const uint32_t key_p = rounding ? stream_key(seed, SAI_STREAM_P, step, blk) : 0u;
     const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-#ifdef __AVX512F__
-    if (mk == 2 && (uint64_t)(uint32_t)offset + (uint64_t)n <= 0x100000000ull) {
-        if (pk == 0) { INT8(0, 0) } else if (round_p) { INT8(1, 1) } else { INT8(1, 0) }
-    }
-#endif
     if (pk == 0) {
         if (mk == 0) { CASE(0, 0) } else if (mk == 1) { CASE(0, 1) } else if (mk == 2) { CASE(0, 2) }
         else { CASE(0, -1) }

@@ -92,8 +92,8 @@ def test_kernel_equals_reference_bit_for_bit(param_dtype, buf_dtype):
 
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
 def test_threads_split_blocks_without_changing_a_bit(param_dtype):
-    """With 2 threads (OpenMP splits the blocks, and the int8 path pipelines each
-    thread's range) the kernel gives the single-threaded reference's bits."""
+    """With 2 threads (OpenMP splits the blocks) the kernel gives the single-threaded
+    reference's bits."""
     n = 41 * 2048 + 77  # enough blocks for the parallel region (more than 16)
     for buf_dtype in (torch.int8, torch.bfloat16):
         kw = dict(offset=2**32 + 5, maximize=False, round_params=True)
