@@ -14,9 +14,10 @@ rounded once: exactly what the torch reference (:func:`sai_dist.functional._low_
 computes, whose ``m.mul_(b).add_(g, alpha=c)`` and ``p.mul_(d).add_(m, alpha=a)`` are a
 rounded product and a fused multiply-add in torch's CPU kernels (checked by the tests).
 Stochastic rounding draws the bits of the documented counter-based hash
-(:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the same keys computed in
-Python) and rounds as the reference does (bfloat16: add the high 16 bits, truncate; int8:
-``floor(v / s + u)``, clamped to ±127), so kernel and reference agree bit for bit.
+(:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the stream keys derived in C
+from ``(seed, step, block)`` by the documented formula) and rounds as the reference does
+(bfloat16: add the high 16 bits, truncate; int8: ``floor(v / s + u)``, clamped to ±127),
+so kernel and reference agree bit for bit.
 
 The same per-element operations in three implementations, one source:
 
