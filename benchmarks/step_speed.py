@@ -29,6 +29,8 @@ Parts (all on by default except the 1B set and the end-to-end job):
     and bf16 momentum (stochastic rounding). Minimum traffic per element: 20 bytes fp32,
     16 bf16 momentum, 14 int8 momentum (+4 per 2048), 8 bf16 parameters with int8, 12 with
     bf16 momentum; achieved bytes/element are reported against the triad's.
+    ``--lowp-builds avx512,avx2,0`` times the kernel's builds (``SAI_DIST_LOWP_SIMD``) side
+    by side in the same rounds.
 ``e2e`` (``--e2e``)
     ``python -m sai_dist.train`` (FSDP2, 2 ranks, CPU) with SGD-SaI and with AdamW,
     alternated, median tokens/s over the timed steps.
@@ -269,7 +271,12 @@ def step_part(
     }
 
 
-def lowp_part(layers: int, repeats: int) -> dict[str, Any]:
+def lowp_part(layers: int, repeats: int, builds: list[str] | None = None) -> dict[str, Any]:
+    """The low-precision cases interleaved with the fp32-state step and a triad. ``builds``:
+    ``SAI_DIST_LOWP_SIMD`` values (``avx512``, ``avx2``, ``0``) to time the kernel cases
+    under, each its own set of cases in the same rounds (default: the default build only)."""
+    from sai_dist import native_lowp
+
     shapes = gpt_shapes(50257, 1024, 768, layers)[2:]  # no embeddings
     n = numel(shapes)
     # name: (param dtype, momentum_dtype, minimum bytes per element)
@@ -280,22 +287,58 @@ def lowp_part(layers: int, repeats: int) -> dict[str, Any]:
         "bf16_params_int8_momentum": (torch.bfloat16, "int8", 8.0 + 4 / 2048),
         "bf16_params_bf16_momentum": (torch.bfloat16, "bfloat16", 12.0),
     }
+    before = os.environ.get("SAI_DIST_LOWP_SIMD")
+    default = before if before is not None else "avx512"
+    builds = builds or [default]
+    kernel: dict[str, Any] = {}
+    for build in builds:
+        os.environ["SAI_DIST_LOWP_SIMD"] = build
+        kernel[build] = {"flags": list(native_lowp.isa_flags()), "lanes": native_lowp.lanes()}
+
+    def stepper(opt: SGDSaI, build: str) -> Callable[[], Any]:
+        def step() -> None:
+            os.environ["SAI_DIST_LOWP_SIMD"] = build  # which kernel build this case runs
+            opt.step()
+
+        return step
+
+    labelled: dict[str, tuple[torch.dtype, str | None, float]] = {}
     fns: dict[str, Callable[[], Any]] = {}
-    for name, (dtype, momentum_dtype, _) in cases.items():
-        params = make_params(shapes, torch.device("cpu"))
-        for p in params:
-            p.data = p.data.to(dtype)
-            p.grad = p.grad.to(dtype)
-        opt = SGDSaI(params, lr=1e-3, momentum=0.9, weight_decay=0.01, momentum_dtype=momentum_dtype)
-        opt.step()  # g-SNR and buffers: the steady step is timed
-        fns[name] = opt.step
+    for name, (dtype, momentum_dtype, nbytes) in cases.items():
+        for build in builds if momentum_dtype is not None else [default]:
+            label = name if len(builds) == 1 or momentum_dtype is None else f"{name}[{build}]"
+            params = make_params(shapes, torch.device("cpu"))
+            for p in params:
+                p.data = p.data.to(dtype)
+                p.grad = p.grad.to(dtype)
+            opt = SGDSaI(params, lr=1e-3, momentum=0.9, weight_decay=0.01, momentum_dtype=momentum_dtype)
+            os.environ["SAI_DIST_LOWP_SIMD"] = build
+            opt.step()  # g-SNR and buffers: the steady step is timed
+            fns[label] = stepper(opt, build)
+            labelled[label] = (dtype, momentum_dtype, nbytes)
     a, b, c = torch.randn(n), torch.randn(n), torch.empty(n)
     fns["triad"] = lambda: torch.add(a, b, alpha=3.0, out=c)
+    load_before = load()
     times = interleaved(fns, torch.device("cpu"), repeats)
+    load_after = load()
+    if before is None:
+        os.environ.pop("SAI_DIST_LOWP_SIMD", None)
+    else:
+        os.environ["SAI_DIST_LOWP_SIMD"] = before
     ms = {k: median_ms(v) for k, v in times.items()}
     triad_gbs = 12 * n / (ms["triad"] / 1e3) / 1e9
-    out: dict[str, Any] = {"elements": n, "layers": layers, "triad_GBps": triad_gbs, "cases": {}}
-    for name, (_, _, nbytes) in cases.items():
+    out: dict[str, Any] = {
+        "elements": n,
+        "layers": layers,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "kernel_builds": kernel,
+        "load_before": load_before,
+        "load_after": load_after,
+        "triad_GBps": triad_gbs,
+        "cases": {},
+    }
+    for name, (_, _, nbytes) in labelled.items():
         gbs = nbytes * n / (ms[name] / 1e3) / 1e9
         out["cases"][name] = {
             "ms": ms[name],
@@ -475,6 +518,11 @@ def main() -> None:
         "--parts", default="step,first,collectives", help="comma list of step,first,collectives"
     )
     parser.add_argument("--lowp-layers", type=int, default=2, help="GPT-2 small layers of the lowp part")
+    parser.add_argument(
+        "--lowp-builds",
+        default=None,
+        help="comma list of SAI_DIST_LOWP_SIMD builds (avx512,avx2,0) the lowp part times side by side",
+    )
     parser.add_argument("--e2e", action="store_true", help="also time the training job (a few minutes)")
     parser.add_argument("--e2e-steps", type=int, default=30)
     parser.add_argument("--e2e-runs", type=int, default=2)
@@ -509,7 +557,8 @@ def main() -> None:
         }
     }
     if "lowp" in parts:
-        result["lowp"] = lowp_part(args.lowp_layers, args.repeats)
+        builds = args.lowp_builds.split(",") if args.lowp_builds else None
+        result["lowp"] = lowp_part(args.lowp_layers, args.repeats, builds)
         print(json.dumps(result["lowp"], indent=1))
     if "step" in parts:
         result["step"] = {}

@@ -238,9 +238,19 @@ def _build(cc: str, name: str, source: str, target: str, extra: Sequence[str], l
         os.replace(out, target)
 
 
-def _build_best(cc: str, name: str, source: str, target: str, libs: Sequence[str]) -> None:
-    """Multiversioned (AVX2 + baseline, see the source) where the toolchain supports
-    ``target_clones`` (x86-64 GCC on glibc), else the baseline alone."""
+def _build_best(
+    cc: str, name: str, source: str, target: str, libs: Sequence[str], isa: Sequence[str] = ()
+) -> None:
+    """With ``isa`` (instruction-set flags such as ``-mavx2``, given only when this CPU has
+    them) that build first; else, or if it fails, multiversioned (AVX2 + baseline, see the
+    source) where the toolchain supports ``target_clones`` (x86-64 GCC on glibc), else the
+    baseline alone."""
+    if isa:
+        try:
+            _build(cc, name, source, target, isa, libs)
+            return
+        except RuntimeError:
+            pass  # a compiler without these flags: the portable builds below
     if platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux"):
         try:
             _build(cc, name, source, target, ["-DSAI_MULTIVERSION"], libs)
@@ -250,12 +260,27 @@ def _build_best(cc: str, name: str, source: str, target: str, libs: Sequence[str
     _build(cc, name, source, target, (), libs)
 
 
-def load_c_library(name: str, source: str, libs: Sequence[str] = ()) -> ctypes.CDLL:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (``/proc/cpuinfo``: ``avx2``, ``fma``,
+    ...); empty where they cannot be read, so callers then build for the baseline."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def load_c_library(name: str, source: str, libs: Sequence[str] = (), isa: Sequence[str] = ()) -> ctypes.CDLL:
     """Build (once, cached) and load a C source of this package's kernels.
 
     The shared object lives under ``~/.cache/sai_dist`` (``SAI_DIST_KERNEL_DIR``), keyed by
-    source, flags, compiler and machine; an unwritable cache falls back to a private
-    directory. Raises :class:`KernelUnavailable` with the reason when disabled
+    source, flags (``isa`` included: instruction-set flags the caller checked this CPU has,
+    tried first, see :func:`_build_best`), compiler and machine; an unwritable cache falls
+    back to a private directory. Raises :class:`KernelUnavailable` with the reason when disabled
     (``SAI_DIST_NATIVE=0``), on an unsupported platform, with no compiler, or when the build
     fails."""
     if os.environ.get("SAI_DIST_NATIVE", "1") == "0":
@@ -268,17 +293,22 @@ def load_c_library(name: str, source: str, libs: Sequence[str] = ()) -> ctypes.C
     try:
         key = hashlib.sha256(
             "\0".join(
-                [source, " ".join(_FLAGS + list(libs)), _compiler_identity(cc), platform.machine()]
+                [
+                    source,
+                    " ".join(_FLAGS + list(libs) + list(isa)),
+                    _compiler_identity(cc),
+                    platform.machine(),
+                ]
             ).encode()
         ).hexdigest()[:16]
         target = os.path.join(_cache_dir(), f"{name}_{key}.so")
         if not os.path.exists(target):
             try:
-                _build_best(cc, name, source, target, libs)
+                _build_best(cc, name, source, target, libs, isa)
             except PermissionError:
                 # An unwritable cache (read-only home): build into a private directory.
                 target = os.path.join(tempfile.mkdtemp(prefix="sai_dist_"), os.path.basename(target))
-                _build_best(cc, name, source, target, libs)
+                _build_best(cc, name, source, target, libs, isa)
         return ctypes.CDLL(target)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"building {name} failed: {exc}") from exc

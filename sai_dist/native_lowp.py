@@ -6,20 +6,35 @@ the same dtype) × momentum {float32, bfloat16, int8}. Per block of
 :data:`~sai_dist.momentum.BLOCK` elements of the piece (OpenMP splits the blocks):
 
 .. math::
-    m' = b\,\hat m + c\,g \;(\text{or } c\,g \text{ when born}),\qquad
-    p' = d\,p + a\,m'
+    m' = \operatorname{fma}(g, c, \hat m\,b) \;(\text{or } c\,g \text{ when born}),\qquad
+    p' = \operatorname{fma}(m', a, p\,d)
 
-in float32 (``-std=c99``: no FMA contraction), ``\hat m`` the decoded buffer; ``m'`` is
-kept in a block-sized stack buffer so the int8 absmax scale of the block is known before
-its codes are written. Stochastic rounding draws the bits of the documented counter-based
-hash (:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the same keys computed
-in Python), so the kernel and the torch reference round with the same random bits; their
-float32 arithmetic may differ in the last bit (torch's vectorized ``add(alpha=)`` fuses a
-multiply-add), which changes a stochastic rounding only when the value sits within that
-bit of its threshold (tested: all elements within one unit of the stored type, > 99 %
-identical).
+in float32, ``\hat m`` the decoded buffer, every product rounded once and each ``fma``
+rounded once: exactly what the torch reference (:func:`sai_dist.functional._low_precision_sgd_sai`)
+computes, whose ``m.mul_(b).add_(g, alpha=c)`` and ``p.mul_(d).add_(m, alpha=a)`` are a
+rounded product and a fused multiply-add in torch's CPU kernels (checked by the tests).
+Stochastic rounding draws the bits of the documented counter-based hash
+(:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the stream keys derived in C
+from ``(seed, step, block)`` by the documented formula) and rounds as the reference does
+(bfloat16: add the high 16 bits, truncate; int8: ``floor(v / s + u)``, clamped to ±127),
+so kernel and reference agree bit for bit.
 
-Built like :mod:`sai_dist.native` (system compiler, cached by source, compiler and
+The same per-element operations in three implementations, one source:
+
+- AVX-512F (16 lanes) and AVX2 + FMA (8 lanes) intrinsics: the hash's ``uint32``
+  multiply-xorshift mixing, bf16 conversion and stochastic rounding, int8 decode, absmax on
+  the ``|v|`` bit patterns, int8 encode, the parameter update. The build takes the widest
+  one whose features ``/proc/cpuinfo`` lists (``-mavx2 -mfma [-mavx512f]``; the flags are
+  in the cache key), at most ``SAI_DIST_LOWP_SIMD`` (``avx512``, ``avx2``, or ``0``: the
+  portable build). For int8 the new values of a block stay in a block-sized stack buffer
+  (L1) so the block's absmax scale is known before its codes are written; the other
+  combinations are one pass.
+- The scalar definition (``fmaf`` for the fused multiply-adds): the portable build's only
+  path, and, in a vector build, a block's last ``len mod lanes`` elements and any block
+  whose element index crosses a multiple of :math:`2^{32}` (the vector hash keeps the
+  index's high word constant over a block).
+
+Built like :mod:`sai_dist.native` (system compiler, cached by source, flags, compiler and
 machine; ``SAI_DIST_NATIVE=0`` disables it, and the torch reference runs instead).
 """
 
@@ -27,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -35,20 +51,27 @@ from torch import Tensor
 from sai_dist import native
 from sai_dist.momentum import BLOCK, STREAM_MOMENTUM, STREAM_PARAM, Rounding
 
-__all__ = ["library", "step_piece", "supported"]
+__all__ = ["isa_flags", "lanes", "library", "step_piece", "supported"]
 
-_SOURCE = r"""
+#: Vector builds, widest first: (``SAI_DIST_LOWP_SIMD`` name, CPU flags it needs, compiler flags).
+_BUILDS = (
+    ("avx512", ("avx2", "fma", "avx512f"), ("-mavx2", "-mfma", "-mavx512f")),
+    ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma")),
+)
+
+_SOURCE = (
+    r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define BLOCK SAI_BLOCK
-#ifdef SAI_MULTIVERSION
-#define SAI_TARGETS __attribute__((target_clones("avx2", "default")))
-#else
-#define SAI_TARGETS
-#endif
 #define INLINE static inline __attribute__((always_inline))
+
+/* ---- the scalar definition (fallback, tails, blocks whose index wraps 2^32) ---------- */
 
 INLINE uint32_t mix(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x5bd1e995u; x ^= x >> 16;
@@ -60,92 +83,427 @@ INLINE uint32_t draw(uint32_t key, int64_t index) {
 INLINE float bf16_to_f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
 }
-/* Branch-free (vectorizable): non-finite values round to nearest (NaN stays NaN, quiet). */
-INLINE uint16_t f_to_bf16(float f, uint32_t add, int stochastic) {
+/* Non-finite values round to nearest (NaN stays NaN, quiet). */
+INLINE uint16_t f_to_bf16(float f, uint32_t bits, int stochastic) {
     uint32_t u; memcpy(&u, &f, 4);
     const uint32_t nearest = u + 0x7fffu + ((u >> 16) & 1u);
     const int finite = (u & 0x7f800000u) != 0x7f800000u;
     const int nan = !finite && (u & 0x007fffffu);
-    uint32_t r = (stochastic && finite) ? u + (add >> 16) : (finite ? nearest : u);
+    uint32_t r = (stochastic && finite) ? u + (bits >> 16) : (finite ? nearest : u);
     r = nan ? (u | 0x00400000u) : r;
     return (uint16_t)(r >> 16);
 }
+/* |v| as ordered bits, NaN as 0 (skipped by the absmax, as torch's compare skipped it) */
+INLINE uint32_t abs_bits(float v) {
+    uint32_t u; memcpy(&u, &v, 4);
+    u &= 0x7fffffffu;
+    return u > 0x7f800000u ? 0u : u;
+}
 
-/* One block; PK: 0 float32, 1 bfloat16 parameter (and gradient); MK: 0 float32,
-   1 bfloat16, 2 int8, -1 no momentum. Constants after inlining: every combination is its
-   own branch-free loop pair. */
-INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int64_t len, const int PK,
-                  const int MK, int born, float b, float c, float d, float a, uint32_t key_m,
-                  uint32_t key_p, int64_t offset, const int RP) {
-    float mn[BLOCK];
-    float absmax = 0.0f;
-    const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
-    for (int64_t j = 0; j < len; j++) {
-        const int64_t i = s + j;
-        const float gi = PK ? bf16_to_f(((const uint16_t *)g)[i]) : ((const float *)g)[i];
-        float mo = 0.0f;
-        if (MK == 0) mo = ((float *)m)[i];
-        else if (MK == 1) mo = bf16_to_f(((uint16_t *)m)[i]);
-        else if (MK == 2) mo = (float)((int8_t *)m)[i] * old_scale;
-        float mb = mo * b;
-        float cg = gi * c;
-        const float v = MK < 0 ? gi : (born ? cg : mb + cg);
-        mn[j] = v;
-        const float av = fabsf(v);
-        absmax = av > absmax ? av : absmax;
+/* Element i (index in the piece) of the update: m' = b m + c g, computed as torch's
+   m.mul_(b).add_(g, alpha=c) computes it: one rounded product, then a fused multiply-add.
+   born: c g; no momentum (MK < 0): g. */
+INLINE float elem_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
+                    float b, float c, float old_scale) {
+    const float gi = PK ? bf16_to_f(((const uint16_t *)g)[i]) : ((const float *)g)[i];
+    if (MK < 0) return gi;
+    if (born) return gi * c;
+    float mo;
+    if (MK == 0) mo = ((const float *)m)[i];
+    else if (MK == 1) mo = bf16_to_f(((const uint16_t *)m)[i]);
+    else mo = (float)((const int8_t *)m)[i] * old_scale;
+    return fmaf(gi, c, mo * b);
+}
+/* p' = d p + a m' as torch's p.mul_(d).add_(m', alpha=a): product, then fused multiply-add. */
+INLINE void elem_p(void *p, int64_t i, float mv, const int PK, const int RP, float d, float a,
+                   uint32_t key_p, int64_t index) {
+    if (PK) {
+        uint16_t *ph = (uint16_t *)p;
+        const float v = fmaf(mv, a, bf16_to_f(ph[i]) * d);
+        ph[i] = RP ? f_to_bf16(v, draw(key_p, index), 1) : f_to_bf16(v, 0u, 0);
+    } else {
+        float *pp = (float *)p;
+        pp[i] = fmaf(mv, a, pp[i] * d);
     }
-    const float scale = absmax / 127.0f;
-    if (MK == 2) scales[s / BLOCK] = scale;
-    const float safe = scale > 0.0f ? scale : 1.0f;
-    for (int64_t j = 0; j < len; j++) {
-        const int64_t i = s + j;
-        const float v = mn[j];
-        if (MK == 0) {
-            ((float *)m)[i] = v;
-        } else if (MK == 1) {
-            ((uint16_t *)m)[i] = f_to_bf16(v, draw(key_m, offset + i), 1);
-        } else if (MK == 2) {
-            /* scale 0 means every v of the block is 0: dividing by 1 gives the 0 torch's
-               where() gives, without a branch (a guarded division blocks vectorization) */
-            float q = v / safe;
-            const float u = (float)(draw(key_m, offset + i) >> 8) * 5.9604644775390625e-08f;
-            q = q + u;
-            /* floor by truncation (vectorizes; floorf may be a call): |q| <= 128 here */
-            q = q > 127.0f ? 127.0f : q;
-            q = q < -127.0f ? -127.0f : q;
-            int32_t t = (int32_t)q;
-            t -= (float)t > q;
-            ((int8_t *)m)[i] = (int8_t)t;
+}
+/* Momentum store of float32 / bfloat16 (stochastic) buffers. */
+INLINE void elem_store_m(void *m, int64_t i, float mv, const int MK, uint32_t key_m, int64_t index) {
+    if (MK == 0) ((float *)m)[i] = mv;
+    else if (MK == 1) ((uint16_t *)m)[i] = f_to_bf16(mv, draw(key_m, index), 1);
+}
+/* int8 code: floor(v / scale + u), u = (bits >> 8) / 2^24, clamped to [-127, 127]. A zero
+   scale (every v of the block 0, or too small for absmax / 127 to be a float) is passed as
+   infinity: v / inf = +-0, so the code is 0, the 0 torch's where(scale > 0, ...) gives. */
+INLINE int8_t elem_code(float v, float safe, uint32_t bits) {
+    float q = v / safe;
+    q = q + (float)(int32_t)(bits >> 8) * 5.9604644775390625e-08f;
+    q = q > 127.0f ? 127.0f : q;
+    q = q < -127.0f ? -127.0f : q;
+    int32_t t = (int32_t)q; /* floor by truncation: |q| <= 127 */
+    t -= (int32_t)((float)t > q);
+    return (int8_t)t;
+}
+INLINE float scale_of(uint32_t amax) {
+    float absmax; memcpy(&absmax, &amax, 4);
+    return absmax / 127.0f;
+}
+
+/* One block (elements [s, s + len) of the piece) element by element, from element j0 on;
+   for int8 the block's absmax folds in `amax` (the lanes already done) and mn[0..j0) holds
+   the first j0 new values. */
+INLINE void block_tail(void *p, const void *g, void *m, float *scales, int64_t s, int len, int j0,
+                       float *mn, uint32_t amax, const int PK, const int MK, int born, float b,
+                       float c, float d, float a, uint32_t key_m, uint32_t key_p, int64_t offset,
+                       const int RP, float old_scale) {
+    const int64_t base = offset + s;
+    if (MK != 2) {
+        for (int j = j0; j < len; j++) {
+            const float mv = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+            elem_store_m(m, s + j, mv, MK, key_m, base + j);
+            elem_p(p, s + j, mv, PK, RP, d, a, key_p, base + j);
         }
-        if (PK) {
-            float pd = bf16_to_f(((uint16_t *)p)[i]) * d;
-            float am = v * a;
-            const uint32_t bits = RP ? draw(key_p, offset + i) : 0u;
-            ((uint16_t *)p)[i] = f_to_bf16(pd + am, bits, RP);
-        } else {
-            float *pp = (float *)p;
-            float pd = pp[i] * d;
-            float am = v * a;
-            pp[i] = pd + am;
-        }
+        return;
+    }
+    for (int j = j0; j < len; j++) {
+        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+        const uint32_t u = abs_bits(mn[j]);
+        amax = u > amax ? u : amax;
+    }
+    const float scale = scale_of(amax);
+    scales[s / BLOCK] = scale;
+    const float safe = scale > 0.0f ? scale : INFINITY;
+    int8_t *mq = (int8_t *)m;
+    for (int j = 0; j < len; j++) {
+        mq[s + j] = elem_code(mn[j], safe, draw(key_m, base + j));
+        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
     }
 }
 
-#define CASE(PK, MK)                                                                          \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)")       \
-    for (int64_t k = 0; k < nblocks; k++) {                                                   \
-        const int64_t s = k * BLOCK, len = (s + BLOCK < n ? s + BLOCK : n) - s;               \
-        if (round_p) block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 1); \
-        else block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 0); \
-    }                                                                                         \
+#ifdef __AVX2__
+/* ---- AVX2: the same operations on 8 lanes ------------------------------------------- */
+
+INLINE __m256i mix8(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x5bd1e995));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+/* draw(key, index) for 8 consecutive indices whose low words lo .. lo + 7 do not wrap:
+   the high word hi is then one constant. */
+INLINE __m256i draw8(uint32_t key, uint32_t lo, uint32_t hi) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)lo), lane);
+    const __m256i h = mix8(_mm256_xor_si256(idx, _mm256_set1_epi32((int)key)));
+    return mix8(_mm256_xor_si256(h, _mm256_set1_epi32((int)hi)));
+}
+INLINE __m256 load_bf16(const uint16_t *x) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+INLINE __m256 load_g(const void *g, int64_t i, const int PK) {
+    return PK ? load_bf16((const uint16_t *)g + i) : _mm256_loadu_ps((const float *)g + i);
+}
+/* f_to_bf16 on 8 lanes, stored. */
+INLINE void store_bf16(uint16_t *out, __m256 v, __m256i bits, const int stochastic) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
+    __m256i add;
+    if (stochastic) {
+        add = _mm256_srli_epi32(bits, 16);
+    } else {
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        add = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
+    }
+    /* no finite mask: an infinity's low 16 bits are 0 and add < 2^16, so it stays infinite */
+    __m256i r = _mm256_add_epi32(u, add);
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    _mm_storeu_si128((__m128i *)out,
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+INLINE __m256 vec_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
+                    __m256 b, __m256 c, __m256 old_scale) {
+    const __m256 gi = load_g(g, i, PK);
+    if (MK < 0) return gi;
+    if (born) return _mm256_mul_ps(gi, c);
+    __m256 mo;
+    if (MK == 0) mo = _mm256_loadu_ps((const float *)m + i);
+    else if (MK == 1) mo = load_bf16((const uint16_t *)m + i);
+    else mo = _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)m + i)))),
+        old_scale);
+    return _mm256_fmadd_ps(gi, c, _mm256_mul_ps(mo, b));
+}
+INLINE void vec_p(void *p, int64_t i, __m256 mv, const int PK, const int RP, __m256 d, __m256 a,
+                  uint32_t key_p, uint32_t lo, uint32_t hi) {
+    if (PK) {
+        uint16_t *ph = (uint16_t *)p + i;
+        const __m256 v = _mm256_fmadd_ps(mv, a, _mm256_mul_ps(load_bf16(ph), d));
+        store_bf16(ph, v, RP ? draw8(key_p, lo, hi) : _mm256_setzero_si256(), RP);
+    } else {
+        float *pp = (float *)p + i;
+        _mm256_storeu_ps(pp, _mm256_fmadd_ps(mv, a, _mm256_mul_ps(_mm256_loadu_ps(pp), d)));
+    }
+}
+/* elem_code on 8 lanes; the low byte of each int32 is stored (as the scalar cast does). */
+INLINE void store_codes(int8_t *out, __m256 v, __m256 safe, __m256i bits) {
+    /* q = v / s + u as one fma: (bits >> 8) * 2^-24 is exact, so the one rounding is the add's */
+    __m256 q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8)),
+                               _mm256_set1_ps(5.9604644775390625e-08f), _mm256_div_ps(v, safe));
+    /* operand order keeps a NaN q (min/max return the second operand on NaN) */
+    q = _mm256_min_ps(_mm256_set1_ps(127.0f), q);
+    q = _mm256_max_ps(_mm256_set1_ps(-127.0f), q);
+    const __m256i t = _mm256_cvttps_epi32(_mm256_floor_ps(q));
+    const __m256i lowbytes = _mm256_shuffle_epi8(
+        t, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m256i packed = _mm256_permutevar8x32_epi32(lowbytes, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+    _mm_storel_epi64((__m128i *)out, _mm256_castsi256_si128(packed));
+}
+
+INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s, int len,
+                       const int PK, const int MK, int born, float b, float c, float d, float a,
+                       uint32_t key_m, uint32_t key_p, int64_t offset, const int RP) {
+    float mn[BLOCK];
+    const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
+    const int64_t base = offset + s;
+    const uint32_t lo = (uint32_t)base, hi = (uint32_t)((uint64_t)base >> 32);
+    const int len8 = len & ~7;
+    const __m256 vb = _mm256_set1_ps(b), vc = _mm256_set1_ps(c), vd = _mm256_set1_ps(d);
+    const __m256 va = _mm256_set1_ps(a), vs = _mm256_set1_ps(old_scale);
+    if (MK != 2) {
+        for (int j = 0; j < len8; j += 8) {
+            const __m256 mv = vec_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+            if (MK == 0) _mm256_storeu_ps((float *)m + s + j, mv);
+            else if (MK == 1) store_bf16((uint16_t *)m + s + j, mv, draw8(key_m, lo + (uint32_t)j, hi), 1);
+            vec_p(p, s + j, mv, PK, RP, vd, va, key_p, lo + (uint32_t)j, hi);
+        }
+        block_tail(p, g, m, scales, s, len, len8, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p,
+                   offset, RP, old_scale);
+        return;
+    }
+    /* int8: the new values and their absmax first (the scale precedes every code) */
+    __m256i vmax = _mm256_setzero_si256();
+    const __m256i inf = _mm256_set1_epi32(0x7f800000), mask = _mm256_set1_epi32(0x7fffffff);
+    for (int j = 0; j < len8; j += 8) {
+        const __m256 mv = vec_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+        _mm256_storeu_ps(mn + j, mv);
+        __m256i u = _mm256_and_si256(_mm256_castps_si256(mv), mask);
+        u = _mm256_andnot_si256(_mm256_cmpgt_epi32(u, inf), u);
+        vmax = _mm256_max_epi32(vmax, u);
+    }
+    uint32_t lanes[8], amax = 0u;
+    _mm256_storeu_si256((__m256i *)lanes, vmax);
+    for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+    for (int j = len8; j < len; j++) {
+        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+        const uint32_t u = abs_bits(mn[j]);
+        amax = u > amax ? u : amax;
+    }
+    const float scale = scale_of(amax);
+    scales[s / BLOCK] = scale;
+    const float safe = scale > 0.0f ? scale : INFINITY;
+    const __m256 vsafe = _mm256_set1_ps(safe);
+    int8_t *mq = (int8_t *)m + s;
+    for (int j = 0; j < len8; j += 8) {
+        const __m256 mv = _mm256_loadu_ps(mn + j);
+        store_codes(mq + j, mv, vsafe, draw8(key_m, lo + (uint32_t)j, hi));
+        vec_p(p, s + j, mv, PK, RP, vd, va, key_p, lo + (uint32_t)j, hi);
+    }
+    for (int j = len8; j < len; j++) {
+        mq[j] = elem_code(mn[j], safe, draw(key_m, base + j));
+        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
+    }
+}
+#endif
+
+#ifdef __AVX512F__
+/* ---- AVX-512F: the same operations on 16 lanes (where the CPU has it) ------------------ */
+
+INLINE __m512i mix16(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x5bd1e995));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+/* draw(key, index) for the 16 indices whose low words are idx (no wrap: hi constant) */
+INLINE __m512i draw16(__m512i idx, __m512i key, __m512i hi) {
+    return mix16(_mm512_xor_si512(mix16(_mm512_xor_si512(idx, key)), hi));
+}
+INLINE __m512 load_bf16_16(const uint16_t *x) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+/* f_to_bf16 on 16 lanes, stored (the kept high halves are < 2^16: truncating vpmovdw). */
+INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i bits, const int stochastic) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
+    __m512i add;
+    if (stochastic) {
+        add = _mm512_srli_epi32(bits, 16);
+    } else {
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        add = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd);
+    }
+    /* no finite mask: an infinity's low 16 bits are 0 and add < 2^16, so it stays infinite */
+    __m512i r = _mm512_add_epi32(u, add);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+INLINE __m512 vec16_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
+                      __m512 b, __m512 c, __m512 old_scale) {
+    const __m512 gi = PK ? load_bf16_16((const uint16_t *)g + i) : _mm512_loadu_ps((const float *)g + i);
+    if (MK < 0) return gi;
+    if (born) return _mm512_mul_ps(gi, c);
+    __m512 mo;
+    if (MK == 0) mo = _mm512_loadu_ps((const float *)m + i);
+    else if (MK == 1) mo = load_bf16_16((const uint16_t *)m + i);
+    else mo = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)m + i)))),
+        old_scale);
+    return _mm512_fmadd_ps(gi, c, _mm512_mul_ps(mo, b));
+}
+INLINE void vec16_p(void *p, int64_t i, __m512 mv, const int PK, const int RP, __m512 d, __m512 a,
+                    __m512i idx, __m512i key_p, __m512i hi) {
+    if (PK) {
+        uint16_t *ph = (uint16_t *)p + i;
+        const __m512 v = _mm512_fmadd_ps(mv, a, _mm512_mul_ps(load_bf16_16(ph), d));
+        store_bf16_16(ph, v, RP ? draw16(idx, key_p, hi) : _mm512_setzero_si512(), RP);
+    } else {
+        float *pp = (float *)p + i;
+        _mm512_storeu_ps(pp, _mm512_fmadd_ps(mv, a, _mm512_mul_ps(_mm512_loadu_ps(pp), d)));
+    }
+}
+/* elem_code on 16 lanes; vpmovdb keeps the low byte of each int32, as the scalar cast. */
+INLINE void store_codes16(int8_t *out, __m512 v, __m512 safe, __m512i bits) {
+    /* q = v / s + u as one fma: (bits >> 8) * 2^-24 is exact, so the one rounding is the add's */
+    __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)),
+                               _mm512_set1_ps(5.9604644775390625e-08f), _mm512_div_ps(v, safe));
+    q = _mm512_min_ps(_mm512_set1_ps(127.0f), q); /* a NaN q passes, as in the scalar code */
+    q = _mm512_max_ps(_mm512_set1_ps(-127.0f), q);
+    const __m512i t = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(t));
+}
+
+INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t s, int len,
+                         const int PK, const int MK, int born, float b, float c, float d, float a,
+                         uint32_t key_m, uint32_t key_p, int64_t offset, const int RP) {
+    float mn[BLOCK];
+    const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
+    const int64_t base = offset + s;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i idx0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lane);
+    const __m512i vhi = _mm512_set1_epi32((int)(uint32_t)((uint64_t)base >> 32));
+    const __m512i km = _mm512_set1_epi32((int)key_m), kp = _mm512_set1_epi32((int)key_p);
+    const int len16 = len & ~15;
+    const __m512 vb = _mm512_set1_ps(b), vc = _mm512_set1_ps(c), vd = _mm512_set1_ps(d);
+    const __m512 va = _mm512_set1_ps(a), vs = _mm512_set1_ps(old_scale);
+    if (MK != 2) {
+        for (int j = 0; j < len16; j += 16) {
+            const __m512i idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(j));
+            const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+            if (MK == 0) _mm512_storeu_ps((float *)m + s + j, mv);
+            else if (MK == 1) store_bf16_16((uint16_t *)m + s + j, mv, draw16(idx, km, vhi), 1);
+            vec16_p(p, s + j, mv, PK, RP, vd, va, idx, kp, vhi);
+        }
+        block_tail(p, g, m, scales, s, len, len16, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p,
+                   offset, RP, old_scale);
+        return;
+    }
+    __m512i vmax = _mm512_setzero_si512();
+    const __m512i inf = _mm512_set1_epi32(0x7f800000), mask = _mm512_set1_epi32(0x7fffffff);
+    for (int j = 0; j < len16; j += 16) {
+        const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+        _mm512_storeu_ps(mn + j, mv);
+        const __m512i u = _mm512_and_si512(_mm512_castps_si512(mv), mask);
+        vmax = _mm512_mask_max_epi32(vmax, _mm512_cmple_epi32_mask(u, inf), vmax, u);
+    }
+    uint32_t amax = (uint32_t)_mm512_reduce_max_epi32(vmax);
+    for (int j = len16; j < len; j++) {
+        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+        const uint32_t u = abs_bits(mn[j]);
+        amax = u > amax ? u : amax;
+    }
+    const float scale = scale_of(amax);
+    scales[s / BLOCK] = scale;
+    const float safe = scale > 0.0f ? scale : INFINITY;
+    const __m512 vsafe = _mm512_set1_ps(safe);
+    int8_t *mq = (int8_t *)m + s;
+    for (int j = 0; j < len16; j += 16) {
+        const __m512i idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(j));
+        const __m512 mv = _mm512_loadu_ps(mn + j);
+        store_codes16(mq + j, mv, vsafe, draw16(idx, km, vhi));
+        vec16_p(p, s + j, mv, PK, RP, vd, va, idx, kp, vhi);
+    }
+    for (int j = len16; j < len; j++) {
+        mq[j] = elem_code(mn[j], safe, draw(key_m, base + j));
+        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
+    }
+}
+
+#endif
+
+INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int len, const int PK,
+                  const int MK, int born, float b, float c, float d, float a, uint32_t key_m,
+                  uint32_t key_p, int64_t offset, const int RP) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    /* the vector hash keeps the index's high word constant over the block: a block whose
+       element index crosses a multiple of 2^32 takes the scalar path */
+    if ((uint64_t)(uint32_t)(offset + s) + (uint64_t)len <= 0x100000000ull) {
+#ifdef __AVX512F__
+        block_avx512(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, RP);
+#else
+        block_avx2(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, RP);
+#endif
+        return;
+    }
+#endif
+    float mn[BLOCK];
+    const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
+    block_tail(p, g, m, scales, s, len, 0, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p, offset,
+               RP, old_scale);
+}
+
+#define CASE(PK, MK)                                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)")        \
+    for (int64_t k = 0; k < nblocks; k++) {                                                    \
+        const int64_t s = k * BLOCK;                                                           \
+        const int len = (int)((s + BLOCK < n ? s + BLOCK : n) - s);                            \
+        if (round_p)                                                                           \
+            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 1);       \
+        else                                                                                   \
+            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 0);       \
+    }                                                                                          \
     return;
 
-/* coef = {b, c, d, a}: m' = b m + c g (born: c g), p' = d p + a m'. round_p: stochastic
-   rounding of a bfloat16 parameter (else nearest). */
-SAI_TARGETS void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk,
-                                int mk, int born, const float *coef, uint32_t key_m, uint32_t key_p,
-                                int64_t offset, int round_p, int nthreads) {
-    const float b = coef[0], c = coef[1], d = coef[2], a = coef[3];
+/* Lanes of the vector path this build runs: 16 (AVX-512F), 8 (AVX2), 1 (scalar). */
+int sai_lowp_lanes(void) {
+#if defined(__AVX512F__)
+    return 16;
+#elif defined(__AVX2__)
+    return 8;
+#else
+    return 1;
+#endif
+}
+
+/* Rounding.key(stream) of sai_dist.momentum (seed, step and block taken mod 2^32). */
+static uint32_t stream_key(uint32_t seed, uint32_t stream, uint32_t step, uint32_t blk) {
+    return mix(mix(mix(mix(seed) ^ stream) ^ step) ^ blk);
+}
+
+/* m' = b m + c g (born: c g), p' = d p + a m'. rounding: draw from the keys of (seed, step,
+   blk), offset the piece's first element's index in the original parameter (else keys 0);
+   round_p: stochastic rounding of a bfloat16 parameter (else nearest). */
+void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk, int mk,
+                    int born, float b, float c, float d, float a, int rounding, uint32_t seed,
+                    uint32_t step, uint32_t blk, int64_t offset, int round_p, int nthreads) {
+    const uint32_t key_m = rounding ? stream_key(seed, SAI_STREAM_M, step, blk) : 0u;
+    const uint32_t key_p = rounding ? stream_key(seed, SAI_STREAM_P, step, blk) : 0u;
     const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
     if (pk == 0) {
         if (mk == 0) { CASE(0, 0) } else if (mk == 1) { CASE(0, 1) } else if (mk == 2) { CASE(0, 2) }
@@ -156,39 +514,84 @@ SAI_TARGETS void sai_lowp_piece(void *p, const void *g, void *m, float *scales, 
     }
 }
 """.replace("SAI_BLOCK", str(BLOCK))
+    .replace("SAI_STREAM_M", f"{STREAM_MOMENTUM}u")
+    .replace("SAI_STREAM_P", f"{STREAM_PARAM}u")
+)
 
 _reason: str | None = None
+_M32 = 0xFFFFFFFF
 _PK = {torch.float32: 0, torch.bfloat16: 1}
+_PLAIN = (Tensor, torch.nn.Parameter)
 _MK = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
+def isa_flags(choice: str | None = None) -> tuple[str, ...]:
+    """Compiler flags of the kernel build for this CPU: the widest vector build whose
+    features ``/proc/cpuinfo`` lists, at most ``choice`` (default ``SAI_DIST_LOWP_SIMD``:
+    ``avx512``/unset the widest, ``avx2``, ``0`` the portable scalar build, flags ``()``)."""
+    choice = os.environ.get("SAI_DIST_LOWP_SIMD", "avx512") if choice is None else choice
+    if choice == "0":
+        return ()
+    names = [name for name, _, _ in _BUILDS]
+    if choice not in names:
+        raise ValueError(f"SAI_DIST_LOWP_SIMD={choice!r}: must be one of {', '.join(names)} or 0")
+    cpu = native.cpu_flags()
+    for _, needs, flags in _BUILDS[names.index(choice) :]:
+        if all(f in cpu for f in needs):
+            return flags
+    return ()
+
+
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, built on first use; ``None`` when unavailable."""
+def _load(isa: tuple[str, ...]) -> ctypes.CDLL | None:
     global _reason
     try:
-        lib = native.load_c_library("sai_lowp", _SOURCE, libs=["-lm"])
+        lib = native.load_c_library("sai_lowp", _SOURCE, libs=["-lm"], isa=isa)
     except native.KernelUnavailable as exc:
         _reason = f"the low-precision kernel: {exc}"
         return None
-    ptr, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
-    lib.sai_lowp_piece.argtypes = [ptr, ptr, ptr, ptr, i64, i32, i32, i32, ptr, u32, u32, i64, i32, i32]
+    ptr, i64, i32, u32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
+    lib.sai_lowp_piece.argtypes = [
+        *(ptr, ptr, ptr, ptr, i64, i32, i32, i32),  # p, g, m, scales, n, pk, mk, born
+        *(f32, f32, f32, f32),  # b, c, d, a
+        *(i32, u32, u32, u32, i64, i32, i32),  # rounding, seed, step, block, offset, round_p, nthreads
+    ]
     lib.sai_lowp_piece.restype = None
+    lib.sai_lowp_lanes.argtypes = []
+    lib.sai_lowp_lanes.restype = i32
     _reason = None
     return lib
+
+
+@functools.cache
+def _flags_for(choice: str | None) -> tuple[str, ...]:
+    return isa_flags("avx512" if choice is None else choice)
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use for :func:`isa_flags`; ``None`` when
+    unavailable."""
+    return _load(_flags_for(os.environ.get("SAI_DIST_LOWP_SIMD")))
+
+
+def lanes(lib: ctypes.CDLL | None = None) -> int:
+    """Lanes of the vector path ``lib`` (default :func:`library`) runs: 16 (AVX-512F),
+    8 (AVX2), 1 (the scalar code alone); 0 when unavailable."""
+    lib = library() if lib is None else lib
+    return 0 if lib is None else int(lib.sai_lowp_lanes())
 
 
 def supported(param: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
     """Contiguous CPU tensors: parameter float32 or bfloat16 with a gradient of its dtype,
     buffer float32, bfloat16 or int8 (or none)."""
-    tensors = [t for t in (param, grad, buf) if t is not None]
-    return (
-        param.dtype in _PK
-        and grad.dtype == param.dtype
-        and (buf is None or buf.dtype in _MK)
-        and all(t.device.type == "cpu" and t.is_contiguous() and t.shape == param.shape for t in tensors)
-        and all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
-    )
+    # Called once per tensor per step: plain checks, no generators.
+    if param.dtype not in _PK or grad.dtype != param.dtype or (buf is not None and buf.dtype not in _MK):
+        return False
+    shape = param.shape
+    for t in (param, grad) if buf is None else (param, grad, buf):
+        if type(t) not in _PLAIN or t.device.type != "cpu" or not t.is_contiguous() or t.shape != shape:
+            return False
+    return True
 
 
 def step_piece(
@@ -208,9 +611,7 @@ def step_piece(
     n = param.numel()
     if n == 0:
         return
-    coef_t = torch.tensor(list(coef), dtype=torch.float32)
-    key_m = rounding.key(STREAM_MOMENTUM) if rounding is not None else 0
-    key_p = rounding.key(STREAM_PARAM) if rounding is not None else 0
+    b, c, d, a = coef
     lib.sai_lowp_piece(
         param.data_ptr(),
         grad.data_ptr(),
@@ -220,9 +621,14 @@ def step_piece(
         _PK[param.dtype],
         -1 if buf is None else _MK[buf.dtype],
         int(born),
-        coef_t.data_ptr(),
-        key_m,
-        key_p,
+        b,
+        c,
+        d,
+        a,
+        rounding is not None,
+        0 if rounding is None else rounding.seed & _M32,
+        0 if rounding is None else rounding.step & _M32,
+        0 if rounding is None else rounding.block & _M32,
         0 if rounding is None else rounding.offset,
         int(round_param and rounding is not None),
         torch.get_num_threads(),

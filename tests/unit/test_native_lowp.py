@@ -1,0 +1,203 @@
+"""The low-precision CPU kernel (:mod:`sai_dist.native_lowp`) against the torch reference
+(:func:`sai_dist.functional._low_precision_sgd_sai` with ``fused=False``), bit for bit.
+
+Both compute every product rounded once and ``add(alpha=)`` as one fused multiply-add, and
+draw the same counter-based bits, so any difference is a bug: the assertions are
+``torch.equal``. Covered: every parameter dtype x momentum dtype, piece lengths that are not
+a multiple of the AVX2 width (8) or of the block (2048), shorter than a block or than the
+width, fresh (uninitialised) buffers, maximize, bf16 parameters with and without stochastic
+rounding, element origins next to 2^32 (a block whose index crosses it takes the scalar
+path), the small-tensor rule through the optimizer, and every build (AVX-512, AVX2, scalar)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sai_dist import SGDSaI, native, native_lowp
+from sai_dist import momentum as lowp
+from sai_dist.functional import _low_precision_sgd_sai
+
+pytestmark = pytest.mark.skipif(
+    native_lowp.library() is None, reason=f"no native low-precision kernel: {native_lowp._reason}"
+)
+
+PARAM_DTYPES = [torch.float32, torch.bfloat16]
+BUF_DTYPES = [torch.float32, torch.bfloat16, torch.int8, None]
+# 37: under one vector of 8 and not a multiple of it; 2048: one whole block; 2053 and 5000:
+# whole blocks and a short one whose length is not a multiple of 8; 4104: a short block of 8k.
+LENGTHS = [37, 2048, 2053, 4104, 5000]
+# Origins of the piece's first element in the original parameter: small; a block that
+# crosses 2^32 (the vector hash keeps the high word constant over a block, so that block is
+# stepped by the scalar code); just past 2^32 (high word 1 in the vector hash).
+OFFSETS = [100, 2**32 - 3000, 2**32 + 5]
+
+
+def _steps(fused, n, param_dtype, buf_dtype, *, offset, maximize, round_params, steps=3):
+    """``steps`` updates of one piece through ``_low_precision_sgd_sai``; the first one
+    with a fresh buffer holding garbage (NaN, random codes and NaN scales): a born buffer
+    must not be read."""
+    gen = torch.Generator().manual_seed(n + offset % 997)
+    p = torch.randn(n, generator=gen).to(param_dtype)
+    if buf_dtype is None:
+        buf = None
+    elif buf_dtype == torch.int8:
+        buf = torch.randint(-127, 128, (n,), generator=gen, dtype=torch.int8)
+    else:
+        buf = torch.full((n,), float("nan"), dtype=buf_dtype)
+    sc = torch.full((lowp.num_scales([n]),), float("nan")) if buf_dtype == torch.int8 else None
+    for t in range(steps):
+        # A gradient scale that changes over the steps (the int8 scales move both ways).
+        g = (torch.randn(n, generator=gen) * 10.0 ** (-1 - t % 2)).to(param_dtype)
+        _low_precision_sgd_sai(
+            [p],
+            [g],
+            [buf],
+            [sc],
+            [0.8],
+            [t == 0],
+            [lowp.Rounding(7, t, 3, offset)],
+            lr=0.3,
+            momentum=0.0 if buf is None else 0.9,
+            weight_decay=0.01,
+            maximize=maximize,
+            round_params=round_params,
+            fused=fused,
+        )
+    return p, buf, sc
+
+
+def _assert_same(kernel, reference):
+    for k, r in zip(kernel, reference, strict=True):
+        if r is None:
+            assert k is None
+            continue
+        assert k.dtype == r.dtype
+        if not torch.equal(k, r):
+            diff = (k.float() != r.float()).nonzero().flatten()
+            first = diff[:5].tolist()
+            raise AssertionError(f"{diff.numel()} of {r.numel()} elements differ, first at {first}")
+
+
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("buf_dtype", BUF_DTYPES, ids=str)
+def test_kernel_equals_reference_bit_for_bit(param_dtype, buf_dtype):
+    for n in LENGTHS:
+        for offset in OFFSETS:
+            for maximize, round_params in [(False, True), (True, False)]:
+                kw = dict(offset=offset, maximize=maximize, round_params=round_params)
+                kernel = _steps(None, n, param_dtype, buf_dtype, **kw)
+                _assert_same(kernel, _steps(False, n, param_dtype, buf_dtype, **kw))
+
+
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+def test_threads_split_blocks_without_changing_a_bit(param_dtype):
+    """With 2 threads (OpenMP splits the blocks) the kernel gives the single-threaded
+    reference's bits."""
+    n = 41 * 2048 + 77  # enough blocks for the parallel region (more than 16)
+    for buf_dtype in (torch.int8, torch.bfloat16):
+        kw = dict(offset=2**32 + 5, maximize=False, round_params=True)
+        reference = _steps(False, n, param_dtype, buf_dtype, **kw)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            kernel = _steps(None, n, param_dtype, buf_dtype, **kw)
+        finally:
+            torch.set_num_threads(threads)
+        _assert_same(kernel, reference)
+
+
+def test_kernel_writes_the_documented_int8_codes_and_bf16_rounding():
+    """Independent of the reference's code: a born int8 buffer holds floor(v / s + u) with
+    s = absmax / 127 per block and u from the documented bits; a bf16 parameter rounded
+    stochastically is one of the two bf16 neighbours of the float32 update."""
+    n = 4100
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(n, generator=gen)
+    p = torch.zeros(n, dtype=torch.bfloat16)
+    buf = torch.empty(n, dtype=torch.int8)
+    sc = torch.empty(lowp.num_scales([n]))
+    key = lowp.Rounding(1, 0, 0, 2**32 - 1000)
+    native_lowp.step_piece(
+        p, g.bfloat16(), buf, sc, born=True, coef=(0.0, 1.0, 1.0, -0.5), rounding=key, round_param=True
+    )
+    v = g.bfloat16().float()
+    for k in range(3):
+        block = v[k * 2048 : (k + 1) * 2048]
+        assert float(sc[k]) == float(block.abs().max() / 127)
+    bits = key.bits(lowp.STREAM_MOMENTUM, 0, n, torch.device("cpu"))
+    u = (bits >> 8).double() / 2**24
+    per = sc.repeat_interleave(2048)[:n].double()
+    expect = torch.floor(v.double() / per + u).clamp(-127, 127)
+    # float64 against the kernel's float32 quotient: equal unless v / s + u sits within a
+    # float32 rounding of an integer.
+    assert float((buf.double() == expect).double().mean()) > 0.999
+    assert int((buf.double() - expect).abs().max()) <= 1
+    exact = -0.5 * v
+    lo = exact.bfloat16().float()
+    assert torch.all((p.float() - exact).abs() <= (exact.abs() * 2**-7 + 1e-30))
+    assert torch.all((p.float() == lo) | ((p.float() - lo).abs() <= lo.abs() * 2**-7 * 1.01))
+
+
+def test_small_tensor_rule_through_the_optimizer_is_bit_identical():
+    """Under int8 momentum a parameter below lowp.SMALL keeps float32 momentum: with bf16
+    parameters both kinds go through the kernel, and the whole trajectory equals the
+    reference's; with float32 parameters the large tensors do (the small one is plain
+    float32 state, the other native kernel's)."""
+    shapes = [(70, 80), (40,), (3, 1500)]  # 5600 (int8, a short block), 40 (< SMALL), 4500
+
+    def run(fused, dtype, stochastic):
+        gen = torch.Generator().manual_seed(11)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+        opt = SGDSaI(
+            params,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=0.01,
+            momentum_dtype="int8",
+            stochastic_rounding=stochastic,
+            seed=9,
+            fused=fused,
+        )
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        return params, opt
+
+    for dtype, stochastic in [(torch.bfloat16, None), (torch.bfloat16, False), (torch.float32, None)]:
+        (kp, kopt), (rp, ropt) = run(None, dtype, stochastic), run(False, dtype, stochastic)
+        for i, (a, b) in enumerate(zip(kp, rp, strict=True)):
+            ka, rb = kopt.state[a]["momentum_buffer"], ropt.state[b]["momentum_buffer"]
+            small = a.numel() < lowp.SMALL
+            assert ka.dtype == rb.dtype == (torch.float32 if small else torch.int8)
+            if small and dtype == torch.float32:
+                continue  # not a low-precision tensor: stepped by sai_dist.native, not this kernel
+            assert torch.equal(a, b), (dtype, stochastic, i)
+            assert torch.equal(ka, rb), (dtype, stochastic, i)
+
+
+@pytest.mark.parametrize("choice", ["0", "avx2", "avx512"])
+def test_every_build_equals_reference(monkeypatch, choice):
+    """Each build this CPU can run gives the same bits: ``SAI_DIST_LOWP_SIMD=0`` the
+    portable scalar code alone (no -mavx2; fmaf for the fused multiply-adds), ``avx2`` the
+    8-lane path, ``avx512`` the 16-lane one (the default where the CPU has it)."""
+    cpu = native.cpu_flags()
+    want = {"0": 1, "avx2": 8 if {"avx2", "fma"} <= cpu else 1}
+    want["avx512"] = 16 if {"avx2", "fma", "avx512f"} <= cpu else want["avx2"]
+    monkeypatch.setenv("SAI_DIST_LOWP_SIMD", choice)
+    assert native_lowp.library() is not None, native_lowp._reason
+    assert native_lowp.lanes() == want[choice]
+    cases = [(37, 100, True), (5000, 2**32 - 3000, True), (4104, 2**32 + 5, False)]
+    for param_dtype in PARAM_DTYPES:
+        for buf_dtype in BUF_DTYPES:
+            for n, offset, round_params in cases:
+                kw = dict(offset=offset, maximize=True, round_params=round_params)
+                kernel = _steps(None, n, param_dtype, buf_dtype, **kw)
+                _assert_same(kernel, _steps(False, n, param_dtype, buf_dtype, **kw))
+
+
+def test_unknown_simd_choice_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("SAI_DIST_LOWP_SIMD", "sse9")
+    with pytest.raises(ValueError, match="SAI_DIST_LOWP_SIMD='sse9'"):
+        native_lowp.library()
