@@ -58,6 +58,7 @@ from torch import nn
 
 from sai_dist.memory.accounting import RankMemory, _dim0_shard, buffer_elements, rank_memory
 from sai_dist.memory.models import ModelSpec
+from sai_dist.stages import stage_blocks
 
 __all__ = [
     "DEFAULT_TP_PLAN",
@@ -105,24 +106,6 @@ def check_degrees(world_size: int, tp: int, pp: int) -> int:
             f"use a multiple of {tp * pp} ranks or lower --tp/--pp"
         )
     return world_size // (tp * pp)
-
-
-def stage_blocks(n_blocks: int, pp: int) -> list[range]:
-    """Block indices of each of ``pp`` stages: contiguous, as even as possible, earlier
-    stages taking the extra block (stage ``s`` gets ``n // pp + (s < n % pp)`` blocks).
-    The ranges cover ``0..n-1`` once, in order; none is empty."""
-    if pp < 1 or n_blocks < pp:
-        raise ValueError(
-            f"--pp {pp}: cannot split {n_blocks} blocks into {pp} non-empty pipeline stages; "
-            f"use --pp <= {n_blocks}"
-        )
-    base, extra = divmod(n_blocks, pp)
-    out, start = [], 0
-    for s in range(pp):
-        size = base + (1 if s < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
 
 
 def _block_container(module: nn.Module) -> tuple[str, list[str]] | None:

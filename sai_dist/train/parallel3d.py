@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from sai_dist.stages import stage_blocks
+
 
 @dataclass(frozen=True)
 class Degrees:
@@ -113,22 +115,6 @@ def check_batch(global_batch: int, dp: int, microbatches: int) -> None:
             f"--microbatches {microbatches}: micro-batches must be equal for the pipeline's loss to be "
             "the batch mean; choose --microbatches dividing the rows (default: --pp)"
         )
-
-
-def stage_blocks(n_layers: int, pp: int) -> list[range]:
-    """Contiguous block ranges per stage, as even as possible: stage ``s`` gets
-    ``n_layers // pp`` blocks plus one if ``s < n_layers % pp``. The embeddings (stage 0) and
-    ``ln_f`` + head (last stage) are not counted in the balance. The ranges cover
-    ``0..n_layers-1`` once, in order, and none is empty."""
-    if pp < 1 or n_layers < pp:
-        raise ValueError(f"cannot split {n_layers} blocks into {pp} non-empty stages")
-    base, extra = divmod(n_layers, pp)
-    out, start = [], 0
-    for s in range(pp):
-        size = base + (1 if s < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
 
 
 # -- building one rank's part ----------------------------------------------------------------

@@ -192,9 +192,9 @@ def test_launched_ranks_refuse_a_world_that_does_not_fit(
 def test_resume_with_other_qkv_form_is_refused(tmp_path: Path) -> None:
     """The checkpoint's model signature names the q/k/v parameters: a fused model cannot
     load it (and vice versa), before anything is loaded."""
-    from sai_dist.train.checkpoint import CheckpointError
     from sai_dist.train.config import TrainConfig
     from sai_dist.train.loop import train
+    from sai_dist.train.run_checkpoints import CheckpointError
 
     common: dict[str, Any] = dict(
         runs_dir=str(tmp_path),

@@ -35,7 +35,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "sai_dist.consistency",
         ),
     ),
-    ("math", ("sai_dist.gsnr", "sai_dist.functional", "sai_dist.whole_model", "sai_dist.layouts.base")),
+    (
+        "math",
+        (
+            "sai_dist.gsnr",
+            "sai_dist.functional",
+            "sai_dist.whole_model",
+            "sai_dist.stages",
+            "sai_dist.layouts.base",
+        ),
+    ),
     ("layouts", ("sai_dist.layouts",)),
     ("optimizer", ("sai_dist.optimizer",)),
     (
