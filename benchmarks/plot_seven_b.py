@@ -62,9 +62,7 @@ def main() -> int:
     ax.text(cap, -0.75, f" cap {cap:g} GiB", va="bottom")
     ax.set_ylim(-0.8, len(runs) - 0.4)
     ax.set_yticks(range(len(runs)), [LABELS[r["run"]] for r in runs])
-    ax.set_xlabel(
-        "GiB (hatched: predicted by sai-dist memory; solid: peak resident set reached, VmHWM)"
-    )
+    ax.set_xlabel("GiB (hatched: predicted by sai-dist memory; solid: peak resident set reached, VmHWM)")
     ax.set_xlim(0, max(predicted[r["run"]]["total"] for r in runs) / GIB * 1.75)
     n = next((r["parameters"] for r in runs if r.get("parameters")), 0)
     ax.set_title(f"{report['preset']} ({n / 1e9:.2f} B parameters, bf16), in-backward, {report['device']}")

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from sai_dist.memory.models import GPTConfig, LlamaConfig, ModelSpec
+from sai_dist.memory.models import LlamaConfig, ModelSpec, NanoGPTConfig
 
 __all__ = ["IN_BACKWARD_OPTIMIZERS", "InBackwardPeak", "in_backward_peak", "seven_b_predictions"]
 
@@ -161,7 +161,7 @@ def _activations(spec: ModelSpec, batch: int, seq: int, compute_bytes: int) -> i
     c = spec.config
     if isinstance(c, LlamaConfig):
         layers, h, vocab = c.n_layer, c.dim, c.vocab_size
-    elif isinstance(c, GPTConfig):
+    elif isinstance(c, NanoGPTConfig):
         layers, h, vocab = c.n_layer, c.n_embd, c.vocab_size
     else:
         raise ValueError(f"in-backward prediction: no activation model for {type(c).__name__}")

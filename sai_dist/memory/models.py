@@ -7,8 +7,8 @@ device allocates no memory, so a 70B model costs nothing to count.
 
 Three families cover the presets:
 
-* :class:`GPT`: nanoGPT's ``GPT`` (learned positions, pre-LayerNorm blocks, GELU MLP of
-  width 4h, ``lm_head`` tied to ``wte``, optional biases);
+* :class:`NanoGPT`: nanoGPT's ``GPT`` (learned positions, pre-LayerNorm blocks, GELU MLP of
+  width 4h, ``lm_head`` tied to ``wte``, optional biases), the GPT-2 family's shapes;
 * :class:`LlamaDecoder`: Llama 2 (RMSNorm weights only, rotary positions with no
   parameters, SwiGLU MLP, grouped-query attention, untied ``lm_head``);
 * :class:`ViT`: the ViT of Dosovitskiy et al. / timm (conv patch embedding, class token,
@@ -16,6 +16,10 @@ Three families cover the presets:
 
 The modules implement ``forward`` too, so the same code trains in the tight-memory
 benchmark and in the measured tests.
+
+Not the job's model: ``sai_dist.train.model.GPT`` is the training job's small byte-level
+decoder (untied head, biases, optional separate q/k/v for tensor parallel), built to train
+here; these are the published architectures the accounting counts. Two models, two names.
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "GPT",
     "PRESETS",
-    "GPTConfig",
     "LlamaConfig",
     "LlamaDecoder",
     "ModelSpec",
+    "NanoGPT",
+    "NanoGPTConfig",
     "ViT",
     "ViTConfig",
     "build_model",
@@ -47,11 +51,11 @@ __all__ = [
 ]
 
 
-# -- GPT (nanoGPT) ---------------------------------------------------------------------
+# -- NanoGPT (the GPT-2 family) -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class NanoGPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -61,7 +65,7 @@ class GPTConfig:
 
 
 class _GPTBlock(nn.Module):
-    def __init__(self, c: GPTConfig) -> None:
+    def __init__(self, c: NanoGPTConfig) -> None:
         super().__init__()
         self.n_head = c.n_head
         self.ln_1 = nn.LayerNorm(c.n_embd, bias=c.bias)
@@ -80,10 +84,10 @@ class _GPTBlock(nn.Module):
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
 
 
-class GPT(nn.Module):
+class NanoGPT(nn.Module):
     """nanoGPT's GPT: ``lm_head.weight`` is ``wte.weight`` (tied, counted once)."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: NanoGPTConfig) -> None:
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -256,14 +260,14 @@ class ViT(nn.Module):
 
 # -- presets and resolution ------------------------------------------------------------
 
-ModelConfig = GPTConfig | LlamaConfig | ViTConfig
+ModelConfig = NanoGPTConfig | LlamaConfig | ViTConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # nanoGPT's model_type table, with its training defaults bias=False, vocab 50304.
-    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    "gpt2": NanoGPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": NanoGPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": NanoGPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": NanoGPTConfig(n_layer=48, n_head=25, n_embd=1600),
     # Llama 2 (Touvron et al. 2023, params.json of the released checkpoints).
     "llama2-7b": LlamaConfig(n_layer=32, n_head=32, n_kv_head=32, dim=4096, intermediate=11008),
     "llama2-13b": LlamaConfig(n_layer=40, n_head=40, n_kv_head=40, dim=5120, intermediate=13824),
@@ -277,8 +281,8 @@ PRESETS["gpt2-small"] = PRESETS["gpt2"]
 
 def build_model(config: ModelConfig) -> nn.Module:
     """The module for a config (on the current default device)."""
-    if isinstance(config, GPTConfig):
-        return GPT(config)
+    if isinstance(config, NanoGPTConfig):
+        return NanoGPT(config)
     if isinstance(config, LlamaConfig):
         return LlamaDecoder(config)
     if isinstance(config, ViTConfig):
@@ -295,7 +299,7 @@ def config_from_hf(path: str | Path) -> ModelConfig:
     kind = raw.get("model_type")
     try:
         if kind == "gpt2":
-            return GPTConfig(
+            return NanoGPTConfig(
                 n_layer=raw["n_layer"],
                 n_head=raw["n_head"],
                 n_embd=raw["n_embd"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from sai_dist.memory.accounting import STRATEGIES, RankMemory, rank_memory
-from sai_dist.memory.models import GPTConfig, LlamaConfig, ModelSpec, ViTConfig
+from sai_dist.memory.models import LlamaConfig, ModelSpec, NanoGPTConfig, ViTConfig
 from sai_dist.memory.parallel import ParallelMemory
 
 GIB = 1 << 30
@@ -70,7 +70,7 @@ def estimate_activations(spec: ModelSpec, batch: int, seq: int, precision: str, 
     (the head is replicated across ``tp``), which over-counts the stages without it."""
     c = spec.config
     elem = 2 if precision == "bf16-mixed" else 4
-    if isinstance(c, GPTConfig):
+    if isinstance(c, NanoGPTConfig):
         layers, h, vocab = c.n_layer, c.n_embd, c.vocab_size
     elif isinstance(c, LlamaConfig):
         layers, h, vocab = c.n_layer, c.dim, c.vocab_size

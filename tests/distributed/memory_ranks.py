@@ -44,10 +44,10 @@ def state_bytes(optimizer: torch.optim.Optimizer, kind: str) -> int:
 def tiny_gpt() -> nn.Module:
     """A real GPT (the accounting's own architecture) with awkward dim-0 sizes: vocab 11
     and positions 5 do not split evenly over 2 ranks, LayerNorm weights have 6 rows."""
-    from sai_dist.memory.models import GPT, GPTConfig
+    from sai_dist.memory.models import NanoGPT, NanoGPTConfig
 
     torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=6, vocab_size=11, block_size=5, bias=True))
+    return NanoGPT(NanoGPTConfig(n_layer=2, n_head=2, n_embd=6, vocab_size=11, block_size=5, bias=True))
 
 
 def make_optimizer(kind: str, params: Any) -> torch.optim.Optimizer:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sai_dist.memory import OPTIMIZERS, buffer_elements, rank_memory
-from sai_dist.memory.models import GPT, GPTConfig, LlamaConfig, LlamaDecoder, ViT, ViTConfig
+from sai_dist.memory.models import LlamaConfig, LlamaDecoder, NanoGPT, NanoGPTConfig, ViT, ViTConfig
 from tests.distributed import memory_ranks
 from tests.support.ranks import run_ranks
 
@@ -20,7 +20,7 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 def _tiny_models():
     return [
-        GPT(GPTConfig(n_layer=2, n_head=2, n_embd=8, vocab_size=13, block_size=6)),
+        NanoGPT(NanoGPTConfig(n_layer=2, n_head=2, n_embd=8, vocab_size=13, block_size=6)),
         LlamaDecoder(LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, dim=8, intermediate=12, vocab_size=13)),
         ViT(ViTConfig(image_size=8, patch_size=4, width=8, depth=1, heads=2, mlp_dim=12, num_classes=3)),
     ]
