@@ -51,7 +51,8 @@ from sai_dist.layouts.zero import (
     from_zero3,
     from_zero12,
 )
-from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
+from sai_dist.optimizer import SGDSaI
+from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, SCALE
 from sai_dist.warning_categories import ZeroGradientStepWarning
 
 try:
@@ -523,7 +524,7 @@ def save_optimizer_state(engine: Any, path: str | os.PathLike) -> None:
             if not torch.isnan(gsnr[b]):
                 entry["gsnr"], entry["scale"] = float(gsnr[b]), float(scale[b])
             entries[_clean(layout.block_name(b))] = entry
-    gsnr_max = sai._gsnr_max()
+    gsnr_max = sai.gsnr_max()
     payload = {
         "format": CHECKPOINT_FORMAT,
         "params": entries,

@@ -75,7 +75,7 @@ def gsnr_table(
 
 
 def _gather(table: dict[str, dict[str, float | int]], opt: SGDSaI) -> dict[str, dict[str, float | int]]:
-    group = opt._model_group()
+    group = opt.model_group()
     if group is None:
         return table
     tables: list[Any] = [None] * dist.get_world_size(group)

@@ -183,9 +183,9 @@ def link_parts(optimizers: Any) -> None:
     order. Accepts a list of optimizers or anything with an ``optimizers`` list."""
     parts = list(getattr(optimizers, "optimizers", optimizers))
     for opt in parts:
-        if not hasattr(opt, "_whole_model"):
+        if not hasattr(opt, "linked_parts"):
             raise TypeError(f"link_parts takes SGDSaI optimizers, got {type(opt).__name__}")
         if opt.initialized:
             raise ValueError("link_parts: link the parts before step 1 (g-SNR is already fixed)")
     for opt in parts:
-        opt._parts = parts
+        opt.linked_parts = parts
