@@ -53,7 +53,11 @@ initialised; a sharded layout is refused by the constructor. One optimizer step 
 ``backward()``: no gradient accumulation, and ``loss.backward()`` is the whole step (there
 is nothing to call afterwards; ``step(closure)`` only runs the closure). Parameters
 are updated in place while backward runs; as for ``torch``'s own optimizer-in-backward,
-a model must not save a parameter's detached alias for a later backward node.
+a model must not save a parameter's detached alias for a later backward node. Each
+gradient gets, as it arrives, the check ``SGDSaI.step`` makes
+(:meth:`SGDSaI.check_gradient`: sparse or complex gradients, ...): a refusal raises out
+of ``backward()`` with the same message, before that tensor or its state is touched (at
+step 1 before anything is).
 """
 
 from __future__ import annotations
@@ -202,8 +206,16 @@ class InBackwardSGDSaI:
     def _hook(self, p: Tensor) -> None:
         if p.grad is None:
             return
-        if p.grad.is_sparse:
-            raise RuntimeError(f"SGDSaI does not support sparse gradients (tensor of shape {tuple(p.shape)})")
+        try:
+            # The gradient check SGDSaI.step makes, with its words: a sparse or complex
+            # gradient, a gradient laid out unlike its tensor.
+            self.optimizer.check_gradient(p)
+        except Exception:
+            # The backward is aborted, and with it the callback that would have consumed the
+            # gradients kept so far this step: forget them, so the next backward starts afresh.
+            self._first_pending = []
+            self._callback_queued = False
+            raise
         if self._phase == "record":
             self._record(p)
             return
