@@ -28,13 +28,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sai_dist import consistency, update, validation
+from sai_dist import consistency, loading, update, validation
 from sai_dist import momentum as lowp
 from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.integration_hint import calling_wrapper, missing_integration_message
 from sai_dist.layouts import Layout, LayoutError, auto_layout, follows_rebinding
 from sai_dist.probe import drop_placeholders, is_placeholder, is_probe
-from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
+from sai_dist.state_keys import GSNR, GSNR_MAX, SCALE
 from sai_dist.stats import BlockMoments
 from sai_dist.warning_categories import (
     DegenerateGradientWarning,
@@ -643,36 +643,11 @@ class SGDSaI(Optimizer):
             raise refusal
         # Real state (not a probe's placeholders) loaded, to tell a bad checkpoint below.
         real_entries = any(entry and not is_placeholder(entry) for entry in state_dict["state"].values())
-        state_dict = dict(state_dict)
-        scalars: dict[Any, dict[str, Tensor]] = {}
-        stripped: dict[Any, Any] = {}
-        # Low-precision storage is set aside too (torch.optim would cast int8 codes and a
-        # bf16 buffer to the parameter's dtype) and restored, or converted, afterwards.
-        storage: dict[Any, dict[str, Any]] = {}
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        dtypes = dict(zip(saved_ids, (p.dtype for g in self.param_groups for p in g["params"]), strict=True))
-        for key, entry in state_dict["state"].items():
-            buf = entry.get(MOMENTUM)
-            keep_buf = self.momentum_dtype is None and (buf is None or buf.dtype == dtypes.get(key))
-            moved = (MOMENTUM_SCALE, ROUNDING_STEP) if keep_buf else (MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP)
-            storage[key] = {k: entry[k] for k in moved if k in entry}
-            entry = {k: v for k, v in entry.items() if k not in storage[key]}
-            ours = {k: entry[k] for k in (GSNR, SCALE, GSNR_MAX) if k in entry}
-            if ours:
-                scalars[key] = ours
-                entry = {k: v for k, v in entry.items() if k not in ours}
-            stripped[key] = entry
-        state_dict["state"] = stripped
-        super().load_state_dict(state_dict)
-        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
-        current = (p for g in self.param_groups for p in g["params"])
-        for saved_id, param in zip(saved_ids, current, strict=True):
-            for k, v in scalars.get(saved_id, {}).items():
-                self.state[param][k] = torch.as_tensor(v).detach().to("cpu", torch.float32)
-            if storage.get(saved_id):
-                lowp.restore_loaded(
-                    self.state[param], storage[saved_id], self.layout, param, self.momentum_dtype
-                )
+        params = [p for g in self.param_groups for p in g["params"]]
+        for_torch, kept = loading.set_aside(state_dict, params, self.momentum_dtype)
+        super().load_state_dict(for_torch)
+        saved_groups = for_torch["param_groups"]
+        loading.put_back(self.state, saved_groups, params, kept, self.layout, self.momentum_dtype)
         # Placeholders (sai_dist.probe) the checkpoint did not overwrite: it was saved before
         # step 1, or these tensors had no gradient yet. Either way their g-SNR is not fixed.
         drop_placeholders(self.state)

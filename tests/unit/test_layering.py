@@ -37,7 +37,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("math", ("sai_dist.gsnr", "sai_dist.functional", "sai_dist.whole_model", "sai_dist.layouts.base")),
     ("layouts", ("sai_dist.layouts",)),
-    ("optimizer", ("sai_dist.update", "sai_dist.validation", "sai_dist.optimizer")),
+    (
+        "optimizer",
+        ("sai_dist.update", "sai_dist.validation", "sai_dist.loading", "sai_dist.optimizer"),
+    ),
     (
         "library surface and integrations",
         (
