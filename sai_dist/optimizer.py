@@ -365,11 +365,10 @@ class SGDSaI(Optimizer):
         divisor = normaliser(gsnr_max, self.normalize)
         degenerate = g.degenerate.nonzero().flatten().tolist()
         if degenerate and self.degenerate == "max":
-            names = ", ".join(self._describe(b) for b in degenerate[:10])
-            more = f" and {len(degenerate) - 10} more" if len(degenerate) > 10 else ""
+            names = validation.describe_blocks(self.layout, self.param_groups, degenerate)
             _warn(
                 f"SGDSaI: gradient with zero spread (one element, all zeros or constant) at the g-SNR "
-                f"step in {names}{more}: no noise estimate, so it gets the largest regular g-SNR "
+                f"step in {names}: no noise estimate, so it gets the largest regular g-SNR "
                 "(scale 1 when normalised). Pass degenerate='official' for the official formula.",
                 DegenerateGradientWarning,
             )
@@ -435,16 +434,6 @@ class SGDSaI(Optimizer):
             options=self._options(),
         )
 
-    def _describe(self, block: int) -> str:
-        name = self.layout.block_name(block)
-        if name != f"block {block}":
-            return name
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if any(piece.block == block and piece.span is None for piece in self.layout.pieces(p)):
-                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-        return name
-
     def _fresh_tensors(self) -> list[Tensor]:
         """Tensors with a gradient and no fixed scale yet, each once: a parameter listed
         twice (torch.optim allows it) must not feed its gradient into the statistics twice."""
@@ -485,16 +474,7 @@ class SGDSaI(Optimizer):
         return whole
 
     def _refuse_non_finite(self, moments: BlockMoments) -> None:
-        """Raise, naming the blocks, if a gradient at the g-SNR step is not finite."""
-        bad = (~moments.finite()).nonzero().flatten().tolist()
-        if bad:
-            names = ", ".join(self._describe(b) for b in bad[:10])
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise RuntimeError(
-                f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
-                "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
-                "changed. Check the loss, or let a GradScaler skip the step."
-            )
+        validation.refuse_non_finite(self.layout, self.param_groups, moments)
 
     def _block_eps(self) -> Tensor:
         """Per-block epsilon from the param groups (the default for blocks none names)."""

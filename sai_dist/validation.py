@@ -10,7 +10,8 @@ Every check raises before anything is computed or modified, naming the culprit a
   gradients, tensors the layout cannot map, gradients laid out unlike their tensor;
 - :func:`check_low_precision`: int8/bf16 momentum or stochastic rounding on a layout that
   cannot give element indices;
-- :func:`check_loadable`: a state dict of another model or param-group split.
+- :func:`check_loadable`: a state dict of another model or param-group split;
+- :func:`refuse_non_finite`: a gradient that is not finite at the g-SNR step.
 
 They take what they check (a layout, param groups, a state dict), not the optimizer.
 """
@@ -32,6 +33,7 @@ from sai_dist.integration_hint import calling_wrapper, missing_integration_messa
 from sai_dist.layouts.base import Layout, LayoutError
 from sai_dist.probe import is_placeholder
 from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, SCALE
+from sai_dist.stats import BlockMoments
 from sai_dist.update import storage_dtype
 
 __all__ = [
@@ -42,6 +44,9 @@ __all__ = [
     "check_loadable",
     "check_low_precision",
     "check_range",
+    "describe_block",
+    "describe_blocks",
+    "refuse_non_finite",
     "tensor_name",
     "validate_group",
 ]
@@ -209,6 +214,38 @@ def check_low_precision(
                 "element's index in the original parameter, which this layout cannot give. Use "
                 "momentum_dtype='float32' (and stochastic_rounding=False for 16-bit parameters) here."
             )
+
+
+def describe_block(layout: Layout, param_groups: Sequence[dict[str, Any]], block: int) -> str:
+    """A block's name for a message: the layout's, else the position of the tensor that
+    holds it whole (``param_groups[0]['params'][2] (shape (4,))``)."""
+    name = layout.block_name(block)
+    if name != f"block {block}":
+        return name
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            if any(piece.block == block and piece.span is None for piece in layout.pieces(p)):
+                return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+    return name
+
+
+def describe_blocks(layout: Layout, param_groups: Sequence[dict[str, Any]], blocks: list[int]) -> str:
+    """The first ten of ``blocks`` named (:func:`describe_block`), the rest counted."""
+    names = ", ".join(describe_block(layout, param_groups, b) for b in blocks[:10])
+    return names + (f" and {len(blocks) - 10} more" if len(blocks) > 10 else "")
+
+
+def refuse_non_finite(layout: Layout, param_groups: Sequence[dict[str, Any]], moments: BlockMoments) -> None:
+    """Raise ``RuntimeError``, naming the blocks, if a gradient at the g-SNR step is not
+    finite: g-SNR is fixed once from it, so the step is refused with nothing changed."""
+    bad = (~moments.finite()).nonzero().flatten().tolist()
+    if bad:
+        raise RuntimeError(
+            f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in "
+            f"{describe_blocks(layout, param_groups, bad)}; "
+            "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
+            "changed. Check the loss, or let a GradScaler skip the step."
+        )
 
 
 def tensor_name(layout: Layout, gi: int, pi: int, p: Tensor) -> str:
