@@ -5,7 +5,12 @@ A layout answers three questions for :class:`sai_dist.SGDSaI`, which knows no wr
 1. which block of the original model does each stepped tensor hold, and which part of it
    (:meth:`Layout.pieces`);
 2. over which process group do per-block statistics sum (:attr:`Layout.group`);
-3. on which plain tensor does the arithmetic of a step run (:meth:`Layout.local`).
+3. on which plain tensor does the arithmetic of a step run (:meth:`Layout.local`);
+4. for :func:`sai_dist.gsnr_table`: which parameters of a model are its blocks, and over
+   which group the ranks' stored values are combined (the table hooks at the end).
+
+Every member is declared here with its contract; the three abstract ones are required,
+the rest have defaults (docs/design.md, "layouts/", lists them all).
 
 One small module per wrapper implements it (``replicated`` for single process and DDP,
 ``dtensor`` for FSDP2/HSDP, flat-segment layouts for ZeRO, FSDP1 and fairscale FSDP,
