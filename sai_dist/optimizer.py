@@ -30,11 +30,11 @@ from torch.optim import Optimizer
 
 from sai_dist import consistency, loading, update, validation
 from sai_dist import momentum as lowp
-from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
+from sai_dist.gsnr import DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.integration_hint import calling_wrapper, missing_integration_message
 from sai_dist.layouts import Layout, LayoutError, auto_layout, follows_rebinding
 from sai_dist.probe import drop_placeholders, is_placeholder, is_probe
-from sai_dist.state_keys import GSNR, GSNR_MAX, SCALE
+from sai_dist.state_keys import GSNR_MAX, SCALE
 from sai_dist.stats import BlockMoments
 from sai_dist.warning_categories import (
     DegenerateGradientWarning,
@@ -177,11 +177,7 @@ class SGDSaI(Optimizer):
         pipeline_group: dist.ProcessGroup | None = None,
     ) -> None:
         check_pipeline_group(pipeline_group)
-        if degenerate not in DEGENERATE_POLICIES:
-            raise ValueError(f"Invalid degenerate: {degenerate!r} (must be one of {DEGENERATE_POLICIES})")
-        for flag, value in (("normalize", normalize), ("check_ranks", check_ranks)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Invalid {flag}: {value!r} (must be a bool)")
+        validation.check_options(degenerate=degenerate, normalize=normalize, check_ranks=check_ranks)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -372,22 +368,7 @@ class SGDSaI(Optimizer):
                 "(scale 1 when normalised). Pass degenerate='official' for the official formula.",
                 DegenerateGradientWarning,
             )
-        max_t = torch.tensor(gsnr_max, dtype=torch.float32)
-        # Rounded to float32 once for all blocks, then one row per tensor: a few small-tensor
-        # ops per parameter instead of six (step 1 of 148 tensors: ~4 ms less).
-        values32 = g.value.to(torch.float32)
-        scales32 = (g.value / divisor).to(torch.float32)
-        for p in tensors:
-            state = self.state[p]
-            pieces = self.layout.pieces(p)
-            if len(pieces) == 1:
-                state[GSNR] = values32[pieces[0].block].clone()
-                state[SCALE] = scales32[pieces[0].block].clone()
-            else:
-                blocks = torch.tensor([piece.block for piece in pieces], dtype=torch.long)
-                state[GSNR] = values32[blocks]
-                state[SCALE] = scales32[blocks]
-            state[GSNR_MAX] = max_t.clone()
+        update.store_gsnr(self.state, self.layout, tensors, g.value, g.value / divisor, gsnr_max)
         return True
 
     def _skip_zero_step(self, tensors: list[Tensor]) -> bool:

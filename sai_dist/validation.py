@@ -3,7 +3,7 @@
 Every check raises before anything is computed or modified, naming the culprit and the fix
 (docs/input_validation.md lists them with their tests):
 
-- :func:`check_range`, :func:`validate_group`: hyperparameters (finite real numbers in
+- :func:`check_options`, :func:`check_range`, :func:`validate_group`: hyperparameters (finite real numbers in
   range), param-group keys that are typos of one, complex parameters;
 - :func:`check_gradient`: the one per-tensor gradient check, made by ``SGDSaI.step`` and by
   the optimizer-in-backward hooks (:mod:`sai_dist.in_backward`) alike: sparse or complex
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sai_dist import momentum as lowp
 from sai_dist.functional import require_fused
+from sai_dist.gsnr import DEGENERATE_POLICIES
 from sai_dist.integration_hint import calling_wrapper, missing_integration_message
 from sai_dist.layouts.base import Layout, LayoutError
 from sai_dist.probe import is_placeholder
@@ -43,6 +44,7 @@ __all__ = [
     "check_group_step",
     "check_loadable",
     "check_low_precision",
+    "check_options",
     "check_range",
     "describe_block",
     "describe_blocks",
@@ -58,6 +60,15 @@ __all__ = [
 GROUP_KEYS = ("lr", "momentum", "weight_decay", "eps", "maximize", "foreach", "fused")
 # torch.optim.SGD options SGD-SaI does not implement: refused when set, not ignored.
 UNSUPPORTED_KEYS = ("nesterov", "dampening")
+
+
+def check_options(*, degenerate: Any, normalize: Any, check_ranks: Any) -> None:
+    """Raise ``ValueError`` naming the optimizer-wide option of the wrong value or type."""
+    if degenerate not in DEGENERATE_POLICIES:
+        raise ValueError(f"Invalid degenerate: {degenerate!r} (must be one of {DEGENERATE_POLICIES})")
+    for flag, value in (("normalize", normalize), ("check_ranks", check_ranks)):
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {flag}: {value!r} (must be a bool)")
 
 
 def check_range(
