@@ -140,10 +140,11 @@ def check_pipeline_group(group: Any, layout: Any = None) -> None:
     DTensor stages sliced from one root mesh (``layout``), a rank of every stage."""
     if group is None:
         return
-    uncovered = getattr(layout, "uncovered_stages", None)
-    if uncovered is not None and isinstance(group, dist.ProcessGroup):
+    missing = None
+    if layout is not None and isinstance(group, dist.ProcessGroup):
         ranks = dist.get_process_group_ranks(group)
-        missing = uncovered(ranks)
+        missing = layout.uncovered_stages(ranks)
+    if missing is not None:  # the layout knows the stages: covering them is all it takes
         if missing:
             raise ValueError(
                 f"Invalid pipeline_group: it holds ranks {ranks}, none of which holds the pipeline "

@@ -83,6 +83,14 @@ class Layout(ABC):
         it (:mod:`sai_dist.whole_model`). Default ``None``: the tensors are the whole model."""
         return None
 
+    def uncovered_stages(self, ranks: Sequence[int]) -> list[tuple[int, ...]] | None:
+        """For tensors that are one part of a model whose parts this layout can locate
+        (DTensor stages on sub-meshes of one root mesh): the stages none of ``ranks`` holds,
+        so that a ``pipeline_group`` over ``ranks`` would leave them out of the normaliser
+        (:func:`sai_dist.whole_model.check_pipeline_group`). Default ``None``: this layout
+        cannot say, and the group is checked as a plain process group."""
+        return None
+
     @property
     def late_group(self) -> dist.ProcessGroup | None:
         """Process group for the statistics of blocks whose first gradient arrives after
