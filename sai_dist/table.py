@@ -1,6 +1,6 @@
 r"""``gsnr_table``: the g-SNR and scale of every parameter of the original model.
 
-One walk for every layout: each tensor the optimizer steps, each of its pieces
+One walk for every layout: each tensor in the optimizer's state, each of its pieces
 (:meth:`~sai_dist.layouts.Layout.pieces`), the per-piece ``gsnr`` and ``scale`` stored in
 its state. That gives this rank a per-block table; the layout's hooks say the rest
 (declared, with their contracts, on :class:`~sai_dist.layouts.Layout`):
@@ -119,20 +119,22 @@ def block_values(opt: SGDSaI, *, refresh: bool = False) -> tuple[Tensor, Tensor]
 def _local_values(opt: SGDSaI) -> Tensor:
     """``[num_blocks, 3]`` float64 from this rank's state: g-SNR, scale (``-inf`` where
     absent, so a MAX over ranks keeps the holder's) and whether present (0 or 1). A
-    probe's placeholders are not values."""
+    probe's placeholders are not values.
+
+    Walks the optimizer's state (every tensor it has stepped), not its param groups: a
+    wrapper may empty those between its steps (DeepSpeed ZeRO-3 rebinds each group to one
+    flat partition for its ``step()`` and leaves ``[]`` behind)."""
     layout = opt.layout
     values = torch.full((layout.num_blocks, 3), -math.inf, dtype=torch.float64)
     values[:, 2] = 0.0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state.get(p, {})
-            if GSNR not in state or is_placeholder(state):
-                continue
-            gsnr = state[GSNR].reshape(-1).tolist()
-            scale = state[SCALE].reshape(-1).tolist()
-            for k, piece in enumerate(layout.pieces(p)):
-                row = values[piece.block]
-                row[0], row[1], row[2] = max(float(row[0]), gsnr[k]), max(float(row[1]), scale[k]), 1.0
+    for p, state in opt.state.items():
+        if GSNR not in state or is_placeholder(state):
+            continue
+        gsnr = state[GSNR].reshape(-1).tolist()
+        scale = state[SCALE].reshape(-1).tolist()
+        for k, piece in enumerate(layout.pieces(p)):
+            row = values[piece.block]
+            row[0], row[1], row[2] = max(float(row[0]), gsnr[k]), max(float(row[1]), scale[k]), 1.0
     return values
 
 
