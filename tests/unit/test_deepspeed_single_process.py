@@ -83,7 +83,8 @@ def test_unfused_layout_steps_like_plain_sgdsai():
 def test_gsnr_table_walks_every_piece_of_a_flat_partition():
     """One flat tensor holding two blocks and padding: gsnr_table's one walk over the pieces
     gives each block the g-SNR and scale SGDSaI gives the separate tensors, in the model's
-    order, the ZeRO-3-style element counts from the layout; before step 1 it is empty."""
+    order, the ZeRO-3-style element counts from the layout; before step 1 it is empty, and
+    emptied param groups (ZeRO-3 between steps) do not empty it."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     ref_model = torch.nn.Linear(3, 2)
@@ -107,6 +108,11 @@ def test_gsnr_table_walks_every_piece_of_a_flat_partition():
         assert table[name]["numel"] == p.numel()
         assert table[name]["gsnr"] == float(ref.state[p]["gsnr"])
         assert table[name]["scale"] == float(ref.state[p]["scale"])
+    # ZeRO-3 leaves each param group's params [] between its steps: the walk reads the
+    # state, so the table stays the same.
+    opt.param_groups[0]["params"] = []
+    layout.table_cache = None  # walk again rather than read the table kept above
+    assert gsnr_table(model, opt) == table
 
 
 def test_use_layout_refused_after_gsnr_is_fixed():
