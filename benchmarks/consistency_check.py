@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sai_dist import SGDSaI
-from sai_dist.consistency import check_ranks
+from sai_dist.consistency import check_ranks, step_fingerprint
 from sai_dist.stats import reduce_block_moments
 from tests.support.ranks import run_ranks
 
@@ -74,10 +74,16 @@ def _rank(rank: int, world: int, blocks: int) -> dict[str, float]:
         p.grad = torch.randn(p.shape, generator=g)
     opt = SGDSaI([{"params": params[: blocks // 2]}, {"params": params[blocks // 2 :]}])
     moments = reduce_block_moments(opt.layout.sources(params), blocks, None)
-    out["fingerprint_ms"] = _median_ms(lambda: opt._step_fingerprint(None, moments))
+    options = {"normalize": opt.normalize, "degenerate": opt.degenerate}
+    out["fingerprint_ms"] = _median_ms(
+        lambda: step_fingerprint(opt.layout, opt.param_groups, options, None, moments)
+    )
     out["check_ms"] = _median_ms(
         lambda: check_ranks(
-            dist.group.WORLD, opt._step_fingerprint(None, moments), refusal=None, when="bench"
+            dist.group.WORLD,
+            step_fingerprint(opt.layout, opt.param_groups, options, None, moments),
+            refusal=None,
+            when="bench",
         )
     )
     out["engine_ms"] = _median_ms(

@@ -55,9 +55,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 
-from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
+from sai_dist.optimizer import SGDSaI
 from sai_dist.probe import is_placeholder
-from sai_dist.state_keys import MOMENTUM_SCALE, ROUNDING_STEP
+from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
 from sai_dist.table import find_sgdsai
 from sai_dist.warning_categories import StateWithoutGsnrWarning, ZeroGradientStepWarning
 

@@ -30,15 +30,30 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from sai_dist.collectives import collective_device
+from sai_dist.probe import is_placeholder
+from sai_dist.state_keys import GSNR_MAX, SCALE
+from sai_dist.stats import BlockMoments, reduce_block_moments
 
-__all__ = ["FIELDS", "RankMismatchError", "check_ranks", "digest"]
+__all__ = [
+    "FIELDS",
+    "RankMismatchError",
+    "agreed_moments",
+    "check_group",
+    "check_ranks",
+    "digest",
+    "group_fields",
+    "load_fingerprint",
+    "step_fingerprint",
+]
 
 #: The fields of a fingerprint, in the order they travel. ``call`` says which collective
 #: call this is (``step`` / ``load_state_dict``), so two ranks in different calls are told
 #: so instead of hanging; ``refusal`` whether this rank refused locally (its message is
-#: shown on a mismatch); the others are described in :meth:`sai_dist.SGDSaI._fingerprint`.
+#: shown on a mismatch); the others are built by :func:`step_fingerprint` and
+#: :func:`load_fingerprint` (docs/design.md, "Cross-rank consistency").
 FIELDS: tuple[str, ...] = (
     "call",
     "refusal",
@@ -183,3 +198,151 @@ def _message(differ: list[str], gathered: list[dict[str, Any]], ranks: list[int]
 def _ranks(indices: list[int], ranks: list[int]) -> str:
     got = [ranks[i] for i in indices]
     return f"rank {got[0]}" if len(got) == 1 else f"ranks {got}"
+
+
+# -- the fingerprints SGDSaI exchanges ------------------------------------------------------
+#
+# Built from what the optimizer holds (its layout, param groups and optimizer-wide options),
+# passed in: this module knows no optimizer class. ``layout`` is a sai_dist.layouts.Layout.
+
+
+def check_group(layout: Any, enabled: bool) -> dist.ProcessGroup | None:
+    """The ranks that must agree on an optimizer over ``layout``, or ``None`` when there is
+    nothing to compare (``enabled`` False, no multi-rank process group): the layout's group,
+    or the world for layouts whose statistics are local (DDP replicas are the classic case
+    of ranks that must agree and never talk)."""
+    if not enabled or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = layout.group
+    if group is None:
+        group = dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def group_fields(layout: Any, group: dict[str, Any], size: int) -> dict[str, Any]:
+    """What must be equal across ranks in a param group: its size (unless the layout gives
+    ranks different parameters) and the hyperparameters of the update (foreach/fused only
+    change rounding)."""
+    fields = {k: group.get(k) for k in ("lr", "momentum", "weight_decay", "eps", "maximize")}
+    if layout.ranks_hold_different_params:
+        return fields
+    return {"params": size, **fields}
+
+
+def common_fields(layout: Any, call: str, options: dict[str, Any], gsnr_max: float | None) -> dict[str, Any]:
+    """The fields of every check: the call, the optimizer-wide ``options`` (``normalize``,
+    ``degenerate``), the g-SNR max (``None`` before step 1) and the layout's signature."""
+    return {"call": call, "options": options, "gsnr_max": gsnr_max, "blocks": layout.signature()}
+
+
+def step_fingerprint(
+    layout: Any,
+    param_groups: Sequence[dict[str, Any]],
+    options: dict[str, Any],
+    gsnr_max: float | None,
+    moments: BlockMoments | None,
+) -> dict[str, Any]:
+    """Fields of the step check: which tensors have a gradient, and for layouts whose
+    statistics are local (each rank computes g-SNR from its own copy of the gradient), the
+    block ``moments`` themselves."""
+    values: dict[str, Any] = {}
+    if moments is not None:
+        stats = torch.stack([moments.count, moments.total, moments.sumsq, moments.m2], 1).tolist()
+        values["gradient statistics"] = {
+            layout.block_name(b): dict(zip(("n", "sum", "sum_sq", "m2"), row, strict=True))
+            for b, row in enumerate(stats)
+            if row[0] > 0
+        }
+    tensors = {
+        f"param_groups[{gi}]['params'][{pi}]": "grad" if p.grad is not None else "no grad"
+        for gi, g in enumerate(param_groups)
+        for pi, p in enumerate(g["params"])
+    }
+    return {
+        **common_fields(layout, "step", options, gsnr_max),
+        "param_groups": [group_fields(layout, g, len(g["params"])) for g in param_groups],
+        "tensors": {} if layout.ranks_hold_different_params else tensors,
+        "values": values,
+    }
+
+
+def load_fingerprint(
+    layout: Any,
+    param_groups: Sequence[dict[str, Any]],
+    defaults: dict[str, Any],
+    options: dict[str, Any],
+    state_dict: dict[str, Any],
+) -> dict[str, Any]:
+    """Fields of the load check: the g-SNR max, hyperparameters and per-tensor state keys
+    being loaded, and the scales of tensors that are whole blocks (the same on every rank;
+    a flat partition's pieces differ by rank)."""
+    entries = state_dict["state"]
+    gsnr_max = next(
+        (float(e[GSNR_MAX]) for e in entries.values() if GSNR_MAX in e and not is_placeholder(e)), None
+    )
+    tensors: dict[str, Any] = {}
+    scales: dict[str, float] = {}
+    for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], param_groups, strict=True)):
+        for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+            entry = entries.get(key, {})
+            tensors[f"param_groups[{gi}]['params'][{pi}]"] = sorted(entry)
+            pieces = layout.pieces(p)
+            if SCALE in entry and len(pieces) == 1 and pieces[0].span is None:
+                scales[layout.block_name(pieces[0].block)] = float(entry[SCALE])
+    return {
+        **common_fields(layout, "load_state_dict", options, gsnr_max),
+        "param_groups": [
+            group_fields(layout, {**defaults, **saved}, len(saved["params"]))
+            for saved in state_dict["param_groups"]
+        ],
+        **(
+            {"tensors": {}, "values": {}}
+            if layout.ranks_hold_different_params
+            else {"tensors": tensors, "values": {"loaded scales": scales}}
+        ),
+    }
+
+
+def agreed_moments(
+    layout: Any,
+    tensors: list[Tensor],
+    gsnr_max: float | None,
+    refusal: BaseException | None,
+    *,
+    check: dist.ProcessGroup | None,
+    param_groups: Sequence[dict[str, Any]],
+    options: dict[str, Any],
+) -> BlockMoments:
+    """Block moments of ``tensors``' gradients, once every rank of ``check`` (the optimizer's
+    :func:`check_group`) has agreed that it may compute them; raises ``refusal`` (this rank's
+    own validation error) after joining the check, so peers raise instead of waiting in a
+    collective. ``gsnr_max is None``: the g-SNR step; otherwise the first step of late blocks.
+
+    Order: the fixed-size check comes before the statistics collectives, whose sizes depend
+    on the model, so a different model on one rank is named, not a hang. For layouts with
+    local statistics the moments are computed first (no collective) and compared in the same
+    check. Collective over ``check`` and the statistics group.
+    """
+    # Late blocks may be fresh on some ranks only (OSS): the layout names the group that is
+    # safe for them, and where that is no group, no rank may wait in a check either.
+    group = layout.group if gsnr_max is None else layout.late_group
+    check = check if group is layout.group else None
+    moments = None
+    if refusal is None and group is None:
+        try:
+            moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, None)
+        except Exception as e:  # joins the check below as a refusal
+            refusal = e
+    if check is not None:
+        late = "the first step of blocks added after step 1"
+        when = "the g-SNR step (step 1)" if gsnr_max is None else late
+        fields = step_fingerprint(
+            layout, param_groups, options, gsnr_max, moments if refusal is None else None
+        )
+        text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
+        check_ranks(check, fields, refusal=text, when=when)
+    if refusal is not None:
+        raise refusal
+    if moments is None:
+        moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, group)
+    return moments

@@ -51,7 +51,9 @@ from sai_dist.layouts.zero import (
     from_zero3,
     from_zero12,
 )
-from sai_dist.optimizer import GSNR, GSNR_MAX, MOMENTUM, SCALE, SGDSaI
+from sai_dist.optimizer import SGDSaI
+from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, SCALE
+from sai_dist.table import block_values, find_sgdsai
 from sai_dist.warning_categories import ZeroGradientStepWarning
 
 try:
@@ -276,8 +278,8 @@ def _install_table_refresh(wrapper: Any, sai: SGDSaI) -> None:
     def stepped(*args: Any, **kwargs: Any) -> Any:
         was = sai.initialized
         out = step(*args, **kwargs)
-        if sai.initialized and (not was or layout._table is None):
-            layout.refresh_table(sai)
+        if sai.initialized and (not was or layout.table_cache is None):
+            block_values(sai, refresh=True)
         return out
 
     wrapper.step = stepped
@@ -286,9 +288,9 @@ def _install_table_refresh(wrapper: Any, sai: SGDSaI) -> None:
     @functools.wraps(load)
     def load_state_dict(state_dict: dict[str, Any]) -> None:
         load(state_dict)
-        layout.invalidate_table()
+        layout.table_cache = None
         if sai.initialized:
-            layout.refresh_table(sai)
+            block_values(sai, refresh=True)
 
     sai.load_state_dict = load_state_dict  # type: ignore[method-assign]
 
@@ -452,8 +454,6 @@ def initialize(
 
 
 def _sai_and_layout(engine: Any) -> tuple[SGDSaI, FlatSegmentLayout | None]:
-    from sai_dist.table import find_sgdsai
-
     sai = find_sgdsai(engine)
     layout = sai.layout if isinstance(sai.layout, FlatSegmentLayout) else None
     return sai, layout
@@ -513,7 +513,7 @@ def save_optimizer_state(engine: Any, path: str | os.PathLike) -> None:
     else:
         weights = _gather_blocks(layout, lambda flat: flat)
         momenta = _gather_blocks(layout, lambda flat: sai.state.get(flat, {}).get(MOMENTUM))
-        gsnr, scale = layout.block_gsnr(sai)
+        gsnr, scale = block_values(sai)
         for b, p in enumerate(layout.block_params):
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
             assert weights is not None
@@ -523,7 +523,7 @@ def save_optimizer_state(engine: Any, path: str | os.PathLike) -> None:
             if not torch.isnan(gsnr[b]):
                 entry["gsnr"], entry["scale"] = float(gsnr[b]), float(scale[b])
             entries[_clean(layout.block_name(b))] = entry
-    gsnr_max = sai._gsnr_max()
+    gsnr_max = sai.gsnr_max()
     payload = {
         "format": CHECKPOINT_FORMAT,
         "params": entries,
@@ -611,9 +611,9 @@ def load_optimizer_state(engine: Any, path: str | os.PathLike, *, load_weights: 
             state[GSNR_MAX] = max_t.clone()
     if load_weights:
         _push_master_weights(engine.optimizer)
-    layout.invalidate_table()
+    layout.table_cache = None
     if sai.initialized:
-        layout.refresh_table(sai)
+        block_values(sai, refresh=True)
 
 
 def _push_master_weights(wrapper: Any) -> None:

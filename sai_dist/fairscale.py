@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from sai_dist.layouts.oss import OSSLayout
-from sai_dist.optimizer import GSNR, GSNR_MAX, SCALE, SGDSaI
+from sai_dist.optimizer import SGDSaI
+from sai_dist.state_keys import GSNR, GSNR_MAX, SCALE
 
 try:
     from fairscale.optim import OSS as _OSS

@@ -16,7 +16,7 @@ by the largest, before the first update. Two modes, chosen by ``first_step``:
 ``"keep"`` (default)
     The gradients are kept during the first backward only; a callback queued on the
     autograd engine, which runs when that backward ends, fixes g-SNR over all blocks with
-    the optimizer's own ``_fix_gsnr`` (the same statistics engine and normaliser as the
+    the optimizer's own ``fix_gsnr`` (the same statistics engine and normaliser as the
     normal step) and steps the blocks one by one, dropping each gradient right after its
     momentum buffer is born. With fp32 momentum the kept gradients *become* the buffers,
     so step 1 costs no extra pass. But they are one whole gradient copy alive at once: at
@@ -42,7 +42,7 @@ by the largest, before the first update. Two modes, chosen by ``first_step``:
     error, say) leaves g-SNR fixed and the blocks stepped so far updated, as an exception
     inside any in-backward step does.
 
-**Same trajectory.** The update of each tensor is :meth:`SGDSaI._step_group` on that
+**Same trajectory.** The update of each tensor is :meth:`SGDSaI.step_group` on that
 tensor alone, the very code ``SGDSaI.step`` runs per group, so on CPU (the per-tensor
 implementation) the parameters are bitwise those of the normal mode, and within
 floating-point reassociation elsewhere.
@@ -53,7 +53,11 @@ initialised; a sharded layout is refused by the constructor. One optimizer step 
 ``backward()``: no gradient accumulation, and ``loss.backward()`` is the whole step (there
 is nothing to call afterwards; ``step(closure)`` only runs the closure). Parameters
 are updated in place while backward runs; as for ``torch``'s own optimizer-in-backward,
-a model must not save a parameter's detached alias for a later backward node.
+a model must not save a parameter's detached alias for a later backward node. Each
+gradient gets, as it arrives, the check ``SGDSaI.step`` makes
+(:meth:`SGDSaI.check_gradient`: sparse or complex gradients, ...): a refusal raises out
+of ``backward()`` with the same message, before that tensor or its state is touched (at
+step 1 before anything is).
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sai_dist.layouts import ReplicatedLayout
-from sai_dist.optimizer import GSNR, GSNR_MAX, SCALE, SGDSaI
+from sai_dist.optimizer import SGDSaI
+from sai_dist.state_keys import GSNR, GSNR_MAX, SCALE
 from sai_dist.stats import BlockMoments, reduce_block_moments
 
 __all__ = ["FIRST_STEP_MODES", "InBackwardSGDSaI"]
@@ -184,7 +189,7 @@ class InBackwardSGDSaI:
         if not self._fixed:
             if not self._recorded:
                 # No backward reached a parameter: the optimizer's own warning says why.
-                opt._fix_gsnr([], None)
+                opt.fix_gsnr([], None)
             return loss  # an all-zero first gradient: skipped, as in the normal mode
         _set_rng_state(rng)
         self._phase, self._replay_checked = "update", False
@@ -201,8 +206,16 @@ class InBackwardSGDSaI:
     def _hook(self, p: Tensor) -> None:
         if p.grad is None:
             return
-        if p.grad.is_sparse:
-            raise RuntimeError(f"SGDSaI does not support sparse gradients (tensor of shape {tuple(p.shape)})")
+        try:
+            # The gradient check SGDSaI.step makes, with its words: a sparse or complex
+            # gradient, a gradient laid out unlike its tensor.
+            self.optimizer.check_gradient(p)
+        except Exception:
+            # The backward is aborted, and with it the callback that would have consumed the
+            # gradients kept so far this step: forget them, so the next backward starts afresh.
+            self._first_pending = []
+            self._callback_queued = False
+            raise
         if self._phase == "record":
             self._record(p)
             return
@@ -254,7 +267,7 @@ class InBackwardSGDSaI:
         count, total, sumsq, m2 = self._sums.unbind(1)
         moments = BlockMoments(count=count.clone(), total=total.clone(), sumsq=sumsq.clone(), m2=m2.clone())
         self._record_done = True
-        self._fixed = self.optimizer._fix_gsnr(list(self._recorded), None, moments=moments)
+        self._fixed = self.optimizer.fix_gsnr(list(self._recorded), None, moments=moments)
 
     def _unfix(self) -> None:
         """Forget the g-SNR fixed by pass 1: the next ``step(closure)`` starts step 1 afresh."""
@@ -296,8 +309,8 @@ class InBackwardSGDSaI:
         state = opt.state[p]
         if SCALE not in state:
             # A block whose first gradient comes after step 1: scaled by the fixed max, as in step().
-            opt._fix_gsnr([p], opt._gsnr_max())
-        opt._step_group(self._group_of[id(p)], [p])
+            opt.fix_gsnr([p], opt.gsnr_max())
+        opt.step_group(self._group_of[id(p)], [p])
         p.grad = None
 
     @torch.no_grad()
@@ -306,12 +319,12 @@ class InBackwardSGDSaI:
         self._callback_queued = False
         opt = self.optimizer
         pending = [p for p in pending if p.grad is not None]
-        if not opt._fix_gsnr(pending, None):
+        if not opt.fix_gsnr(pending, None):
             for p in pending:  # an all-zero probe step: nothing is fixed, nothing kept
                 p.grad = None
             return
         for p in pending:
-            opt._step_group(self._group_of[id(p)], [p])
+            opt.step_group(self._group_of[id(p)], [p])
             p.grad = None
 
     # -- conveniences --------------------------------------------------------------

@@ -9,18 +9,18 @@ with that scale (:mod:`sai_dist.functional`).
 The class orchestrates; it knows no sharding wrapper. A :class:`~sai_dist.layouts.Layout`
 maps the tensors it steps onto model blocks, the statistics engine
 (:mod:`sai_dist.stats`) reduces the moments of those blocks across ranks once, and from
-then on each piece carries a fixed scale: no collective is issued after step 1.
+then on each piece carries a fixed scale: no collective is issued after step 1. What it
+refuses is in :mod:`sai_dist.validation`, the cross-rank fingerprints in
+:mod:`sai_dist.consistency`, one group's update in :mod:`sai_dist.update`.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -28,16 +28,14 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sai_dist import consistency, loading, update, validation
 from sai_dist import momentum as lowp
-from sai_dist import native
-from sai_dist.consistency import check_ranks
-from sai_dist.functional import require_fused, sgd_sai
-from sai_dist.gsnr import DEGENERATE_POLICIES, DegeneratePolicy, block_gsnr, max_gsnr, normaliser
+from sai_dist.gsnr import DegeneratePolicy, block_gsnr, max_gsnr, normaliser
 from sai_dist.integration_hint import calling_wrapper, missing_integration_message
 from sai_dist.layouts import Layout, LayoutError, auto_layout, follows_rebinding
-from sai_dist.probe import drop_placeholders, is_placeholder, is_probe, placeholder_state
-from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
-from sai_dist.stats import BlockMoments, reduce_block_moments
+from sai_dist.probe import drop_placeholders, is_placeholder, is_probe
+from sai_dist.state_keys import GSNR_MAX, SCALE
+from sai_dist.stats import BlockMoments
 from sai_dist.warning_categories import (
     DegenerateGradientWarning,
     SGDSaIWarning,
@@ -66,61 +64,6 @@ def _warn(message: str, category: type[SGDSaIWarning]) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
-
-
-def _check_range(
-    name: str,
-    value: Any,
-    low: float,
-    high: float | None = None,
-    high_open: bool = False,
-    low_open: bool = False,
-) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number (not a
-    bool, not a Tensor) in the range. A NaN or inf hyperparameter would be baked into every
-    step, and g-SNR is fixed forever from the first."""
-    if isinstance(value, Tensor):
-        raise ValueError(f"Invalid {name}: {name} must be a Python float, got a Tensor")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a real number, got {type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
-    above = low < value if low_open else low <= value
-    ok = above and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
-        raise ValueError(f"Invalid {name}: {value!r} (must be {'>' if low_open else '>='} {low}{bound})")
-
-
-# The hyperparameters a param group may set. A param-group key one typo away from one of
-# them ("momentun", "weight_deacy") is refused: torch.optim keeps unknown keys silently
-# (schedulers and frameworks add their own, such as "initial_lr"), so the typo would
-# otherwise train with the default.
-_GROUP_KEYS = ("lr", "momentum", "weight_decay", "eps", "maximize", "foreach", "fused")
-# torch.optim.SGD options SGD-SaI does not implement: refused when set, not ignored.
-_UNSUPPORTED_KEYS = ("nesterov", "dampening")
-
-
-def _new_buffer(
-    grad: Tensor, pieces: Sequence[Any], layout: Layout, dtype: torch.dtype | None = None
-) -> Tensor:
-    """An uninitialised momentum buffer shaped like ``grad`` (the step fills every piece),
-    of ``dtype`` (default: the gradient's); elements no piece covers (a flat partition's
-    alignment padding) are zeroed so a checkpoint never holds garbage."""
-    # int8 codes are laid out in the parameter's logical (row-major) order: the block
-    # scales and the rounding index follow it, whatever the gradient's strides.
-    fmt = torch.contiguous_format if dtype == torch.int8 else torch.preserve_format
-    buf = torch.empty_like(grad, dtype=dtype, memory_format=fmt).detach()
-    native.advise_huge_pages(layout.local(buf))
-    if any(piece.span is not None for piece in pieces):
-        flat = layout.local(buf).reshape(-1)
-        covered = torch.zeros(flat.numel(), dtype=torch.bool)
-        for piece in pieces:
-            if piece.span is None:
-                return buf
-            covered[piece.span[0] : piece.span[1]] = True
-        flat[~covered.to(flat.device)] = 0
-    return buf
 
 
 class SGDSaI(Optimizer):
@@ -190,6 +133,27 @@ class SGDSaI(Optimizer):
     Every rank must call :meth:`step` together: the first step reduces statistics across
     the layout's process group (one batched collective per pass). Later steps issue none,
     except the step at which a block first gets a gradient if it had none at step 1.
+
+    **Integration API.** What sai_dist's own integrations call on the optimizer (the
+    optimizer-in-backward hooks, DeepSpeed, the g-SNR table), documented so they need no
+    private name; ordinary training uses :meth:`step` only.
+
+    - :meth:`gsnr_max`: the g-SNR max fixed at step 1, or ``None`` before (a probe's NaN
+      placeholders count as not fixed). Local, no collective.
+    - :meth:`check_gradient` ``(p)``: the per-tensor gradient check :meth:`step` makes
+      (:func:`sai_dist.validation.check_gradient`); raises with nothing modified.
+    - :meth:`fix_gsnr` ``(tensors, gsnr_max, refusal=None, moments=None)``: compute and store
+      g-SNR and scale of the blocks ``tensors`` hold, exactly as :meth:`step` does (the
+      consistency check, the statistics engine, the degenerate policy, the normaliser);
+      returns ``False``, changing nothing, for an all-zero first gradient. Collective like a
+      g-SNR step.
+    - :meth:`step_group` ``(group, params)``: the update of ``params`` of ``group`` (each
+      with a gradient and a fixed scale), the very code :meth:`step` runs per group; no
+      collective, no check.
+    - :meth:`model_group`: the group holding every part of the model when this optimizer
+      steps one part (``pipeline_group`` or the layout's), or ``None``.
+    - :attr:`linked_parts`: the optimizers of this rank's other model parts sharing one
+      normaliser, set by :func:`sai_dist.link_parts`.
     """
 
     def __init__(
@@ -213,11 +177,7 @@ class SGDSaI(Optimizer):
         pipeline_group: dist.ProcessGroup | None = None,
     ) -> None:
         check_pipeline_group(pipeline_group)
-        if degenerate not in DEGENERATE_POLICIES:
-            raise ValueError(f"Invalid degenerate: {degenerate!r} (must be one of {DEGENERATE_POLICIES})")
-        for flag, value in (("normalize", normalize), ("check_ranks", check_ranks)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Invalid {flag}: {value!r} (must be a bool)")
+        validation.check_options(degenerate=degenerate, normalize=normalize, check_ranks=check_ranks)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -238,6 +198,8 @@ class SGDSaI(Optimizer):
         self.seed = seed
         # Whether the layout was picked here (and so can be rebuilt for copied tensors).
         self._auto_layout = layout is None
+        #: This rank's other model parts sharing one normaliser (:func:`sai_dist.link_parts`).
+        self.linked_parts: list[SGDSaI] = []
         super().__init__(params, defaults)
         if self._layout is None:
             self._attach_auto_layout()
@@ -269,7 +231,7 @@ class SGDSaI(Optimizer):
         for key in ("momentum_dtype", "stochastic_rounding", "seed"):
             state[key] = getattr(self, key)
         state["pipeline_group"] = None  # a process group does not pickle
-        state.pop("_parts", None)  # links to other optimizers are this process's
+        state["linked_parts"] = []  # links to other optimizers are this process's
         state["_auto_layout"] = self._auto_layout
         state["_layout"] = None if self._auto_layout else self._layout
         return state
@@ -280,6 +242,7 @@ class SGDSaI(Optimizer):
         for key, default in (("momentum_dtype", None), ("stochastic_rounding", None), ("seed", 0)):
             self.__dict__.setdefault(key, default)
         self.__dict__.setdefault("pipeline_group", None)
+        self.__dict__.setdefault("linked_parts", [])
         if self.__dict__.get("_layout") is None:
             self._auto_layout = True
             self._attach_auto_layout()
@@ -310,8 +273,8 @@ class SGDSaI(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._validate_group(group, len(self.param_groups) - 1)
             gi = len(self.param_groups) - 1
+            validation.validate_group(group, gi)
             names = group.get("param_names") or [""] * len(group["params"])
             where = [
                 f"param_groups[{gi}]['params'][{i}]" + (f" ({n})" if n else "") for i, n in enumerate(names)
@@ -323,55 +286,6 @@ class SGDSaI(Optimizer):
             self.param_groups.pop()
             raise
 
-    @staticmethod
-    def _validate_group(group: dict[str, Any], index: int) -> None:
-        """Raise ``ValueError`` naming the culprit for a group's invalid hyperparameter, a
-        key that is a typo of one, or a complex parameter. ``group`` is complete (defaults
-        filled in); ``params`` may be saved indices (``load_state_dict``)."""
-        where = f" in param group {index}"
-        for key in group:
-            if not isinstance(key, str) or key in _GROUP_KEYS or key in ("params", "param_names"):
-                continue
-            if key in _UNSUPPORTED_KEYS:
-                if group[key]:
-                    raise ValueError(
-                        f"Invalid param-group key {key!r}{where}: SGDSaI does not implement "
-                        f"torch.optim.SGD's {key}; remove it"
-                    )
-                continue
-            close = difflib.get_close_matches(key, _GROUP_KEYS, n=1, cutoff=0.8)
-            if close:
-                raise ValueError(
-                    f"Unknown param-group key {key!r}{where}: did you mean {close[0]!r}? (SGDSaI's keys: "
-                    f"{', '.join(_GROUP_KEYS)})"
-                )
-        try:
-            _check_range("lr", group["lr"], 0.0)
-            _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-            _check_range("weight_decay", group["weight_decay"], 0.0)
-            # eps > 0: it is the only bound on g-SNR when a block's std is tiny, and g-SNR is
-            # fixed forever; with eps = 0 one near-constant block would own the max and
-            # freeze every other block, and degenerate="official" would divide by zero.
-            _check_range("eps", group["eps"], 0.0, low_open=True)
-        except ValueError as e:
-            raise ValueError(f"{e}{where}") from None
-        if not isinstance(group.get("maximize", False), bool):
-            raise ValueError(f"Invalid maximize: {group['maximize']!r} (must be a bool){where}")
-        for flag in ("fused", "foreach"):
-            # isinstance, not membership: 1 == True would slip through `in (None, True, False)`.
-            if group.get(flag) is not None and not isinstance(group[flag], bool):
-                raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be None or a bool){where}")
-        names = group.get("param_names")
-        for i, p in enumerate(group["params"]):
-            if isinstance(p, Tensor) and p.is_complex():
-                name = f" ({names[i]})" if names is not None and i < len(names) else ""
-                raise ValueError(
-                    "SGDSaI does not support complex parameters: "
-                    f"param_groups[{index}]['params'][{i}]{name}, shape {tuple(p.shape)}, dtype {p.dtype}. "
-                    "g-SNR is a norm over a standard deviation of real numbers; hold the real and "
-                    "imaginary parts as real parameters instead."
-                )
-
     def _register(self, group: dict[str, Any]) -> None:
         self.layout.register(group["params"])
         if "param_names" in group:
@@ -382,9 +296,11 @@ class SGDSaI(Optimizer):
     @property
     def initialized(self) -> bool:
         """Whether g-SNR has been fixed (by a first step or a loaded state dict)."""
-        return self._gsnr_max() is not None
+        return self.gsnr_max() is not None
 
-    def _gsnr_max(self) -> float | None:
+    def gsnr_max(self) -> float | None:
+        """The largest g-SNR of the model, fixed at step 1 (or loaded); ``None`` before.
+        A probe's NaN placeholders (:mod:`sai_dist.probe`) count as not fixed. Local."""
         for state in self.state.values():
             if GSNR_MAX in state:
                 value = float(state[GSNR_MAX].reshape(-1)[0])
@@ -392,108 +308,16 @@ class SGDSaI(Optimizer):
                     return value
         return None
 
-    def _describe(self, block: int) -> str:
-        name = self.layout.block_name(block)
-        if name != f"block {block}":
-            return name
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if any(piece.block == block and piece.span is None for piece in self.layout.pieces(p)):
-                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-        return name
-
-    # -- cross-rank consistency ---------------------------------------------------
-
-    def _check_group(self) -> dist.ProcessGroup | None:
-        """The ranks that must agree on this optimizer, or ``None`` when there is nothing to
-        compare: the layout's group, or the world for layouts whose statistics are local
-        (DDP replicas are the classic case of ranks that must agree and never talk)."""
-        if not self.check_ranks or not (dist.is_available() and dist.is_initialized()):
+    def model_group(self) -> dist.ProcessGroup | None:
+        """The group holding every part of the model, when this optimizer steps one part:
+        ``pipeline_group``, or the layout's (DTensor stages sliced from one root mesh);
+        ``None`` for the whole model (or no multi-rank process group)."""
+        if not (dist.is_available() and dist.is_initialized()):
             return None
-        group = self.layout.group
-        if group is None:
-            group = dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
+        group = self.pipeline_group if self.pipeline_group is not None else self.layout.model_group
+        return group if group is not None and dist.get_world_size(group) > 1 else None
 
-    def _group_fields(self, group: dict[str, Any], size: int) -> dict[str, Any]:
-        """What must be equal across ranks in a param group: its size (unless the layout
-        gives ranks different parameters) and the hyperparameters of the update
-        (foreach/fused only change rounding)."""
-        fields = {k: group.get(k) for k in ("lr", "momentum", "weight_decay", "eps", "maximize")}
-        if self.layout.ranks_hold_different_params:
-            return fields
-        return {"params": size, **fields}
-
-    def _common_fields(self, call: str, gsnr_max: float | None) -> dict[str, Any]:
-        return {
-            "call": call,
-            "options": {"normalize": self.normalize, "degenerate": self.degenerate},
-            "gsnr_max": gsnr_max,
-            "blocks": self.layout.signature(),
-        }
-
-    def _step_fingerprint(self, gsnr_max: float | None, moments: BlockMoments | None) -> dict[str, Any]:
-        """Fields of the step check (see :mod:`sai_dist.consistency`): which tensors have a
-        gradient, and for layouts whose statistics are local (each rank computes g-SNR from
-        its own copy of the gradient), the moments themselves."""
-        values: dict[str, Any] = {}
-        if moments is not None:
-            stats = torch.stack([moments.count, moments.total, moments.sumsq, moments.m2], 1).tolist()
-            values["gradient statistics"] = {
-                self.layout.block_name(b): dict(zip(("n", "sum", "sum_sq", "m2"), row, strict=True))
-                for b, row in enumerate(stats)
-                if row[0] > 0
-            }
-        tensors = {
-            f"param_groups[{gi}]['params'][{pi}]": "grad" if p.grad is not None else "no grad"
-            for gi, g in enumerate(self.param_groups)
-            for pi, p in enumerate(g["params"])
-        }
-        return {
-            **self._common_fields("step", gsnr_max),
-            "param_groups": [self._group_fields(g, len(g["params"])) for g in self.param_groups],
-            "tensors": {} if self.layout.ranks_hold_different_params else tensors,
-            "values": values,
-        }
-
-    # -- g-SNR ---------------------------------------------------------------------
-
-    def _agreed_moments(
-        self, tensors: list[Tensor], gsnr_max: float | None, refusal: BaseException | None
-    ) -> BlockMoments:
-        """Block moments of ``tensors``, once every rank has agreed (when ``check_ranks``)
-        that it may compute them; raises ``refusal`` (this rank's own validation error)
-        after joining the check, so peers raise instead of waiting in a collective.
-
-        Order: the fixed-size check comes before the statistics collectives, whose sizes
-        depend on the model, so a different model on one rank is named, not a hang. For
-        layouts with local statistics the moments are computed first (no collective) and
-        compared in the same check.
-        """
-        layout = self.layout
-        # Late blocks may be fresh on some ranks only (OSS): the layout names the group that
-        # is safe for them, and where that is no group, no rank may wait in a check either.
-        group = layout.group if gsnr_max is None else layout.late_group
-        check = self._check_group() if group is layout.group else None
-        moments = None
-        if refusal is None and group is None:
-            try:
-                moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, None)
-            except Exception as e:  # joins the check below as a refusal
-                refusal = e
-        if check is not None:
-            late = "the first step of blocks added after step 1"
-            when = "the g-SNR step (step 1)" if gsnr_max is None else late
-            fields = self._step_fingerprint(gsnr_max, moments if refusal is None else None)
-            text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
-            check_ranks(check, fields, refusal=text, when=when)
-        if refusal is not None:
-            raise refusal
-        if moments is None:
-            moments = reduce_block_moments(layout.sources(tensors), layout.num_blocks, group)
-        return moments
-
-    def _fix_gsnr(
+    def fix_gsnr(
         self,
         tensors: list[Tensor],
         gsnr_max: float | None,
@@ -512,8 +336,7 @@ class SGDSaI(Optimizer):
         recorded them block by block) are used as the blocks' moments instead of reading
         the gradients of ``tensors``, which may be gone.
         """
-        layout = self.layout
-        model = self._model_group() if gsnr_max is None else None
+        model = self.model_group() if gsnr_max is None else None
         linked = self.__dict__.pop("_linked_step1", None) if gsnr_max is None and refusal is None else None
         if linked is not None:  # a part linked with this one reduced it already
             moments, whole = linked
@@ -527,32 +350,10 @@ class SGDSaI(Optimizer):
                     whole_model_max(model, None, False, self._stage_options(), refusal=e)
                 raise
             whole = None
-            if gsnr_max is None and (model is not None or getattr(self, "_parts", None)):
+            if gsnr_max is None and (model is not None or self.linked_parts):
                 whole = self._whole_model(model, moments)
         if gsnr_max is None and (float(moments.sumsq.sum()) == 0.0 if whole is None else not whole.nonzero):
-            if tensors and is_probe(self.param_groups):
-                # DCP / torchtitan building their state template: give it the state's shapes.
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            self.state[p] = self._placeholder(p, group["momentum"])
-                return False
-            # No tensor with a gradient at all is a different mistake from zero gradients: a
-            # step() before backward(), or an optimizer built from tensors the model no longer
-            # uses (e.g. model.parameters() taken before fully_shard replaced them).
-            hint = (
-                ""
-                if tensors
-                else " (no parameter has a gradient at all: was backward() called, and was SGDSaI built "
-                "from the parameters the model uses now, e.g. after fully_shard / DDP wrapping?)"
-            )
-            _warn(
-                f"SGDSaI: every gradient is zero at the first step{hint}; skipping it without fixing "
-                "g-SNR, applying weight decay or touching momentum.",
-                ZeroGradientStepWarning,
-            )
-            return False
-
+            return self._skip_zero_step(tensors)
         fill = gsnr_max if whole is None else whole.fill
         g = block_gsnr(moments, self._block_eps(), self.degenerate, fill=fill)
         if gsnr_max is None:
@@ -560,32 +361,59 @@ class SGDSaI(Optimizer):
         divisor = normaliser(gsnr_max, self.normalize)
         degenerate = g.degenerate.nonzero().flatten().tolist()
         if degenerate and self.degenerate == "max":
-            names = ", ".join(self._describe(b) for b in degenerate[:10])
-            more = f" and {len(degenerate) - 10} more" if len(degenerate) > 10 else ""
+            names = validation.describe_blocks(self.layout, self.param_groups, degenerate)
             _warn(
                 f"SGDSaI: gradient with zero spread (one element, all zeros or constant) at the g-SNR "
-                f"step in {names}{more}: no noise estimate, so it gets the largest regular g-SNR "
+                f"step in {names}: no noise estimate, so it gets the largest regular g-SNR "
                 "(scale 1 when normalised). Pass degenerate='official' for the official formula.",
                 DegenerateGradientWarning,
             )
-
-        max_t = torch.tensor(gsnr_max, dtype=torch.float32)
-        # Rounded to float32 once for all blocks, then one row per tensor: a few small-tensor
-        # ops per parameter instead of six (step 1 of 148 tensors: ~4 ms less).
-        values32 = g.value.to(torch.float32)
-        scales32 = (g.value / divisor).to(torch.float32)
-        for p in tensors:
-            state = self.state[p]
-            pieces = layout.pieces(p)
-            if len(pieces) == 1:
-                state[GSNR] = values32[pieces[0].block].clone()
-                state[SCALE] = scales32[pieces[0].block].clone()
-            else:
-                blocks = torch.tensor([piece.block for piece in pieces], dtype=torch.long)
-                state[GSNR] = values32[blocks]
-                state[SCALE] = scales32[blocks]
-            state[GSNR_MAX] = max_t.clone()
+        update.store_gsnr(self.state, self.layout, tensors, g.value, g.value / divisor, gsnr_max)
         return True
+
+    def _skip_zero_step(self, tensors: list[Tensor]) -> bool:
+        """An all-zero first gradient fixes nothing: a state-template probe (every lr 0,
+        DCP / torchtitan) gets placeholders of the state's shapes, anything else a warning."""
+        if tensors and is_probe(self.param_groups):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.state[p] = update.placeholder(
+                            self.layout, p, group["momentum"], self.momentum_dtype, self.stochastic_rounding
+                        )
+            return False
+        # No tensor with a gradient at all is a different mistake from zero gradients: a
+        # step() before backward(), or an optimizer built from tensors the model no longer
+        # uses (e.g. model.parameters() taken before fully_shard replaced them).
+        hint = (
+            ""
+            if tensors
+            else " (no parameter has a gradient at all: was backward() called, and was SGDSaI built "
+            "from the parameters the model uses now, e.g. after fully_shard / DDP wrapping?)"
+        )
+        _warn(
+            f"SGDSaI: every gradient is zero at the first step{hint}; skipping it without fixing "
+            "g-SNR, applying weight decay or touching momentum.",
+            ZeroGradientStepWarning,
+        )
+        return False
+
+    def _options(self) -> dict[str, Any]:
+        return {"normalize": self.normalize, "degenerate": self.degenerate}
+
+    def _agreed_moments(
+        self, tensors: list[Tensor], gsnr_max: float | None, refusal: BaseException | None
+    ) -> BlockMoments:
+        """:func:`sai_dist.consistency.agreed_moments` for this optimizer."""
+        return consistency.agreed_moments(
+            self.layout,
+            tensors,
+            gsnr_max,
+            refusal,
+            check=consistency.check_group(self.layout, self.check_ranks),
+            param_groups=self.param_groups,
+            options=self._options(),
+        )
 
     def _fresh_tensors(self) -> list[Tensor]:
         """Tensors with a gradient and no fixed scale yet, each once: a parameter listed
@@ -604,7 +432,7 @@ class SGDSaI(Optimizer):
         the other model parts linked with it on this rank (:func:`sai_dist.link_parts`,
         whose moments are computed here and kept for their own step 1) and, with
         ``model``, every other rank's parts."""
-        parts = [q for q in getattr(self, "_parts", ()) if q is not self and not q.initialized]
+        parts = [q for q in self.linked_parts if q is not self and not q.initialized]
         gsnrs = [block_gsnr(moments, self._block_eps(), self.degenerate)]
         nonzero = float(moments.sumsq.sum()) != 0.0
         kept: dict[int, BlockMoments] = {}
@@ -627,16 +455,7 @@ class SGDSaI(Optimizer):
         return whole
 
     def _refuse_non_finite(self, moments: BlockMoments) -> None:
-        """Raise, naming the blocks, if a gradient at the g-SNR step is not finite."""
-        bad = (~moments.finite()).nonzero().flatten().tolist()
-        if bad:
-            names = ", ".join(self._describe(b) for b in bad[:10])
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise RuntimeError(
-                f"SGDSaI: non-finite gradient (inf or NaN) at the g-SNR step in {names}{more}; "
-                "g-SNR is fixed once from this gradient, so the step was refused and nothing was "
-                "changed. Check the loss, or let a GradScaler skip the step."
-            )
+        validation.refuse_non_finite(self.layout, self.param_groups, moments)
 
     def _block_eps(self) -> Tensor:
         """Per-block epsilon from the param groups (the default for blocks none names)."""
@@ -647,19 +466,10 @@ class SGDSaI(Optimizer):
                 eps[piece.block] = group["eps"]
         return layout.block_eps(eps).nan_to_num(self.defaults["eps"])
 
-    def _model_group(self) -> dist.ProcessGroup | None:
-        """The group holding every part of the model, when this optimizer steps one part:
-        ``pipeline_group``, or the layout's (DTensor stages sliced from one root mesh)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        group = self.pipeline_group if self.pipeline_group is not None else self.layout.model_group
-        return group if group is not None and dist.get_world_size(group) > 1 else None
-
     def _stage_options(self) -> dict[str, Any]:
         """What every part's optimizer must share for one whole-model normaliser."""
         keys = ("lr", "momentum", "weight_decay", "eps", "maximize")
-        options = {"normalize": self.normalize, "degenerate": self.degenerate}
-        return {**options, **{k: self.defaults[k] for k in keys}}
+        return {**self._options(), **{k: self.defaults[k] for k in keys}}
 
     # -- step ----------------------------------------------------------------------
 
@@ -680,7 +490,7 @@ class SGDSaI(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        gsnr_max = self._gsnr_max()
+        gsnr_max = self.gsnr_max()
         if gsnr_max is None:
             self._follow_rebound_params()
             drop_placeholders(self.state)  # a probe's; this step may fix g-SNR for real
@@ -694,17 +504,17 @@ class SGDSaI(Optimizer):
         except Exception as refusal:
             if gsnr_max is None or fresh:
                 # A step that fixes g-SNR is collective: peers must hear of the refusal.
-                self._fix_gsnr(fresh, gsnr_max, refusal)
+                self.fix_gsnr(fresh, gsnr_max, refusal)
             raise
         if gsnr_max is None:
             # Step 1 fixes g-SNR from every block that has a gradient, across all groups.
-            if not self._fix_gsnr(fresh, None):
+            if not self.fix_gsnr(fresh, None):
                 return loss
         elif fresh:
-            self._fix_gsnr(fresh, gsnr_max)
+            self.fix_gsnr(fresh, gsnr_max)
 
         for group, params in stepped:
-            self._step_group(group, params)
+            self.step_group(group, params)
         return loss
 
     def _refuse_unhooked_wrapper(self) -> None:
@@ -717,275 +527,44 @@ class SGDSaI(Optimizer):
         if wrapper is not None and wrapper.refuse and dist.get_world_size() > 1:
             raise LayoutError(missing_integration_message(wrapper))
 
-    def _pieces_or_hint(self, p: Tensor) -> None:
-        """``layout.pieces(p)``, its :class:`LayoutError` naming the missing integration
-        import when the tensor comes from a wrapper stepping an automatic layout."""
-        try:
-            self.layout.pieces(p)
-        except LayoutError as e:
-            wrapper = calling_wrapper() if self._auto_layout else None
-            if wrapper is None:
-                raise
-            raise LayoutError(f"{missing_integration_message(wrapper)} ({e})") from None
+    def check_gradient(self, p: Tensor) -> None:
+        """Refuse, changing nothing, a gradient of ``p`` that :meth:`step` cannot take
+        (:func:`sai_dist.validation.check_gradient` under this optimizer's layout)."""
+        validation.check_gradient(self.layout, p, hint_wrapper=self._auto_layout)
 
     def _validated_groups(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each group with its tensors that have a gradient; raises, before anything is
         computed, for a gradient the step cannot take."""
-        layout = self.layout
         stepped: list[tuple[dict[str, Any], list[Tensor]]] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"SGDSaI does not support sparse gradients ({layout.describe(p)}); "
-                        "use dense gradients (e.g. nn.Embedding(sparse=False))."
-                    )
-                if p.grad.is_complex():
-                    raise RuntimeError(
-                        f"SGDSaI does not support complex gradients ({layout.describe(p)}, gradient dtype "
-                        f"{p.grad.dtype}); g-SNR is defined for real tensors."
-                    )
-                self._pieces_or_hint(p)  # raises LayoutError for tensors it cannot map
-                layout.check_grad(p)  # ... and for gradients laid out unlike their tensor
-            self._check_low_precision(group, params)
-            if group.get("fused") is True:
-                for device in {layout.local(p).device for p in params}:
-                    require_fused(device, caller="SGDSaI")
+                self.check_gradient(p)
+            validation.check_group_step(
+                self.layout,
+                self.state,
+                group,
+                params,
+                momentum_dtype=self.momentum_dtype,
+                stochastic_rounding=self.stochastic_rounding,
+            )
             stepped.append((group, params))
         return stepped
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        layout = self.layout
-        momentum = group["momentum"]
-        # One sgd_sai call per group: every piece of every tensor, with its own scale as a
-        # coefficient (a segment of a flat partition is a view, stepped in place). A
-        # buffer born this step is allocated uninitialised and filled with +-g by the same
-        # pass that applies the update.
-        p_views: list[Tensor] = []
-        d_views: list[Tensor] = []
-        m_views: list[Tensor | None] = []
-        scales: list[float] = []
-        fresh: list[bool] = []
-        # Low-precision storage (sai_dist.momentum): per view, int8 block scales and the
-        # draws of stochastic rounding; None throughout for float32 state and parameters.
-        q_views: list[Tensor | None] = []
-        keys: list[lowp.Rounding | None] = []
-        any_managed = False
-        for p in params:
-            state = self.state[p]
-            pieces = layout.pieces(p)
-            p_local, g_local = layout.local(p), layout.local(p.grad)
-            born = False
-            buf_local: Tensor | None = None
-            if momentum != 0:
-                born = MOMENTUM not in state
-                if born:
-                    state[MOMENTUM] = _new_buffer(p.grad, pieces, layout, self._storage_dtype(p))
-                    if state[MOMENTUM].dtype == torch.int8:
-                        lengths = [piece.view(p_local).numel() for piece in pieces]
-                        state[MOMENTUM_SCALE] = p_local.new_zeros(
-                            lowp.num_scales(lengths), dtype=torch.float32
-                        )
-                buf_local = layout.local(state[MOMENTUM])
-            stored = None if buf_local is None else buf_local.dtype
-            rounding = self._managed(p, stored) and lowp.uses_rounding(
-                p_local, stored, self.stochastic_rounding is not False
-            )
-            if rounding:
-                step = int(state.setdefault(ROUNDING_STEP, torch.tensor(0, dtype=torch.int64)))
-                offsets = layout.element_origin(p)[1]  # checked by _check_low_precision
-            start = 0
-            for k, (piece, scale) in enumerate(zip(pieces, state[SCALE].reshape(-1).tolist(), strict=True)):
-                p_views.append(piece.view(p_local))
-                d_views.append(piece.view(g_local))
-                m_views.append(None if buf_local is None else piece.view(buf_local))
-                scales.append(scale)
-                fresh.append(born)
-                n_scales = lowp.num_scales([p_views[-1].numel()])
-                q_views.append(
-                    state[MOMENTUM_SCALE][start : start + n_scales] if stored == torch.int8 else None
-                )
-                start += n_scales
-                keys.append(lowp.Rounding(self.seed, step, piece.block, offsets[k]) if rounding else None)
-            if rounding:
-                state[ROUNDING_STEP] += 1
-            any_managed = any_managed or self._managed(p, stored)
-        if not p_views:
-            return
-        sgd_sai(
-            p_views,
-            d_views,
-            m_views,
-            scales,
-            lr=group["lr"],
-            momentum=momentum,
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            fused=group.get("fused"),
-            fresh=fresh,
-            momentum_scales=q_views if any(q is not None for q in q_views) else None,
-            rounding=keys if any_managed else None,
-            round_params=self.stochastic_rounding is not False,
+    def step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update ``params`` of ``group`` (each with a gradient and a fixed scale): the code
+        :meth:`step` runs per group, :func:`sai_dist.update.step_group`. No collective."""
+        update.step_group(
+            self.layout,
+            self.state,
+            group,
+            params,
+            momentum_dtype=self.momentum_dtype,
+            stochastic_rounding=self.stochastic_rounding,
+            seed=self.seed,
         )
-
-    def _placeholder(self, p: Tensor, momentum: float) -> dict[str, Tensor]:
-        """A probe's placeholders for ``p`` in the storage its real state will have."""
-        pieces = self.layout.pieces(p)
-        p_local = self.layout.local(p)
-        stored = self._storage_dtype(p) if momentum != 0 else None
-        n_scales = (
-            lowp.num_scales([piece.view(p_local).numel() for piece in pieces])
-            if stored == torch.int8
-            else None
-        )
-        rounding = self._managed(p, stored) and lowp.uses_rounding(
-            p_local, stored, self.stochastic_rounding is not False
-        )
-        return placeholder_state(p, len(pieces), momentum, stored, n_scales, rounding)
-
-    def _storage_dtype(self, p: Tensor) -> torch.dtype:
-        if self.momentum_dtype is None:  # the gradient's dtype, as before low-precision storage
-            return self.layout.local(p.grad).dtype
-        origin = self.layout.element_origin(p)
-        numel = p.numel() if origin is None else origin[0]
-        return lowp.storage_dtype(self.momentum_dtype, numel, self.layout.local(p.grad).dtype)
-
-    def _managed(self, p: Tensor, stored: torch.dtype | None) -> bool:
-        """Whether ``p`` is stepped by the low-precision path (sai_dist.momentum): its
-        parameter or buffer is not float32 and the layout gives element indices. Else the
-        paths of float32 state run, as they always did (16-bit tensors rounded to nearest
-        on layouts without element indices, see _check_low_precision)."""
-        sixteen = (torch.bfloat16, torch.float16)
-        low = self.layout.local(p).dtype in sixteen or stored in (*sixteen, torch.int8)
-        return low and self.layout.element_origin(p) is not None
-
-    def _check_low_precision(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Refuse, before anything is modified, a tensor whose int8/bf16 momentum or
-        stochastically rounded parameter needs element indices the layout cannot give."""
-        layout = self.layout
-        for p in params:
-            state = self.state.get(p, {})
-            if group["momentum"] == 0:
-                stored = None
-            elif MOMENTUM in state:
-                stored = layout.local(state[MOMENTUM]).dtype
-            else:
-                stored = self._storage_dtype(p)
-            low_buffer = self.momentum_dtype is not None and stored not in (None, torch.float32)
-            rounded = self.stochastic_rounding is True and layout.local(p).dtype in (
-                torch.bfloat16,
-                torch.float16,
-            )
-            # Asked only where needed: a DTensor's origin is a placement computation per call.
-            if (low_buffer or rounded) and layout.element_origin(p) is None:
-                setting = (
-                    f"momentum_dtype={self.momentum_dtype!r}"
-                    if low_buffer
-                    else f"stochastic_rounding=True for a {layout.local(p).dtype} parameter"
-                )
-                raise ValueError(
-                    f"SGDSaI: {setting} is not supported for {layout.describe(p)} under "
-                    f"{type(layout).__name__}: its random draws and quantization blocks are keyed on the "
-                    "element's index in the original parameter, which this layout cannot give. Use "
-                    "momentum_dtype='float32' (and stochastic_rounding=False for 16-bit parameters) here."
-                )
 
     # -- checkpoints ---------------------------------------------------------------
-
-    def _tensor_name(self, gi: int, pi: int, p: Tensor) -> str:
-        """``param_groups[gi]['params'][pi]``, with the parameter's name when known."""
-        where = f"param_groups[{gi}]['params'][{pi}]"
-        pieces = self.layout.pieces(p)
-        if len(pieces) == 1 and pieces[0].span is None:
-            name = self.layout.block_name(pieces[0].block)
-            if name != f"block {pieces[0].block}":
-                return f"{where} ({name})"
-        return where
-
-    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
-        """Raise ``ValueError`` naming the mismatch if ``state_dict`` cannot belong to this
-        optimizer. ``torch.optim`` checks group counts and sizes only; a state dict of
-        another model with the same counts would load momentum of the wrong shape."""
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError("SGDSaI.load_state_dict: expected a dict with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
-        prefix = (
-            "SGDSaI.load_state_dict: the state dict is not this optimizer's (another model or "
-            "param-group split?):"
-        )
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"{prefix} it has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}"
-            )
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"{prefix} param group {gi} has {len(saved['params'])} parameters in it, "
-                    f"{len(group['params'])} here"
-                )
-            # The loaded hyperparameters replace the current ones: validate them too.
-            self._validate_group({**self.defaults, **saved}, gi)
-        maxima: set[float] = set()
-        entries = state_dict["state"]
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                entry = entries.get(key, {})
-                buf = entry.get(MOMENTUM)
-                if buf is not None and (not isinstance(buf, Tensor) or tuple(buf.shape) != tuple(p.shape)):
-                    got = tuple(buf.shape) if isinstance(buf, Tensor) else type(buf).__name__
-                    raise ValueError(
-                        f"{prefix} the momentum_buffer of {self._tensor_name(gi, pi, p)} has shape {got}, "
-                        f"the parameter {tuple(p.shape)}"
-                    )
-                lowp.check_loaded(entry, self.layout, p, self._tensor_name(gi, pi, p))
-                pieces = len(self.layout.pieces(p))
-                for k in (GSNR, SCALE):
-                    if k in entry and torch.as_tensor(entry[k]).numel() != pieces:
-                        raise ValueError(
-                            f"{prefix} {k} of {self._tensor_name(gi, pi, p)} has "
-                            f"{torch.as_tensor(entry[k]).numel()} values, the tensor holds {pieces} "
-                            "block piece(s)"
-                        )
-                if GSNR_MAX in entry and not is_placeholder(entry):
-                    maxima.add(float(entry[GSNR_MAX]))
-        if len(maxima) > 1:
-            raise ValueError(
-                f"SGDSaI.load_state_dict: the state dict holds {len(maxima)} different gsnr_max values "
-                f"({sorted(maxima)[:4]}); g-SNR is normalised by one max per model, so it was assembled from "
-                "different runs"
-            )
-
-    def _load_fingerprint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Fields of the load check: the g-SNR max, hyperparameters and per-tensor state keys
-        being loaded, and the scales of tensors that are whole blocks (the same on every
-        rank; a flat partition's pieces differ by rank)."""
-        entries = state_dict["state"]
-        gsnr_max = next(
-            (float(e[GSNR_MAX]) for e in entries.values() if GSNR_MAX in e and not is_placeholder(e)), None
-        )
-        tensors: dict[str, Any] = {}
-        scales: dict[str, float] = {}
-        for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups, strict=True)):
-            for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                entry = entries.get(key, {})
-                tensors[f"param_groups[{gi}]['params'][{pi}]"] = sorted(entry)
-                pieces = self.layout.pieces(p)
-                if SCALE in entry and len(pieces) == 1 and pieces[0].span is None:
-                    scales[self.layout.block_name(pieces[0].block)] = float(entry[SCALE])
-        return {
-            **self._common_fields("load_state_dict", gsnr_max),
-            "param_groups": [
-                self._group_fields({**self.defaults, **saved}, len(saved["params"]))
-                for saved in state_dict["param_groups"]
-            ],
-            **(
-                {"tensors": {}, "values": {}}
-                if self.layout.ranks_hold_different_params
-                else {"tensors": tensors, "values": {"loaded scales": scales}}
-            ),
-        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state; the g-SNR scalars inside it mean g-SNR is never recomputed.
@@ -1005,52 +584,31 @@ class SGDSaI(Optimizer):
         refusal: Exception | None = None
         self._follow_rebound_params()
         try:
-            self._check_loadable(state_dict)
+            validation.check_loadable(state_dict, self.param_groups, self.defaults, self.layout)
         except Exception as e:
             refusal = e
-        check = self._check_group()
+        check = consistency.check_group(self.layout, self.check_ranks)
         if check is not None:
             if refusal is None:
-                fields = self._load_fingerprint(state_dict)
+                fields = consistency.load_fingerprint(
+                    self.layout, self.param_groups, self.defaults, self._options(), state_dict
+                )
             else:  # what this rank has; the refusal itself is what peers are told
-                fields = self._step_fingerprint(self._gsnr_max(), None)
+                fields = consistency.step_fingerprint(
+                    self.layout, self.param_groups, self._options(), self.gsnr_max(), None
+                )
                 fields["call"] = "load_state_dict"
             text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
-            check_ranks(check, fields, refusal=text, when="load_state_dict")
+            consistency.check_ranks(check, fields, refusal=text, when="load_state_dict")
         if refusal is not None:
             raise refusal
         # Real state (not a probe's placeholders) loaded, to tell a bad checkpoint below.
         real_entries = any(entry and not is_placeholder(entry) for entry in state_dict["state"].values())
-        state_dict = dict(state_dict)
-        scalars: dict[Any, dict[str, Tensor]] = {}
-        stripped: dict[Any, Any] = {}
-        # Low-precision storage is set aside too (torch.optim would cast int8 codes and a
-        # bf16 buffer to the parameter's dtype) and restored, or converted, afterwards.
-        storage: dict[Any, dict[str, Any]] = {}
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        dtypes = dict(zip(saved_ids, (p.dtype for g in self.param_groups for p in g["params"]), strict=True))
-        for key, entry in state_dict["state"].items():
-            buf = entry.get(MOMENTUM)
-            keep_buf = self.momentum_dtype is None and (buf is None or buf.dtype == dtypes.get(key))
-            moved = (MOMENTUM_SCALE, ROUNDING_STEP) if keep_buf else (MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP)
-            storage[key] = {k: entry[k] for k in moved if k in entry}
-            entry = {k: v for k, v in entry.items() if k not in storage[key]}
-            ours = {k: entry[k] for k in (GSNR, SCALE, GSNR_MAX) if k in entry}
-            if ours:
-                scalars[key] = ours
-                entry = {k: v for k, v in entry.items() if k not in ours}
-            stripped[key] = entry
-        state_dict["state"] = stripped
-        super().load_state_dict(state_dict)
-        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
-        current = (p for g in self.param_groups for p in g["params"])
-        for saved_id, param in zip(saved_ids, current, strict=True):
-            for k, v in scalars.get(saved_id, {}).items():
-                self.state[param][k] = torch.as_tensor(v).detach().to("cpu", torch.float32)
-            if storage.get(saved_id):
-                lowp.restore_loaded(
-                    self.state[param], storage[saved_id], self.layout, param, self.momentum_dtype
-                )
+        params = [p for g in self.param_groups for p in g["params"]]
+        for_torch, kept = loading.set_aside(state_dict, params, self.momentum_dtype)
+        super().load_state_dict(for_torch)
+        saved_groups = for_torch["param_groups"]
+        loading.put_back(self.state, saved_groups, params, kept, self.layout, self.momentum_dtype)
         # Placeholders (sai_dist.probe) the checkpoint did not overwrite: it was saved before
         # step 1, or these tensors had no gradient yet. Either way their g-SNR is not fixed.
         drop_placeholders(self.state)

@@ -140,10 +140,11 @@ def check_pipeline_group(group: Any, layout: Any = None) -> None:
     DTensor stages sliced from one root mesh (``layout``), a rank of every stage."""
     if group is None:
         return
-    uncovered = getattr(layout, "uncovered_stages", None)
-    if uncovered is not None and isinstance(group, dist.ProcessGroup):
+    missing = None
+    if layout is not None and isinstance(group, dist.ProcessGroup):
         ranks = dist.get_process_group_ranks(group)
-        missing = uncovered(ranks)
+        missing = layout.uncovered_stages(ranks)
+    if missing is not None:  # the layout knows the stages: covering them is all it takes
         if missing:
             raise ValueError(
                 f"Invalid pipeline_group: it holds ranks {ranks}, none of which holds the pipeline "
@@ -183,9 +184,9 @@ def link_parts(optimizers: Any) -> None:
     order. Accepts a list of optimizers or anything with an ``optimizers`` list."""
     parts = list(getattr(optimizers, "optimizers", optimizers))
     for opt in parts:
-        if not hasattr(opt, "_whole_model"):
+        if not hasattr(opt, "linked_parts"):
             raise TypeError(f"link_parts takes SGDSaI optimizers, got {type(opt).__name__}")
         if opt.initialized:
             raise ValueError("link_parts: link the parts before step 1 (g-SNR is already fixed)")
     for opt in parts:
-        opt._parts = parts
+        opt.linked_parts = parts

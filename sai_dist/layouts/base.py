@@ -5,7 +5,12 @@ A layout answers three questions for :class:`sai_dist.SGDSaI`, which knows no wr
 1. which block of the original model does each stepped tensor hold, and which part of it
    (:meth:`Layout.pieces`);
 2. over which process group do per-block statistics sum (:attr:`Layout.group`);
-3. on which plain tensor does the arithmetic of a step run (:meth:`Layout.local`).
+3. on which plain tensor does the arithmetic of a step run (:meth:`Layout.local`);
+4. for :func:`sai_dist.gsnr_table`: which parameters of a model are its blocks, and over
+   which group the ranks' stored values are combined (the table hooks at the end).
+
+Every member is declared here with its contract; the three abstract ones are required,
+the rest have defaults (docs/design.md, "layouts/", lists them all).
 
 One small module per wrapper implements it (``replicated`` for single process and DDP,
 ``dtensor`` for FSDP2/HSDP, flat-segment layouts for ZeRO, FSDP1 and fairscale FSDP,
@@ -19,8 +24,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
+from sai_dist.names import unwrapped_name
 from sai_dist.stats import Piece, Source
 
 
@@ -75,6 +81,14 @@ class Layout(ABC):
         """A group holding every part of the model when the tensors are one part of it
         (pipeline stages on sub-meshes of one root mesh): the normaliser is reduced over
         it (:mod:`sai_dist.whole_model`). Default ``None``: the tensors are the whole model."""
+        return None
+
+    def uncovered_stages(self, ranks: Sequence[int]) -> list[tuple[int, ...]] | None:
+        """For tensors that are one part of a model whose parts this layout can locate
+        (DTensor stages on sub-meshes of one root mesh): the stages none of ``ranks`` holds,
+        so that a ``pipeline_group`` over ``ranks`` would leave them out of the normaliser
+        (:func:`sai_dist.whole_model.check_pipeline_group`). Default ``None``: this layout
+        cannot say, and the group is checked as a plain process group."""
         return None
 
     @property
@@ -164,3 +178,54 @@ class Layout(ABC):
     def describe(self, param: Tensor) -> str:
         """A short human description of a stepped tensor for error messages."""
         return f"tensor of shape {tuple(param.shape)}"
+
+    # -- the g-SNR table (sai_dist.table) -------------------------------------------
+    #
+    # gsnr_table walks the optimizer's tensors and their pieces itself; a layout says only
+    # who must be asked (table_group), whether the answer may be kept (keeps_table) and
+    # which rows of a model are its blocks (block_of, table_rows).
+
+    @property
+    def table_group(self) -> dist.ProcessGroup | None:
+        """Group over which the g-SNR table combines (MAX) the per-block g-SNR and scale
+        found in each rank's optimizer state, so that every rank reports every block.
+        Needed where a rank's state holds only the blocks or segments it steps (flat
+        partitions, OSS owners): the table is then collective over it. Default ``None``:
+        every rank's state already holds the value of every block it steps (whole tensors,
+        DTensor shards: g-SNR is reduced before it is stored), so no collective."""
+        return None
+
+    #: Whether the combined table may be kept in :attr:`table_cache` and read from there,
+    #: so that the table costs no collective once it is known. Only for a layout whose
+    #: integration refreshes it at points where every rank is present (DeepSpeed: after the
+    #: step that fixes g-SNR and after each load, :mod:`sai_dist.deepspeed`). Default
+    #: ``False``: combined afresh on every call.
+    keeps_table: bool = False
+    #: The kept table (``[num_blocks, 3]`` float64: g-SNR, scale, present), or ``None``.
+    #: Written only by :mod:`sai_dist.table`; an integration sets it to ``None`` when the
+    #: state it summarises changes.
+    table_cache: Tensor | None = None
+
+    def block_of(self, param: Tensor) -> int | None:
+        """The block an original model parameter is, or ``None`` when it is not one of
+        this layout's blocks (frozen, never registered, or not held whole). Default: the
+        one whole-block piece of ``param`` as a stepped tensor."""
+        try:
+            pieces = self.pieces(param)
+        except LayoutError:
+            return None
+        if len(pieces) == 1 and pieces[0].span is None:
+            return pieces[0].block
+        return None
+
+    def table_rows(self, model: nn.Module) -> list[tuple[str, int, int]]:
+        """``(name, block, numel)`` for every parameter of ``model`` that is one of this
+        layout's blocks, in the model's order; ``name`` as the unwrapped model spells it
+        (:func:`sai_dist.names.unwrapped_name`), ``numel`` the whole block's. Default: from
+        ``model.named_parameters()`` and :meth:`block_of`."""
+        rows = []
+        for name, p in model.named_parameters():
+            block = self.block_of(p)
+            if block is not None:
+                rows.append((unwrapped_name(model, name), block, p.numel()))
+        return rows

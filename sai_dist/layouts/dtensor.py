@@ -110,7 +110,7 @@ class DTensorLayout(Layout):
             "from one init_device_mesh(...) (mesh['dp', 'tp']) or pass a layout."
         )
 
-    def uncovered_stages(self, ranks: Sequence[int]) -> list[tuple[int, ...]]:
+    def uncovered_stages(self, ranks: Sequence[int]) -> list[tuple[int, ...]] | None:
         """Coordinates along the root dims no parameter mesh covers (the pipeline stages)
         that none of ``ranks`` has: a ``pipeline_group`` over ``ranks`` would leave those
         stages out of the normaliser. Empty when the parameters are not on one root."""

@@ -66,36 +66,29 @@ class FlatParamLayout(FlatSegmentLayout):
     """A :class:`FlatSegmentLayout` whose blocks are the original parameters of an
     FSDP1 or fairscale FSDP model, in the model's order, named by their unwrapped FQN.
 
-    ``gsnr_table`` is collective over :attr:`group` on every call (every rank must call
-    it): a rank only holds the g-SNR of the blocks its shards touch.
+    :func:`sai_dist.gsnr_table` is collective over :attr:`group` on every call (every rank
+    must call it): a rank only holds the g-SNR of the blocks its shards touch.
     """
 
     #: The module the layout was built from; block names are relative to it.
     root: nn.Module | None = None
 
-    def gsnr_table(self, optimizer: Any, model: nn.Module) -> dict[str, dict[str, float | int]]:
+    # With use_orig_params=True a late block can be fixed on some ranks only, so no rank
+    # can tell alone whether a kept table is stale: combined afresh on every call.
+    keeps_table = False
+
+    def table_rows(self, model: nn.Module) -> list[tuple[str, int, int]]:
         # The original parameter objects may be gone (use_orig_params=False), so rows come
         # from the layout's own names rather than model.named_parameters(), re-rooted at
         # ``model`` (a part of the module the layout was built from, say a LightningModule's
-        # ``self.net``, or a wrapper of it). Refreshed on every call: with
-        # use_orig_params=True a late block can be fixed on some ranks only, so no rank can
-        # tell alone whether a cached table is stale.
+        # ``self.net``, or a wrapper of it).
         rename = self._renamer(model)
-        self.refresh_table(optimizer)
-        gsnr, scale = self.block_gsnr(optimizer)
-        table: dict[str, dict[str, float | int]] = {}
+        rows = []
         for b in range(self.num_blocks):
-            if math.isnan(float(gsnr[b])):
-                continue
             name = rename(self.block_name(b))
-            if name is None:  # outside the module asked about
-                continue
-            table[name] = {
-                "gsnr": float(gsnr[b]),
-                "scale": float(scale[b]),
-                "numel": self.block_numels[b],
-            }
-        return table
+            if name is not None:  # None: outside the module asked about
+                rows.append((name, b, self.block_numels[b]))
+        return rows
 
     def _renamer(self, model: nn.Module) -> Any:
         """``name -> name relative to model`` (``None`` for blocks outside it)."""

@@ -20,18 +20,14 @@ bookkeeping live in :mod:`sai_dist.layouts.zero`, those for FSDP1 and fairscale 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sai_dist.collectives import all_reduce
 from sai_dist.layouts.base import Layout, LayoutError
-from sai_dist.state_keys import GSNR, SCALE
+from sai_dist.names import clean_name
 from sai_dist.stats import Piece
 
 __all__ = ["FlatSegmentLayout", "Segment", "segments_in_range"]
@@ -78,8 +74,6 @@ class FlatSegmentLayout(Layout):
         self._names = dict(enumerate(names))
         self._segments: dict[int, tuple[Segment, ...]] = {}
         self._flats: list[Tensor] = []
-        # Per-block (gsnr, scale), reduced over the group: filled once g-SNR is fixed.
-        self._table: Tensor | None = None
 
     # -- building ------------------------------------------------------------------
 
@@ -152,62 +146,26 @@ class FlatSegmentLayout(Layout):
         held = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         return f"flat partition of {param.numel()} elements holding {held or 'padding only'}"
 
-    # -- g-SNR table ---------------------------------------------------------------
+    # -- g-SNR table (sai_dist.table) ------------------------------------------------
 
-    def refresh_table(self, optimizer: Any) -> None:
-        """Collect every block's g-SNR and scale from the state of the flats this rank
-        holds and reduce them (max) over :attr:`group`, so every rank knows every block.
+    @property
+    def table_group(self) -> dist.ProcessGroup | None:
+        # A rank's state holds the g-SNR of the segments it steps only.
+        return self.group
 
-        Collective over :attr:`group` when it has more than one rank: every rank calls it
-        together (the DeepSpeed integration does so after each step that fixes g-SNR and
-        after loading state).
-        """
-        values = torch.full((self.num_blocks, 2), -math.inf, dtype=torch.float64)
-        for flat in self._flats:
-            state = optimizer.state.get(flat, {})
-            if GSNR not in state:
-                continue
-            gsnr = state[GSNR].reshape(-1).to(torch.float64)
-            scale = state[SCALE].reshape(-1).to(torch.float64)
-            for k, seg in enumerate(self._segments[id(flat)]):
-                values[seg.block, 0] = torch.maximum(values[seg.block, 0], gsnr[k])
-                values[seg.block, 1] = torch.maximum(values[seg.block, 1], scale[k])
-        values = all_reduce(values, self.group, dist.ReduceOp.MAX)
-        self._table = values
+    # DeepSpeed refreshes the kept table after the g-SNR step and after loads (every rank
+    # is there), so reading it later (rank 0 alone printing it, say) needs no collective.
+    keeps_table = True
 
-    def invalidate_table(self) -> None:
-        self._table = None
-
-    def block_gsnr(self, optimizer: Any) -> tuple[Tensor, Tensor]:
-        """``(gsnr, scale)`` per block, float64, NaN for blocks not yet fixed. Collective
-        (see :meth:`refresh_table`) only when the cached table is missing."""
-        if self._table is None:
-            if not optimizer.initialized:
-                # Nothing fixed anywhere (all ranks agree): no collective needed.
-                nan = torch.full((self.num_blocks,), math.nan, dtype=torch.float64)
-                return nan, nan.clone()
-            self.refresh_table(optimizer)
-        assert self._table is not None
-        t = self._table.where(self._table.isfinite(), math.nan)
-        return t[:, 0].clone(), t[:, 1].clone()
-
-    def gsnr_table(self, optimizer: Any, model: nn.Module) -> dict[str, dict[str, float | int]]:
-        """:func:`sai_dist.gsnr_table` for flat partitions: rows for the original
-        parameters, in the model's order, identical on every rank."""
-        from sai_dist.names import clean_name
-
-        gsnr, scale = self.block_gsnr(optimizer)
-        table: dict[str, dict[str, float | int]] = {}
+    def table_rows(self, model: nn.Module) -> list[tuple[str, int, int]]:
+        # The model's parameters are not the stepped tensors (those are flat partitions):
+        # blocks by parameter identity, sizes from the layout (ZeRO-3 parameters report 0).
+        rows = []
         for name, p in model.named_parameters():
             b = self.block_of(p)
-            if b is None or math.isnan(float(gsnr[b])):
-                continue
-            table[clean_name(name)] = {
-                "gsnr": float(gsnr[b]),
-                "scale": float(scale[b]),
-                "numel": self._numels[b],
-            }
-        return table
+            if b is not None:
+                rows.append((clean_name(name), b, self._numels[b]))
+        return rows
 
 
 def segments_in_range(

@@ -29,11 +29,9 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from sai_dist.collectives import all_reduce
 from sai_dist.layouts.base import Layout, LayoutError, refuse_flat_params
 from sai_dist.stats import Piece
 
@@ -134,36 +132,14 @@ class OSSLayout(Layout):
                     out.append((b, group))
         return out
 
-    # -- g-SNR table -----------------------------------------------------------------
+    # -- g-SNR table (sai_dist.table) --------------------------------------------------
 
-    def gsnr_table(self, optimizer: Any, model: nn.Module) -> dict[str, dict[str, float | int]]:
-        """:func:`sai_dist.gsnr_table` under OSS: each rank stores the g-SNR of the blocks
-        it owns; one ``all_reduce`` (MAX) over OSS's group assembles the whole table, so
-        **every rank must call it together** (like ``consolidate_state_dict``)."""
-        from sai_dist.names import unwrapped_name
-        from sai_dist.state_keys import GSNR, SCALE
-
-        n = self.num_blocks
-        values = torch.full((n, 2), -math.inf, dtype=torch.float64)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                if GSNR in state:
-                    b = self.block_of(p)
-                    values[b, 0] = float(state[GSNR])
-                    values[b, 1] = float(state[SCALE])
-        values = all_reduce(values, self.group, dist.ReduceOp.MAX)
-        table: dict[str, dict[str, float | int]] = {}
-        for name, p in model.named_parameters():
-            b = self.block_of(p)
-            if b is None or not math.isfinite(float(values[b, 0])):
-                continue
-            table[unwrapped_name(model, name)] = {
-                "gsnr": float(values[b, 0]),
-                "scale": float(values[b, 1]),
-                "numel": p.numel(),
-            }
-        return table
+    @property
+    def table_group(self) -> dist.ProcessGroup | None:
+        # Each rank stores the g-SNR of the blocks it owns; one all_reduce (MAX) over OSS's
+        # group assembles the whole table, so every rank calls it together (like
+        # consolidate_state_dict). Rows: the default, by parameter identity (block_of).
+        return self.group
 
     def describe(self, param: Tensor) -> str:
         return f"tensor of shape {tuple(param.shape)} (OSS block {self.block_of(param)})"

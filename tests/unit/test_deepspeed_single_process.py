@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sai_dist import SGDSaI
+from sai_dist import SGDSaI, gsnr_table
 from sai_dist.layouts import LayoutError
 from sai_dist.layouts.zero import FlatSegmentLayout, Segment, from_fp16_unfused
 from sai_dist.stats import Piece, reduce_block_moments
@@ -75,9 +75,44 @@ def test_unfused_layout_steps_like_plain_sgdsai():
         opt.step()
     for m, r in zip(masters, ref.parameters(), strict=True):
         torch.testing.assert_close(m, r.detach(), rtol=0, atol=0)
-    table = opt.layout.gsnr_table(opt, model)
+    table = gsnr_table(model, opt)
     assert set(table) == {"weight", "bias"}
     assert table["weight"]["gsnr"] == pytest.approx(float(ref_opt.state[ref.weight]["gsnr"]))
+
+
+def test_gsnr_table_walks_every_piece_of_a_flat_partition():
+    """One flat tensor holding two blocks and padding: gsnr_table's one walk over the pieces
+    gives each block the g-SNR and scale SGDSaI gives the separate tensors, in the model's
+    order, the ZeRO-3-style element counts from the layout; before step 1 it is empty, and
+    emptied param groups (ZeRO-3 between steps) do not empty it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ref_model = torch.nn.Linear(3, 2)
+    ref_model.load_state_dict(model.state_dict())
+    g_w, g_b = torch.randn(2, 3), torch.randn(2) * 2 + 1
+    layout = FlatSegmentLayout(None, [model.weight, model.bias], ["weight", "bias"], [6, 2])
+    flat = torch.nn.Parameter(
+        torch.cat([model.weight.detach().reshape(-1), model.bias.detach(), torch.zeros(2)])
+    )
+    layout.add_flat(flat, [Segment(0, 0, 6, 0), Segment(1, 6, 8, 0)])
+    opt = SGDSaI([flat], lr=0.1, layout=layout)
+    assert gsnr_table(model, opt) == {}
+    flat.grad = torch.cat([g_w.reshape(-1), g_b, torch.full((2,), 1e9)])  # padding never counts
+    opt.step()
+    ref = SGDSaI(ref_model.parameters(), lr=0.1)
+    ref_model.weight.grad, ref_model.bias.grad = g_w.clone(), g_b.clone()
+    ref.step()
+    table = gsnr_table(model, opt)
+    assert list(table) == ["weight", "bias"]
+    for name, p in ref_model.named_parameters():
+        assert table[name]["numel"] == p.numel()
+        assert table[name]["gsnr"] == float(ref.state[p]["gsnr"])
+        assert table[name]["scale"] == float(ref.state[p]["scale"])
+    # ZeRO-3 leaves each param group's params [] between its steps: the walk reads the
+    # state, so the table stays the same.
+    opt.param_groups[0]["params"] = []
+    layout.table_cache = None  # walk again rather than read the table kept above
+    assert gsnr_table(model, opt) == table
 
 
 def test_use_layout_refused_after_gsnr_is_fixed():

@@ -93,6 +93,64 @@ def test_resume_from_state_dict_continues_identically():
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
+class _SparseNet(nn.Module):
+    """An embedding (sparse gradient while ``emb.sparse``) under a dense head: backward
+    reaches the head first, so the refusal comes after a gradient was kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x)).sum()
+
+
+@pytest.mark.parametrize("first_step", ["keep", "two_pass"])
+def test_sparse_gradient_is_refused_as_the_normal_step_refuses_it(first_step):
+    """The hook makes step()'s own gradient check: the same error text, nothing modified,
+    and once the gradient is dense the runner trains exactly as the normal step does."""
+    x = torch.tensor([1, 2, 7])
+    torch.manual_seed(0)
+    ref = _SparseNet()
+    torch.manual_seed(0)
+    got = _SparseNet()
+    opt = SGDSaI(ref.parameters(), lr=0.1)
+    ref(x).backward()
+    with pytest.raises(RuntimeError) as normal:
+        opt.step()
+    runner = InBackwardSGDSaI(got.parameters(), lr=0.1, first_step=first_step)
+    before = {k: v.clone() for k, v in got.state_dict().items()}
+
+    def run() -> None:
+        if first_step == "two_pass":
+            runner.step(lambda: got(x).backward())
+        else:
+            got(x).backward()
+
+    with pytest.raises(RuntimeError) as refused:
+        run()
+    assert str(refused.value) == str(normal.value)
+    assert "SGDSaI does not support sparse gradients (tensor of shape (10, 4)); use dense" in str(
+        refused.value
+    )
+    for k, v in got.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert len(runner.optimizer.state) == 0 and not runner.optimizer.initialized
+    ref.emb.sparse = got.emb.sparse = False
+    ref.zero_grad(set_to_none=True)
+    got.zero_grad(set_to_none=True)
+    for _ in range(3):
+        ref(x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        run()
+    assert runner.optimizer.initialized
+    for a, b in zip(ref.parameters(), got.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert not torch.equal(ref.head.weight, before["head.weight"])
+
+
 def test_remove_detaches_hooks():
     p = nn.Parameter(torch.randn(4))
     runner = InBackwardSGDSaI([p], lr=0.1)

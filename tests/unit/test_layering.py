@@ -46,7 +46,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("layouts", ("sai_dist.layouts",)),
-    ("optimizer", ("sai_dist.optimizer",)),
+    (
+        "optimizer",
+        ("sai_dist.update", "sai_dist.validation", "sai_dist.loading", "sai_dist.optimizer"),
+    ),
     (
         "library surface and integrations",
         (
