@@ -59,7 +59,7 @@ def sgd_sai(
     maximize: bool,
     foreach: bool | None = None,
     fused: bool | None = None,
-    fresh: Sequence[bool] | None = None,
+    born: Sequence[bool] | None = None,
     momentum_scales: Sequence[Tensor | None] | None = None,
     rounding: Sequence[Rounding | None] | None = None,
     round_params: bool = True,
@@ -77,7 +77,7 @@ def sgd_sai(
         fused: ``None`` uses the single-pass kernel where supported and falls back
             silently; ``True`` requires it (``RuntimeError`` when it cannot be built, with
             nothing modified); ``False`` never uses it.
-        fresh: per tensor, whether its (already allocated) buffer's content is to be
+        born: per tensor, whether its (already allocated) buffer's content is to be
             replaced by ``g`` (negated when ``maximize``) this step, a first step whose
             buffer the caller allocated, e.g. uninitialised, so the kernel fills it in the
             same pass.
@@ -93,9 +93,9 @@ def sgd_sai(
     n = len(params)
     if not (len(grads) == len(momentum_buffers) == len(scales) == n):
         raise ValueError("params, grads, momentum_buffers and scales must have the same length")
-    if fresh is not None and len(fresh) != n:
-        raise ValueError("fresh must have one entry per tensor")
-    born = list(fresh) if fresh is not None else [False] * n
+    if born is not None and len(born) != n:
+        raise ValueError("born must have one entry per tensor")
+    born = list(born) if born is not None else [False] * n
     if momentum != 0:
         for i, buf in enumerate(momentum_buffers):
             if buf is None:
@@ -236,10 +236,10 @@ def _coefficients(
     decay = 1 - lr * weight_decay
     alpha = -lr * scale
     if momentum == 0:
-        return native.PLAIN, (0.0, 0.0, decay, sign * alpha)
+        return native.STEP_PLAIN, (0.0, 0.0, decay, sign * alpha)
     if born:
-        return native.FRESH, (0.0, sign, decay, alpha)
-    return native.MOMENTUM, (momentum, sign * (1 - momentum), decay, alpha)
+        return native.STEP_BORN, (0.0, sign, decay, alpha)
+    return native.STEP_MOMENTUM, (momentum, sign * (1 - momentum), decay, alpha)
 
 
 def _single_tensor_sgd_sai(
@@ -414,7 +414,7 @@ def _momentum_kernel(p: Tensor, g: Tensor, m: Tensor, coef: Tensor) -> None:
     p.mul_(coef[2]).add_(m * coef[3])
 
 
-def _fresh_kernel(p: Tensor, g: Tensor, m: Tensor, coef: Tensor) -> None:
+def _born_kernel(p: Tensor, g: Tensor, m: Tensor, coef: Tensor) -> None:
     # coef = [_, c, d, a]: m = c g (a buffer's first step);  p = d p + a m
     m.copy_(g * coef[1])
     p.mul_(coef[2]).add_(m * coef[3])
@@ -443,7 +443,7 @@ def _compile_failure(device_type: str) -> str | None:
         p, g, m = (torch.zeros(3, device=device_type) for _ in range(3))
         coef = torch.zeros(4, device=device_type)
         _compiled(_momentum_kernel)(p, g, m, coef)
-        _compiled(_fresh_kernel)(p, g, m, coef)
+        _compiled(_born_kernel)(p, g, m, coef)
         _compiled(_plain_kernel)(p, g, coef)
     except Exception as exc:  # any compiler or backend failure means "not available"
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -472,10 +472,10 @@ def _compiled_sgd_sai(
         coef = coefs[param.device][i]
         kind = rows[i][0]
         flat_p, flat_g = param.view(-1), grad.view(-1)
-        if kind == native.PLAIN:
+        if kind == native.STEP_PLAIN:
             _compiled(_plain_kernel)(flat_p, flat_g, coef)
         else:
             buf = momentum_buffers[i]
             assert buf is not None
-            kernel = _fresh_kernel if kind == native.FRESH else _momentum_kernel
+            kernel = _born_kernel if kind == native.STEP_BORN else _momentum_kernel
             _compiled(kernel)(flat_p, flat_g, buf.view(-1), coef)

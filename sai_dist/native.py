@@ -57,7 +57,8 @@ from torch import Tensor
 
 __all__ = ["advise_huge_pages", "library", "moments", "step", "supported", "unavailable_reason"]
 
-PLAIN, MOMENTUM, FRESH = 0, 1, 2
+#: Kernel kinds of one tensor's step (which C loop runs): no momentum, m = b m + c g, m born = c g.
+STEP_PLAIN, STEP_MOMENTUM, STEP_BORN = 0, 1, 2
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -106,7 +107,7 @@ SAI_TARGETS void sai_range_momentum(float *restrict p, const float *restrict g, 
     }
 }
 
-SAI_TARGETS void sai_range_fresh(float *restrict p, const float *restrict g, float *restrict m,
+SAI_TARGETS void sai_range_born(float *restrict p, const float *restrict g, float *restrict m,
                                  int64_t s, int64_t e, float c, float d, float a) {
     for (int64_t i = s; i < e; i++) {
         float mi = c * g[i];
@@ -153,7 +154,7 @@ void sai_step(int64_t nt, float *const *P, const float *const *G, float *const *
             else if (K[t] == 1)
                 sai_range_momentum(P[t], G[t], M[t], s, e, c[0], c[1], c[2], c[3]);
             else
-                sai_range_fresh(P[t], G[t], M[t], s, e, c[1], c[2], c[3]);
+                sai_range_born(P[t], G[t], M[t], s, e, c[1], c[2], c[3]);
         }
     }
 }

@@ -415,7 +415,7 @@ class SGDSaI(Optimizer):
             options=self._options(),
         )
 
-    def _fresh_tensors(self) -> list[Tensor]:
+    def _tensors_without_gsnr(self) -> list[Tensor]:
         """Tensors with a gradient and no fixed scale yet, each once: a parameter listed
         twice (torch.optim allows it) must not feed its gradient into the statistics twice."""
         return list(
@@ -439,7 +439,7 @@ class SGDSaI(Optimizer):
         try:
             for q in parts:
                 q._validated_groups()
-                q_moments = q._agreed_moments(q._fresh_tensors(), None, None)
+                q_moments = q._agreed_moments(q._tensors_without_gsnr(), None, None)
                 q._refuse_non_finite(q_moments)
                 gsnrs.append(block_gsnr(q_moments, q._block_eps(), q.degenerate))
                 nonzero = nonzero or float(q_moments.sumsq.sum()) != 0.0
@@ -496,22 +496,22 @@ class SGDSaI(Optimizer):
             drop_placeholders(self.state)  # a probe's; this step may fix g-SNR for real
         # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
         # must not feed its gradient into the block statistics twice.
-        fresh = self._fresh_tensors()
+        new = self._tensors_without_gsnr()
         try:
             if gsnr_max is None:
                 self._refuse_unhooked_wrapper()
             stepped = self._validated_groups()
         except Exception as refusal:
-            if gsnr_max is None or fresh:
+            if gsnr_max is None or new:
                 # A step that fixes g-SNR is collective: peers must hear of the refusal.
-                self.fix_gsnr(fresh, gsnr_max, refusal)
+                self.fix_gsnr(new, gsnr_max, refusal)
             raise
         if gsnr_max is None:
             # Step 1 fixes g-SNR from every block that has a gradient, across all groups.
-            if not self.fix_gsnr(fresh, None):
+            if not self.fix_gsnr(new, None):
                 return loss
-        elif fresh:
-            self.fix_gsnr(fresh, gsnr_max)
+        elif new:
+            self.fix_gsnr(new, gsnr_max)
 
         for group, params in stepped:
             self.step_group(group, params)

@@ -146,7 +146,7 @@ def step_group(
     d_views: list[Tensor] = []
     m_views: list[Tensor | None] = []
     scales: list[float] = []
-    fresh: list[bool] = []
+    born: list[bool] = []
     # Low-precision storage (sai_dist.momentum): per view, int8 block scales and the
     # draws of stochastic rounding; None throughout for float32 state and parameters.
     q_views: list[Tensor | None] = []
@@ -156,11 +156,11 @@ def step_group(
         entry = state[p]
         pieces = layout.pieces(p)
         p_local, g_local = layout.local(p), layout.local(p.grad)
-        born = False
+        starts = False
         buf_local: Tensor | None = None
         if momentum != 0:
-            born = MOMENTUM not in entry
-            if born:
+            starts = MOMENTUM not in entry
+            if starts:
                 entry[MOMENTUM] = new_buffer(p.grad, pieces, layout, storage_dtype(layout, p, momentum_dtype))
                 if entry[MOMENTUM].dtype == torch.int8:
                     lengths = [piece.view(p_local).numel() for piece in pieces]
@@ -179,7 +179,7 @@ def step_group(
             d_views.append(piece.view(g_local))
             m_views.append(None if buf_local is None else piece.view(buf_local))
             scales.append(scale)
-            fresh.append(born)
+            born.append(starts)
             n_scales = lowp.num_scales([p_views[-1].numel()])
             q_views.append(entry[MOMENTUM_SCALE][start : start + n_scales] if stored == torch.int8 else None)
             start += n_scales
@@ -200,7 +200,7 @@ def step_group(
         maximize=group["maximize"],
         foreach=group["foreach"],
         fused=group.get("fused"),
-        fresh=fresh,
+        born=born,
         momentum_scales=q_views if any(q is not None for q in q_views) else None,
         rounding=keys if any_managed else None,
         round_params=stochastic_rounding is not False,

@@ -264,7 +264,7 @@ def _step_pieces(cut, momentum_dtype="int8", steps=3):
             momentum=0.9,
             weight_decay=0.0,
             maximize=False,
-            fresh=[t == 0] * len(views),
+            born=[t == 0] * len(views),
             momentum_scales=[v[3] if buf.dtype == torch.int8 else None for v in views],
             rounding=[v[4] for v in views],
         )
@@ -498,7 +498,7 @@ def test_native_kernel_matches_torch_reference(param_dtype, buf_dtype, maximize)
                 weight_decay=0.01,
                 maximize=maximize,
                 fused=fused,
-                fresh=[t == 0],
+                born=[t == 0],
                 momentum_scales=[sc],
                 rounding=[lowp.Rounding(1, t, 0, 100)],
             )
