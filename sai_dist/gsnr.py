@@ -39,7 +39,7 @@ DEGENERATE_POLICIES: tuple[str, ...] = ("max", "official")
 
 
 @dataclass
-class GSNR:
+class BlockGsnr:
     """g-SNR of a set of blocks (float64 tensors of shape ``[num_blocks]``).
 
     Attributes:
@@ -57,7 +57,7 @@ class GSNR:
 
 def block_gsnr(
     moments: BlockMoments, eps: Tensor | float, policy: DegeneratePolicy, fill: float | None = None
-) -> GSNR:
+) -> BlockGsnr:
     """g-SNR of every block from its moments.
 
     Args:
@@ -73,15 +73,15 @@ def block_gsnr(
     present = moments.count > 0
     degenerate = present & (std == 0)
     if policy == "official":
-        return GSNR(raw=raw, value=raw.clone(), degenerate=degenerate, present=present)
+        return BlockGsnr(raw=raw, value=raw.clone(), degenerate=degenerate, present=present)
     if fill is None:
         regular = present & ~degenerate
         fill = float(raw[regular].max()) if bool(regular.any()) else 1.0
     value = torch.where(degenerate, torch.tensor(fill, dtype=raw.dtype), raw)
-    return GSNR(raw=raw, value=value, degenerate=degenerate, present=present)
+    return BlockGsnr(raw=raw, value=value, degenerate=degenerate, present=present)
 
 
-def max_gsnr(gsnr: GSNR) -> float:
+def max_gsnr(gsnr: BlockGsnr) -> float:
     """The largest g-SNR among the blocks present (0 when there are none)."""
     values = gsnr.value[gsnr.present]
     return float(values.max()) if values.numel() else 0.0

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from sai_dist.collectives import all_reduce
 from sai_dist.consistency import RankMismatchError, digest
-from sai_dist.gsnr import GSNR
+from sai_dist.gsnr import BlockGsnr
 
 __all__ = ["WholeModel", "check_pipeline_group", "link_parts", "whole_model_max"]
 
@@ -64,7 +64,7 @@ def _float(bits: int) -> float:
 
 def whole_model_max(
     group: dist.ProcessGroup | None,
-    local: GSNR | list[GSNR] | None,
+    local: BlockGsnr | list[BlockGsnr] | None,
     nonzero: bool,
     options: dict[str, Any],
     *,
@@ -87,7 +87,7 @@ def whole_model_max(
     """
     reg = off = 0.0
     degenerate = False
-    for part in [] if local is None else [local] if isinstance(local, GSNR) else local:
+    for part in [] if local is None else [local] if isinstance(local, BlockGsnr) else local:
         regular = part.present & ~part.degenerate
         if bool(regular.any()):
             reg = max(reg, float(part.raw[regular].max()))
