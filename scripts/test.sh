@@ -13,4 +13,5 @@ export MASTER_ADDR=127.0.0.1
 export OMP_NUM_THREADS=1
 ruff check .
 ruff format --check .
-python -m pytest -q -ra "$@"
+# The slowest tests are listed at the end, to keep the suite inside its time budget.
+python -m pytest -q -ra --durations=20 "$@"
