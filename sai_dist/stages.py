@@ -1,5 +1,5 @@
-"""How a model's blocks split into pipeline stages: one rule for the job's stages
-(:mod:`sai_dist.train.parallel3d`) and the accounting's busiest stage
+"""How a world splits into (pp, dp, tp) and a model's blocks into pipeline stages: one rule
+for the job's stages (:mod:`sai_dist.train.parallel3d`) and the accounting's busiest stage
 (:mod:`sai_dist.memory.parallel`), so the two always agree."""
 
 from __future__ import annotations
@@ -24,3 +24,19 @@ def stage_blocks(n_blocks: int, pp: int) -> list[range]:
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def data_parallel_degree(world_size: int, tp: int, pp: int, *, world: str, fix: str) -> int:
+    """``world_size / (tp * pp)``, the degree left for data parallel; ``ValueError`` naming
+    the setting when a degree is not an integer >= 1 or ``tp * pp`` does not divide the
+    world. ``world``: how the caller's user names the world size (a flag, or "world size");
+    ``fix``: what to do when it does not divide, ``{n}`` standing for ``tp * pp``."""
+    for flag, value in (("--tp", tp), ("--pp", pp), (world, world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+    n = tp * pp
+    if world_size % n:
+        raise ValueError(
+            f"{world} {world_size} is not divisible by --tp {tp} x --pp {pp} = {n}: {fix.format(n=n)}"
+        )
+    return world_size // n

@@ -58,7 +58,7 @@ from torch import nn
 
 from sai_dist.memory.accounting import RankMemory, _dim0_shard, buffer_elements, rank_memory
 from sai_dist.memory.models import ModelSpec
-from sai_dist.stages import stage_blocks
+from sai_dist.stages import data_parallel_degree, stage_blocks
 
 __all__ = [
     "DEFAULT_TP_PLAN",
@@ -97,15 +97,9 @@ def _numel(shape: Shape) -> int:
 def check_degrees(world_size: int, tp: int, pp: int) -> int:
     """The data-parallel degree ``world_size / (tp * pp)``; ``ValueError`` naming the flag
     when a degree is not a positive integer or ``tp * pp`` does not divide the world."""
-    for flag, value in (("--tp", tp), ("--pp", pp), ("--world-size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
-    if world_size % (tp * pp):
-        raise ValueError(
-            f"--world-size {world_size} is not divisible by --tp {tp} x --pp {pp} = {tp * pp}: "
-            f"use a multiple of {tp * pp} ranks or lower --tp/--pp"
-        )
-    return world_size // (tp * pp)
+    return data_parallel_degree(
+        world_size, tp, pp, world="--world-size", fix="use a multiple of {n} ranks or lower --tp/--pp"
+    )
 
 
 def _block_container(module: nn.Module) -> tuple[str, list[str]] | None:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sai_dist.stages import stage_blocks
+from sai_dist.stages import data_parallel_degree, stage_blocks
 
 
 @dataclass(frozen=True)
@@ -60,17 +60,10 @@ def check_degrees(
     * ``world_size % (tp * pp) == 0`` (the data-parallel degree ``world / (tp * pp)`` is whole);
     * the model conditions of :func:`check_model`.
     """
-    for flag, value in (("--tp", tp), ("--pp", pp), ("world size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
-    if world_size % (tp * pp):
-        raise ValueError(
-            f"world size {world_size} is not divisible by --tp {tp} x --pp {pp} = {tp * pp}: "
-            f"launch a multiple of {tp * pp} ranks (--nproc, or the launcher's rank count) "
-            "or lower --tp/--pp"
-        )
+    fix = "launch a multiple of {n} ranks (--nproc, or the launcher's rank count) or lower --tp/--pp"
+    dp = data_parallel_degree(world_size, tp, pp, world="world size", fix=fix)
     check_model(tp, pp, n_heads, d_model, n_layers)
-    return Degrees(pp=pp, dp=world_size // (tp * pp), tp=tp)
+    return Degrees(pp=pp, dp=dp, tp=tp)
 
 
 def check_model(tp: int, pp: int, n_heads: int, d_model: int | None, n_layers: int) -> None:
