@@ -33,6 +33,7 @@ from sai_dist.train.backends import Setup, build, lr_at, set_lr
 from sai_dist.train.config import TrainConfig, check_world
 from sai_dist.train.data import load_corpus, train_batch, val_batches
 from sai_dist.train.distributed import DistEnv, device_for, init
+from sai_dist.train.leave import tear_down
 from sai_dist.train.model import GPT, GPTConfig, lm_loss
 from sai_dist.train.report import plot_gsnr, plot_losses, read_metrics
 
@@ -138,7 +139,16 @@ def train(cfg: TrainConfig, env: DistEnv | None, resume: str | None = None) -> d
     A collective that fails (a peer host dead or unreachable for ``--pg-timeout``) raises
     one error naming the step and the unreachable ranks (:mod:`sai_dist.train.peers`)."""
     with peers.guard() as watch:
-        return _train(cfg, env, resume, watch)
+        summary = _train(cfg, env, resume, watch)
+        # After _train's locals (model, optimizer, meshes) are gone, so the collection in
+        # tear_down frees every object that still refers to the process group.
+        watch.where = "the end of the job"
+        tear_down()
+    if cfg.backend == "deepspeed":
+        from sai_dist.deepspeed import release_shm_workspace
+
+        release_shm_workspace(env.rank if env is not None else 0)
+    return summary
 
 
 def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: peers.Watch) -> dict[str, Any]:
@@ -308,13 +318,6 @@ def _train(cfg: TrainConfig, env: DistEnv | None, resume: str | None, watch: pee
         timed_tokens / timed_s if timed_s else float("nan"),
         time.perf_counter() - t_start,
     )
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    if cfg.backend == "deepspeed":
-        from sai_dist.deepspeed import release_shm_workspace
-
-        release_shm_workspace(rank)
     return summary
 
 
