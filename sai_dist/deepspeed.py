@@ -51,6 +51,7 @@ from sai_dist.layouts.zero import (
     from_zero3,
     from_zero12,
 )
+from sai_dist.names import unwrapped_name
 from sai_dist.optimizer import SGDSaI
 from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, SCALE
 from sai_dist.table import block_values, find_sgdsai
@@ -192,7 +193,10 @@ def install() -> None:
 
 
 def _param_names(module: torch.nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in module.named_parameters()}
+    """Each parameter's name as the user's model spells it (:mod:`sai_dist.names`): the
+    engine's ``module`` is the model DeepSpeed was given, so only wrappers the user put
+    around it themselves (torch.compile's ``_orig_mod``, say) are read away."""
+    return {id(p): unwrapped_name(module, name) for name, p in module.named_parameters()}
 
 
 def _wrapper_kind(wrapper: Any) -> str:
@@ -509,7 +513,7 @@ def save_optimizer_state(engine: Any, path: str | os.PathLike) -> None:
                     entry["momentum"] = state[MOMENTUM].detach().to("cpu", torch.float32).clone()
                 if GSNR in state:
                     entry["gsnr"], entry["scale"] = float(state[GSNR]), float(state[SCALE])
-                entries[_clean(names[id(p)])] = entry
+                entries[names[id(p)]] = entry
     else:
         weights = _gather_blocks(layout, lambda flat: flat)
         momenta = _gather_blocks(layout, lambda flat: sai.state.get(flat, {}).get(MOMENTUM))
@@ -522,7 +526,7 @@ def save_optimizer_state(engine: Any, path: str | os.PathLike) -> None:
                 entry["momentum"] = momenta[b].reshape(shape)
             if not torch.isnan(gsnr[b]):
                 entry["gsnr"], entry["scale"] = float(gsnr[b]), float(scale[b])
-            entries[_clean(layout.block_name(b))] = entry
+            entries[layout.block_name(b)] = entry
     gsnr_max = sai.gsnr_max()
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -536,12 +540,6 @@ def save_optimizer_state(engine: Any, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     if dist.is_initialized():
         dist.barrier()
-
-
-def _clean(name: str) -> str:
-    from sai_dist.names import clean_name
-
-    return clean_name(name)
 
 
 @torch.no_grad()
@@ -566,11 +564,10 @@ def load_optimizer_state(engine: Any, path: str | os.PathLike, *, load_weights: 
     max_t = None if gsnr_max is None else torch.tensor(gsnr_max, dtype=torch.float32)
 
     def entry_for(name: str) -> dict[str, Any]:
-        key = _clean(name)
-        if key not in entries:
-            missing = sorted(set(_clean(n) for n in names.values()) - set(entries))
+        if name not in entries:
+            missing = sorted(set(names.values()) - set(entries))
             raise KeyError(f"{path} has no entry for parameter(s) {missing[:10]}")
-        return entries[key]
+        return entries[name]
 
     if layout is None:
         for group in sai.param_groups:
