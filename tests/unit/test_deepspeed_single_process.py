@@ -131,19 +131,19 @@ needs_ds = pytest.mark.skipif(
 
 @needs_ds
 def test_config_loading(tmp_path):
-    from sai_dist.deepspeed import _load_config
+    from sai_dist.deepspeed.config import load_config
 
     cfg = {"optimizer": {"type": "SGDSaI", "params": {"lr": 0.1}}}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
-    assert _load_config(str(path), None)[0] == cfg
-    loaded, _ = _load_config(cfg, None)
+    assert load_config(str(path), None)[0] == cfg
+    loaded, _ = load_config(cfg, None)
     assert loaded == cfg and loaded is not cfg  # a copy: the caller's dict is not edited
     args = SimpleNamespace(deepspeed_config=str(path), local_rank=0)
-    loaded, new_args = _load_config(None, args)
+    loaded, new_args = load_config(None, args)
     assert loaded == cfg and new_args.deepspeed_config is None and args.deepspeed_config == str(path)
     with pytest.raises(TypeError, match="dict or a path"):
-        _load_config(42, None)
+        load_config(42, None)
 
 
 @needs_ds
@@ -188,6 +188,7 @@ def test_table_and_checkpoint_keep_a_users_submodule_called_module(tmp_path):
     model) and the world-size-free checkpoint the single-process keys and values, a
     user's ``module`` segment kept."""
     import sai_dist.deepspeed as sds
+    from sai_dist.deepspeed.engine import param_names
 
     torch.manual_seed(0)
     model, ref = _OwnsModule(), _OwnsModule()
@@ -203,7 +204,7 @@ def test_table_and_checkpoint_keep_a_users_submodule_called_module(tmp_path):
     opt = SGDSaI(masters, lr=0.1)
     engine = _Engine(model, opt)
     wrapper = SimpleNamespace(fp16_groups=[list(model.parameters())], fp32_groups=[masters])
-    opt.use_layout(from_fp16_unfused(wrapper, sds._param_names(engine.module)))
+    opt.use_layout(from_fp16_unfused(wrapper, param_names(engine.module)))
     for m, r in zip(masters, ref.parameters(), strict=True):
         m.grad = r.grad.clone()
     opt.step()
