@@ -282,9 +282,9 @@ def _template_value(item: Any, owner: torch.Tensor | None) -> Any:
     return torch.empty(tuple(item.size), dtype=dtype)
 
 
-def _saved_optimizer_template(metadata: Any, model: nn.Module) -> dict[str, Any]:
-    """``{"optim": ..., "optim_groups": ...}`` shaped like what the checkpoint holds for this
-    model's parameters, for any optimizer: exactly the saved entries, each with its saved
+def _saved_optimizer_template(metadata: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim": ..., "optim_groups": ...}`` shaped like what the checkpoint holds for the
+    model whose state dict is ``params``, for any optimizer: exactly the saved entries, each with its saved
     dtype and shape (:func:`_template_value`), nested or flat as saved.
 
     Entries of parameters this model does not hold (other pipeline stages') are left out,
@@ -292,7 +292,6 @@ def _saved_optimizer_template(metadata: Any, model: nn.Module) -> dict[str, Any]
     was saved), so such a parameter fixes g-SNR at its first gradient as in an
     uninterrupted run.
     """
-    params = get_model_state_dict(model)
     template: dict[str, Any] = {}
     for key, item in metadata.state_dict_metadata.items():
         path = metadata.planner_data[key]
@@ -338,7 +337,8 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
     target = optimizer if opt is None else opt
     reader = kwargs.get("storage_reader")
     metadata = (reader if reader is not None else dcp.FileSystemReader(checkpoint_id)).read_metadata()
-    template = _saved_optimizer_template(metadata, model)
+    live = get_model_state_dict(model)  # once: the template and the model copy below use it
+    template = _saved_optimizer_template(metadata, live)
     per_parameter = opt is not None and _GROUPS in template
     if per_parameter:
         # Pipeline stages each saved their own groups under the same index, of which DCP
@@ -346,7 +346,6 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
         template.get(_OPTIM, {}).pop("param_groups", None)
     # Copies, not the model's own tensors (get_model_state_dict aliases the parameters, and
     # dcp.load fills tensors one by one).
-    live = get_model_state_dict(model)
     template[_MODEL] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in live.items()}
     try:
         _dcp(dcp.load, template, checkpoint_id, kwargs)

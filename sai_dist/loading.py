@@ -7,21 +7,26 @@ momentum codes, a bf16 buffer or its block scales. So those entries are set asid
 (:func:`set_aside`) and put back after (:func:`put_back`): the scalars as CPU float32, the
 momentum storage through :func:`sai_dist.momentum.restore_loaded` (converted when it was
 saved with another ``momentum_dtype``). Everything else takes torch's path unchanged.
+:func:`load_state_dict` is the whole load, checks and cross-rank agreement first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sai_dist import consistency, validation
 from sai_dist import momentum as lowp
+from sai_dist.gsnr_step import options
 from sai_dist.layouts.base import Layout
+from sai_dist.probe import drop_placeholders, is_placeholder
 from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
+from sai_dist.warning_categories import StateWithoutGsnrWarning, warn
 
-__all__ = ["Kept", "put_back", "set_aside"]
+__all__ = ["Kept", "load_state_dict", "put_back", "set_aside"]
 
 #: Per saved parameter id: ``(scalars, storage)`` taken out of its state entry.
 Kept = dict[Any, tuple[dict[str, Any], dict[str, Any]]]
@@ -68,3 +73,55 @@ def put_back(
             state[param][k] = torch.as_tensor(v).detach().to("cpu", torch.float32)
         if storage:
             lowp.restore_loaded(state[param], storage, layout, param, momentum_dtype)
+
+
+def load_state_dict(
+    opt: Any, state_dict: dict[str, Any], torch_load: Callable[[dict[str, Any]], None]
+) -> None:
+    """``SGDSaI.load_state_dict`` (its docstring says what it refuses) for ``opt``, with
+    ``torch_load`` torch's own load: the checks and the cross-rank agreement first, nothing
+    modified on a refusal; then the g-SNR entries set aside around torch's cast and put
+    back; a probe's placeholders dropped; a warning for real state without g-SNR."""
+    refusal: Exception | None = None
+    try:
+        validation.check_loadable(state_dict, opt.param_groups, opt.defaults, opt.layout)
+    except Exception as e:
+        refusal = e
+    check = consistency.check_group(opt.layout, opt.check_ranks)
+    if check is not None:
+        if refusal is None:
+            fields = consistency.load_fingerprint(
+                opt.layout, opt.param_groups, opt.defaults, options(opt), state_dict
+            )
+        else:  # what this rank has; the refusal itself is what peers are told
+            fields = consistency.step_fingerprint(
+                opt.layout, opt.param_groups, options(opt), opt.gsnr_max(), None
+            )
+            fields["call"] = "load_state_dict"
+        text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
+        consistency.check_ranks(check, fields, refusal=text, when="load_state_dict")
+    if refusal is not None:
+        raise refusal
+    # Real state (not a probe's placeholders) loaded, to tell a bad checkpoint below.
+    real_entries = any(entry and not is_placeholder(entry) for entry in state_dict["state"].values())
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for_torch, kept = set_aside(state_dict, params, opt.momentum_dtype)
+    torch_load(for_torch)
+    saved_groups = for_torch["param_groups"]
+    put_back(opt.state, saved_groups, params, kept, opt.layout, opt.momentum_dtype)
+    # Placeholders (sai_dist.probe) the checkpoint did not overwrite: it was saved before
+    # step 1, or these tensors had no gradient yet. Either way their g-SNR is not fixed.
+    drop_placeholders(opt.state)
+    if not opt.initialized and real_entries:
+        # State without g-SNR (momentum, say) is not a checkpoint SGD-SaI wrote: some tool
+        # assembled it from a template that held no SGD-SaI state. An empty state (a fresh
+        # optimizer's own, round-tripped by accelerate) or placeholders only (saved before
+        # step 1) are legitimate and load silently.
+        warn(
+            "SGDSaI.load_state_dict: the state dict holds optimizer state but no g-SNR, so the next "
+            "step fixes g-SNR from a fresh gradient and the loaded momentum is not what the saved "
+            "run had. It was not written by SGDSaI.state_dict (a template without SGD-SaI's keys?): "
+            "save and load with the optimizer's own state_dict, DCP's state-dict helpers or "
+            "sai_dist.checkpoint.",
+            StateWithoutGsnrWarning,
+        )

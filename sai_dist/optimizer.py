@@ -9,17 +9,17 @@ with that scale (:mod:`sai_dist.functional`).
 The class orchestrates; it knows no sharding wrapper. A :class:`~sai_dist.layouts.Layout`
 maps the tensors it steps onto model blocks, the statistics engine
 (:mod:`sai_dist.stats`) reduces the moments of those blocks across ranks once, and from
-then on each piece carries a fixed scale: no collective is issued after step 1. What it
-refuses is in :mod:`sai_dist.validation`, the cross-rank fingerprints in
-:mod:`sai_dist.consistency`, one group's update in :mod:`sai_dist.update`.
+then on each piece carries a fixed scale: no collective is issued after step 1. The
+class keeps the constructor, the step, the state-dict load and the integration API; the
+pieces live below it: what it refuses in :mod:`sai_dist.validation`, the step that fixes
+g-SNR in :mod:`sai_dist.gsnr_step`, the cross-rank fingerprints in
+:mod:`sai_dist.consistency`, one group's update in :mod:`sai_dist.update`, the load
+around torch's cast in :mod:`sai_dist.loading`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,42 +28,16 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sai_dist import consistency, loading, update, validation
+from sai_dist import gsnr_step, loading, update, validation
 from sai_dist import momentum as lowp
-from sai_dist.gsnr import DegeneratePolicy, block_gsnr, max_gsnr, normaliser
-from sai_dist.integration_hint import calling_wrapper, missing_integration_message
-from sai_dist.layouts import Layout, LayoutError, auto_layout, follows_rebinding
-from sai_dist.probe import drop_placeholders, is_placeholder, is_probe
-from sai_dist.state_keys import GSNR_MAX, SCALE
+from sai_dist.gsnr import DegeneratePolicy
+from sai_dist.layouts import Layout, auto_layout, follows_rebinding
+from sai_dist.probe import drop_placeholders
+from sai_dist.state_keys import GSNR_MAX
 from sai_dist.stats import BlockMoments
-from sai_dist.warning_categories import (
-    DegenerateGradientWarning,
-    SGDSaIWarning,
-    StateWithoutGsnrWarning,
-    ZeroGradientStepWarning,
-)
-from sai_dist.whole_model import check_pipeline_group, whole_model_max
+from sai_dist.whole_model import check_pipeline_group
 
 __all__ = ["SGDSaI"]
-
-
-# Frames in these directories are library code; a warning is attributed to the first frame
-# outside them (the user's ``opt.step()`` line). A fixed stacklevel cannot do this: torch
-# wraps ``step`` in no_grad and profiling/hook wrappers, and integrations call it for users.
-_LIBRARY_DIRS = (
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-)
-
-
-def _warn(message: str, category: type[SGDSaIWarning]) -> None:
-    """``warnings.warn`` of ``category`` attributed to the caller outside sai_dist and torch."""
-    frame = sys._getframe(1)
-    level = 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame = frame.f_back
-        level += 1
-    warnings.warn(message, category, stacklevel=level)
 
 
 class SGDSaI(Optimizer):
@@ -273,13 +247,7 @@ class SGDSaI(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            gi = len(self.param_groups) - 1
-            validation.validate_group(group, gi)
-            names = group.get("param_names") or [""] * len(group["params"])
-            where = [
-                f"param_groups[{gi}]['params'][{i}]" + (f" ({n})" if n else "") for i, n in enumerate(names)
-            ]
-            lowp.check_params(group["params"], where, self.stochastic_rounding)
+            validation.check_new_group(group, len(self.param_groups) - 1, self.stochastic_rounding)
             if self._layout is not None:
                 self._register(group)
         except Exception:
@@ -324,152 +292,12 @@ class SGDSaI(Optimizer):
         refusal: BaseException | None = None,
         moments: BlockMoments | None = None,
     ) -> bool:
-        """Compute and store g-SNR and scale for every block held by ``tensors``.
-
-        ``gsnr_max is None`` means step 1: the normaliser is fixed here from these blocks.
-        Otherwise the blocks are late arrivals scaled by the max fixed at step 1. Returns
-        ``False``, changing nothing, when every gradient is exactly zero at step 1 (a probe
-        step, e.g. a mixed-precision wrapper's first call, must not fix g-SNR). With
-        ``refusal`` (this rank refused the step), joins the cross-rank check and raises it.
-        Collective over the check group and the layout's group: every rank calls it together.
-        ``moments`` given (single process only: the optimizer-in-backward two-pass step 1
-        recorded them block by block) are used as the blocks' moments instead of reading
-        the gradients of ``tensors``, which may be gone.
-        """
-        model = self.model_group() if gsnr_max is None else None
-        linked = self.__dict__.pop("_linked_step1", None) if gsnr_max is None and refusal is None else None
-        if linked is not None:  # a part linked with this one reduced it already
-            moments, whole = linked
-        else:
-            try:
-                if moments is None:
-                    moments = self._agreed_moments(tensors, gsnr_max, refusal)
-                self._refuse_non_finite(moments)
-            except Exception as e:
-                if model is not None:  # the other stages wait in the whole-model max: tell them
-                    whole_model_max(model, None, False, self._stage_options(), refusal=e)
-                raise
-            whole = None
-            if gsnr_max is None and (model is not None or self.linked_parts):
-                whole = self._whole_model(model, moments)
-        if gsnr_max is None and (float(moments.sumsq.sum()) == 0.0 if whole is None else not whole.nonzero):
-            return self._skip_zero_step(tensors)
-        fill = gsnr_max if whole is None else whole.fill
-        g = block_gsnr(moments, self._block_eps(), self.degenerate, fill=fill)
-        if gsnr_max is None:
-            gsnr_max = max_gsnr(g) if whole is None else whole.gsnr_max
-        divisor = normaliser(gsnr_max, self.normalize)
-        degenerate = g.degenerate.nonzero().flatten().tolist()
-        if degenerate and self.degenerate == "max":
-            names = validation.describe_blocks(self.layout, self.param_groups, degenerate)
-            _warn(
-                f"SGDSaI: gradient with zero spread (one element, all zeros or constant) at the g-SNR "
-                f"step in {names}: no noise estimate, so it gets the largest regular g-SNR "
-                "(scale 1 when normalised). Pass degenerate='official' for the official formula.",
-                DegenerateGradientWarning,
-            )
-        update.store_gsnr(self.state, self.layout, tensors, g.value, g.value / divisor, gsnr_max)
-        return True
-
-    def _skip_zero_step(self, tensors: list[Tensor]) -> bool:
-        """An all-zero first gradient fixes nothing: a state-template probe (every lr 0,
-        DCP / torchtitan) gets placeholders of the state's shapes, anything else a warning."""
-        if tensors and is_probe(self.param_groups):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self.state[p] = update.placeholder(
-                            self.layout, p, group["momentum"], self.momentum_dtype, self.stochastic_rounding
-                        )
-            return False
-        # No tensor with a gradient at all is a different mistake from zero gradients: a
-        # step() before backward(), or an optimizer built from tensors the model no longer
-        # uses (e.g. model.parameters() taken before fully_shard replaced them).
-        hint = (
-            ""
-            if tensors
-            else " (no parameter has a gradient at all: was backward() called, and was SGDSaI built "
-            "from the parameters the model uses now, e.g. after fully_shard / DDP wrapping?)"
-        )
-        _warn(
-            f"SGDSaI: every gradient is zero at the first step{hint}; skipping it without fixing "
-            "g-SNR, applying weight decay or touching momentum.",
-            ZeroGradientStepWarning,
-        )
-        return False
-
-    def _options(self) -> dict[str, Any]:
-        return {"normalize": self.normalize, "degenerate": self.degenerate}
-
-    def _agreed_moments(
-        self, tensors: list[Tensor], gsnr_max: float | None, refusal: BaseException | None
-    ) -> BlockMoments:
-        """:func:`sai_dist.consistency.agreed_moments` for this optimizer."""
-        return consistency.agreed_moments(
-            self.layout,
-            tensors,
-            gsnr_max,
-            refusal,
-            check=consistency.check_group(self.layout, self.check_ranks),
-            param_groups=self.param_groups,
-            options=self._options(),
-        )
-
-    def _tensors_without_gsnr(self) -> list[Tensor]:
-        """Tensors with a gradient and no fixed scale yet, each once: a parameter listed
-        twice (torch.optim allows it) must not feed its gradient into the statistics twice."""
-        return list(
-            dict.fromkeys(
-                p
-                for g in self.param_groups
-                for p in g["params"]
-                if p.grad is not None and SCALE not in self.state.get(p, ())
-            )
-        )
-
-    def _whole_model(self, model: dist.ProcessGroup | None, moments: BlockMoments) -> Any:
-        """The whole model's normaliser at step 1, over this optimizer's blocks, those of
-        the other model parts linked with it on this rank (:func:`sai_dist.link_parts`,
-        whose moments are computed here and kept for their own step 1) and, with
-        ``model``, every other rank's parts."""
-        parts = [q for q in self.linked_parts if q is not self and not q.initialized]
-        gsnrs = [block_gsnr(moments, self._block_eps(), self.degenerate)]
-        nonzero = float(moments.sumsq.sum()) != 0.0
-        kept: dict[int, BlockMoments] = {}
-        try:
-            for q in parts:
-                q._validated_groups()
-                q_moments = q._agreed_moments(q._tensors_without_gsnr(), None, None)
-                q._refuse_non_finite(q_moments)
-                gsnrs.append(block_gsnr(q_moments, q._block_eps(), q.degenerate))
-                nonzero = nonzero or float(q_moments.sumsq.sum()) != 0.0
-                kept[id(q)] = q_moments
-        except Exception as e:
-            if model is not None:
-                whole_model_max(model, None, False, self._stage_options(), refusal=e)
-            raise
-        whole = whole_model_max(model, gsnrs, nonzero, self._stage_options())
-        if whole.nonzero:
-            for q in parts:
-                q._linked_step1 = (kept[id(q)], whole)
-        return whole
-
-    def _refuse_non_finite(self, moments: BlockMoments) -> None:
-        validation.refuse_non_finite(self.layout, self.param_groups, moments)
-
-    def _block_eps(self) -> Tensor:
-        """Per-block epsilon from the param groups (the default for blocks none names)."""
-        layout = self.layout
-        eps = torch.full((layout.num_blocks,), float("nan"), dtype=torch.float64)
-        for p, group in ((p, g) for g in self.param_groups for p in g["params"]):
-            for piece in layout.pieces(p):
-                eps[piece.block] = group["eps"]
-        return layout.block_eps(eps).nan_to_num(self.defaults["eps"])
-
-    def _stage_options(self) -> dict[str, Any]:
-        """What every part's optimizer must share for one whole-model normaliser."""
-        keys = ("lr", "momentum", "weight_decay", "eps", "maximize")
-        return {**self._options(), **{k: self.defaults[k] for k in keys}}
+        """Compute and store g-SNR and scale for every block held by ``tensors``: step 1
+        when ``gsnr_max is None`` (the normaliser is fixed here), late blocks otherwise.
+        ``False``, changing nothing, for an all-zero first gradient. Collective: every rank
+        calls it together. The contract of every argument, and the steps, are those of
+        :func:`sai_dist.gsnr_step.fix_gsnr`."""
+        return gsnr_step.fix_gsnr(self, tensors, gsnr_max, refusal, moments)
 
     # -- step ----------------------------------------------------------------------
 
@@ -496,10 +324,10 @@ class SGDSaI(Optimizer):
             drop_placeholders(self.state)  # a probe's; this step may fix g-SNR for real
         # Once per tensor: a parameter listed twice (torch.optim allows it, with a warning)
         # must not feed its gradient into the block statistics twice.
-        new = self._tensors_without_gsnr()
+        new = gsnr_step.tensors_without_gsnr(self)
         try:
             if gsnr_max is None:
-                self._refuse_unhooked_wrapper()
+                validation.refuse_unhooked_wrapper(self._auto_layout)
             stepped = self._validated_groups()
         except Exception as refusal:
             if gsnr_max is None or new:
@@ -517,16 +345,6 @@ class SGDSaI(Optimizer):
             self.step_group(group, params)
         return loss
 
-    def _refuse_unhooked_wrapper(self) -> None:
-        """Raise :class:`~sai_dist.layouts.LayoutError` naming the missing integration import
-        when a wrapper that needs one (fairscale OSS) steps an automatic layout across ranks:
-        each rank would normalise by the max of its own partition."""
-        if not self._auto_layout or not (dist.is_available() and dist.is_initialized()):
-            return
-        wrapper = calling_wrapper()
-        if wrapper is not None and wrapper.refuse and dist.get_world_size() > 1:
-            raise LayoutError(missing_integration_message(wrapper))
-
     def check_gradient(self, p: Tensor) -> None:
         """Refuse, changing nothing, a gradient of ``p`` that :meth:`step` cannot take
         (:func:`sai_dist.validation.check_gradient` under this optimizer's layout)."""
@@ -534,22 +352,15 @@ class SGDSaI(Optimizer):
 
     def _validated_groups(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each group with its tensors that have a gradient; raises, before anything is
-        computed, for a gradient the step cannot take."""
-        stepped: list[tuple[dict[str, Any], list[Tensor]]] = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                self.check_gradient(p)
-            validation.check_group_step(
-                self.layout,
-                self.state,
-                group,
-                params,
-                momentum_dtype=self.momentum_dtype,
-                stochastic_rounding=self.stochastic_rounding,
-            )
-            stepped.append((group, params))
-        return stepped
+        computed, for a gradient the step cannot take (:func:`sai_dist.validation.checked_groups`)."""
+        return validation.checked_groups(
+            self.layout,
+            self.state,
+            self.param_groups,
+            momentum_dtype=self.momentum_dtype,
+            stochastic_rounding=self.stochastic_rounding,
+            hint_wrapper=self._auto_layout,
+        )
 
     def step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Update ``params`` of ``group`` (each with a gradient and a fixed scale): the code
@@ -581,47 +392,5 @@ class SGDSaI(Optimizer):
         different g-SNR or hyperparameters. In that case it is collective: every rank of
         the check group loads together, as DCP and DeepSpeed do.
         """
-        refusal: Exception | None = None
         self._follow_rebound_params()
-        try:
-            validation.check_loadable(state_dict, self.param_groups, self.defaults, self.layout)
-        except Exception as e:
-            refusal = e
-        check = consistency.check_group(self.layout, self.check_ranks)
-        if check is not None:
-            if refusal is None:
-                fields = consistency.load_fingerprint(
-                    self.layout, self.param_groups, self.defaults, self._options(), state_dict
-                )
-            else:  # what this rank has; the refusal itself is what peers are told
-                fields = consistency.step_fingerprint(
-                    self.layout, self.param_groups, self._options(), self.gsnr_max(), None
-                )
-                fields["call"] = "load_state_dict"
-            text = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
-            consistency.check_ranks(check, fields, refusal=text, when="load_state_dict")
-        if refusal is not None:
-            raise refusal
-        # Real state (not a probe's placeholders) loaded, to tell a bad checkpoint below.
-        real_entries = any(entry and not is_placeholder(entry) for entry in state_dict["state"].values())
-        params = [p for g in self.param_groups for p in g["params"]]
-        for_torch, kept = loading.set_aside(state_dict, params, self.momentum_dtype)
-        super().load_state_dict(for_torch)
-        saved_groups = for_torch["param_groups"]
-        loading.put_back(self.state, saved_groups, params, kept, self.layout, self.momentum_dtype)
-        # Placeholders (sai_dist.probe) the checkpoint did not overwrite: it was saved before
-        # step 1, or these tensors had no gradient yet. Either way their g-SNR is not fixed.
-        drop_placeholders(self.state)
-        if not self.initialized and real_entries:
-            # State without g-SNR (momentum, say) is not a checkpoint SGD-SaI wrote: some tool
-            # assembled it from a template that held no SGD-SaI state. An empty state (a fresh
-            # optimizer's own, round-tripped by accelerate) or placeholders only (saved before
-            # step 1) are legitimate and load silently.
-            _warn(
-                "SGDSaI.load_state_dict: the state dict holds optimizer state but no g-SNR, so the next "
-                "step fixes g-SNR from a fresh gradient and the loaded momentum is not what the saved "
-                "run had. It was not written by SGDSaI.state_dict (a template without SGD-SaI's keys?): "
-                "save and load with the optimizer's own state_dict, DCP's state-dict helpers or "
-                "sai_dist.checkpoint.",
-                StateWithoutGsnrWarning,
-            )
+        loading.load_state_dict(self, state_dict, super().load_state_dict)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from sai_dist import momentum as lowp
@@ -44,11 +45,14 @@ __all__ = [
     "check_group_step",
     "check_loadable",
     "check_low_precision",
+    "check_new_group",
     "check_options",
     "check_range",
+    "checked_groups",
     "describe_block",
     "describe_blocks",
     "refuse_non_finite",
+    "refuse_unhooked_wrapper",
     "tensor_name",
     "validate_group",
 ]
@@ -144,6 +148,16 @@ def validate_group(group: dict[str, Any], index: int) -> None:
             )
 
 
+def check_new_group(group: dict[str, Any], index: int, stochastic_rounding: bool | None) -> None:
+    """The checks of a param group ``add_param_group`` adds as ``param_groups[index]``: its
+    hyperparameters (:func:`validate_group`) and its tensors' dtypes for low-precision
+    storage (:func:`sai_dist.momentum.check_params`), each tensor named by its place."""
+    validate_group(group, index)
+    names = group.get("param_names") or [""] * len(group["params"])
+    where = [f"param_groups[{index}]['params'][{i}]" + (f" ({n})" if n else "") for i, n in enumerate(names)]
+    lowp.check_params(group["params"], where, stochastic_rounding)
+
+
 def check_gradient(layout: Layout, p: Tensor, *, hint_wrapper: bool = False) -> None:
     """Raise, changing nothing, if ``p.grad`` (not ``None``) cannot be stepped:
     ``RuntimeError`` for a sparse or complex gradient, :class:`LayoutError` for a tensor
@@ -190,6 +204,46 @@ def check_group_step(
     if group.get("fused") is True:
         for device in {layout.local(p).device for p in params}:
             require_fused(device, caller="SGDSaI")
+
+
+def checked_groups(
+    layout: Layout,
+    state: dict[Tensor, dict[str, Any]],
+    param_groups: Sequence[dict[str, Any]],
+    *,
+    momentum_dtype: str | None,
+    stochastic_rounding: bool | None,
+    hint_wrapper: bool,
+) -> list[tuple[dict[str, Any], list[Tensor]]]:
+    """Each param group with its tensors that have a gradient, for ``SGDSaI.step``; raises,
+    before anything is computed, for a gradient the step cannot take (:func:`check_gradient`
+    per tensor, :func:`check_group_step` per group)."""
+    stepped: list[tuple[dict[str, Any], list[Tensor]]] = []
+    for group in param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            check_gradient(layout, p, hint_wrapper=hint_wrapper)
+        check_group_step(
+            layout,
+            state,
+            group,
+            params,
+            momentum_dtype=momentum_dtype,
+            stochastic_rounding=stochastic_rounding,
+        )
+        stepped.append((group, params))
+    return stepped
+
+
+def refuse_unhooked_wrapper(auto_layout: bool) -> None:
+    """Raise :class:`~sai_dist.layouts.LayoutError` naming the missing integration import
+    when a wrapper that needs one (fairscale OSS) steps an automatic layout across ranks:
+    each rank would normalise by the max of its own partition."""
+    if not auto_layout or not (dist.is_available() and dist.is_initialized()):
+        return
+    wrapper = calling_wrapper()
+    if wrapper is not None and wrapper.refuse and dist.get_world_size() > 1:
+        raise LayoutError(missing_integration_message(wrapper))
 
 
 def check_low_precision(

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from sai_dist.layouts.base import LayoutError
 from sai_dist.layouts.flat_segment import FlatSegmentLayout, Segment, segments_in_range
+from sai_dist.names import unwrapped_name, unwrapped_path
 
 __all__ = [
     "FlatParamLayout",
@@ -72,6 +73,9 @@ class FlatParamLayout(FlatSegmentLayout):
 
     #: The module the layout was built from; block names are relative to it.
     root: nn.Module | None = None
+    #: The modules of :attr:`root` that own parameters the wrapper flattened away, for
+    #: :mod:`sai_dist.names` (their ``_parameters`` no longer say so).
+    param_owners: frozenset[nn.Module] = frozenset()
 
     # With use_orig_params=True a late block can be fixed on some ranks only, so no rank
     # can tell alone whether a kept table is stale: combined afresh on every call.
@@ -97,14 +101,15 @@ class FlatParamLayout(FlatSegmentLayout):
             return lambda name: name
         for prefix, module in root.named_modules():
             if module is model:  # a part of the root: its rows, prefix dropped
-                head = _clean(prefix)
+                head = unwrapped_path(root, prefix, param_owners=self.param_owners)
                 if not head:  # only wrapper segments in between (FSDP's _fsdp_wrapped_module)
                     return lambda name: name
                 head += "."
                 return lambda name: name[len(head) :] if name.startswith(head) else None
         for prefix, module in model.named_modules():
             if module is root:  # a wrapper of the root: prefix added
-                return lambda name: _clean(prefix, name)
+                head = unwrapped_path(model, prefix)
+                return lambda name: _join(head, name)
         raise ValueError(
             f"gsnr_table: the module passed ({type(model).__name__}) is neither the module this "
             f"flat-parameter layout was built from ({type(root).__name__}) nor a part or a wrapper of it; "
@@ -117,7 +122,7 @@ class _Block:
     """One original parameter found in a wrapper's metadata."""
 
     key: tuple[int, int]  # (owning module's position in model.modules(), position within)
-    name: str
+    path: str  # its name in the wrapped model's tree (model.named_modules() + its own name)
     numel: int
     param: Tensor | None  # the original parameter object, where the wrapper keeps it
 
@@ -134,11 +139,18 @@ class _Builder:
         self.flats: list[tuple[Tensor, list[tuple[int, int, int, int]]]] = []
         self.groups: list[dist.ProcessGroup | None] = []
         self.varying_tensors = False
+        self.param_owners: set[nn.Module] = set()
 
-    def add_block(self, module: nn.Module, position: int, name: str, numel: int, param: Tensor | None) -> int:
+    def add_block(self, module: nn.Module, position: int, path: str, numel: int, param: Tensor | None) -> int:
+        """A block owned by ``module``, at ``path`` in the wrapped model's tree."""
         key = (self.module_index.get(id(module), len(self.module_index)), position)
-        self.blocks.append(_Block(key, name, numel, param))
+        self.blocks.append(_Block(key, path, numel, param))
+        self.param_owners.add(module)
         return len(self.blocks) - 1
+
+    def path_of(self, module: nn.Module, name: str) -> str:
+        """The path of ``module``'s own parameter ``name`` in the wrapped model's tree."""
+        return _join(self.prefix[id(module)], name)
 
     def build(self) -> FlatParamLayout:
         groups = {id(g): g for g in self.groups}
@@ -151,20 +163,20 @@ class _Builder:
         order = sorted(range(len(self.blocks)), key=lambda i: self.blocks[i].key)
         index = {old: new for new, old in enumerate(order)}
         blocks = [self.blocks[i] for i in order]
-        layout = FlatParamLayout(
-            group, [b.param for b in blocks], [b.name for b in blocks], [b.numel for b in blocks]
-        )
+        # Named as the user's unwrapped model spells them, read along the model's tree.
+        owners = frozenset(self.param_owners)
+        names = [unwrapped_name(self.model, b.path, param_owners=owners) for b in blocks]
+        layout = FlatParamLayout(group, [b.param for b in blocks], names, [b.numel for b in blocks])
         for flat, segs in self.flats:
             layout.add_flat(flat, [Segment(index[b], start, stop, off) for b, start, stop, off in segs])
         layout.ranks_hold_different_params = self.varying_tensors
         layout.root = self.model
+        layout.param_owners = owners
         return layout
 
 
-def _clean(*parts: str) -> str:
-    from sai_dist.names import clean_name
-
-    return clean_name(".".join(p for p in parts if p))
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
 
 
 def _is_fsdp1_unit(module: nn.Module) -> bool:
@@ -191,15 +203,12 @@ def from_fsdp1(model: nn.Module) -> FlatParamLayout:
         b.groups.append(
             unit.process_group if sharded and dist.get_world_size(unit.process_group) > 1 else None
         )
-        unit_prefix = b.prefix.get(id(unit), "")
         infos = flat._shard_param_infos
         orig = bool(handle._use_orig_params)
         ids: list[int] = []
-        for i, ((_, module, _), shape, fqn) in enumerate(
-            zip(flat._param_infos, flat._shapes, flat._fqns, strict=True)
-        ):
+        for i, ((name, module, _), shape) in enumerate(zip(flat._param_infos, flat._shapes, strict=True)):
             param = flat._params[i] if orig else None
-            ids.append(b.add_block(module, i, _clean(unit_prefix, fqn), math.prod(shape), param))
+            ids.append(b.add_block(module, i, b.path_of(module, name), math.prod(shape), param))
         if orig:
             # A view with no element on this rank never gets a gradient here, so which
             # tensors have one differs by rank (the cross-rank check must not compare it).
@@ -242,11 +251,11 @@ def from_fairscale_fsdp(model: nn.Module) -> FlatParamLayout:
     if not units:
         raise LayoutError("SGDSaI: no fairscale FullyShardedDataParallel unit found in the model")
     # Where each still-registered parameter (flatten_parameters=False) lives in the model.
-    owner: dict[int, tuple[nn.Module, int]] = {}
+    owner: dict[int, tuple[nn.Module, int, str]] = {}
     for module in model.modules():
-        for pos, p in enumerate(module._parameters.values()):
+        for pos, (name, p) in enumerate(module._parameters.items()):
             if p is not None:
-                owner.setdefault(id(p), (module, pos))
+                owner.setdefault(id(p), (module, pos, b.path_of(module, name)))
     for unit in units:
         world, rank = int(unit.world_size), int(unit.rank)
         unit_prefix = b.prefix.get(id(unit), "")
@@ -256,15 +265,16 @@ def from_fairscale_fsdp(model: nn.Module) -> FlatParamLayout:
             total = int(p._orig_size.numel())
             if i < unit._num_flatten_params:
                 ids = [
-                    b.add_block(module, k, _clean(unit_prefix, m_name, name), int(n), None)
-                    for k, ((m_name, module, name), n) in enumerate(
+                    b.add_block(module, k, b.path_of(module, name), int(n), None)
+                    for k, ((_, module, name), n) in enumerate(
                         zip(p._param_infos, p._param_numels, strict=True)
                     )
                 ]
                 numels = [int(n) for n in p._param_numels]
             else:
-                module, pos = owner.get(id(p), (unit, i))
-                ids = [b.add_block(module, pos, _clean(unit_prefix, unit._param_name_groups[i][0]), total, p)]
+                fallback = (unit, i, _join(unit_prefix, unit._param_name_groups[i][0]))
+                module, pos, path = owner.get(id(p), fallback)
+                ids = [b.add_block(module, pos, path, total, p)]
                 numels = [total]
             if sum(numels) != total:
                 raise LayoutError(

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sai_dist.layouts.base import Layout, LayoutError
-from sai_dist.names import clean_name
+from sai_dist.names import unwrapped_name
 from sai_dist.stats import Piece
 
 __all__ = ["FlatSegmentLayout", "Segment", "segments_in_range"]
@@ -164,7 +164,7 @@ class FlatSegmentLayout(Layout):
         for name, p in model.named_parameters():
             b = self.block_of(p)
             if b is not None:
-                rows.append((clean_name(name), b, self._numels[b]))
+                rows.append((unwrapped_name(model, name), b, self._numels[b]))
         return rows
 
 

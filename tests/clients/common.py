@@ -72,12 +72,12 @@ def params_of(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tenso
     """Full (gathered) fp32 parameters by their unwrapped name, with ``prefix`` stripped."""
     from torch.distributed.tensor import DTensor
 
-    from sai_dist.names import clean_name
+    from sai_dist.names import unwrapped_name
 
     out = {}
     for name, p in model.named_parameters():
         t = p.full_tensor() if isinstance(p, DTensor) else p
-        name = clean_name(name)
+        name = unwrapped_name(model, name)
         out[name[len(prefix) :] if name.startswith(prefix) else name] = t.detach().float().cpu().clone()
     return out
 

@@ -110,13 +110,16 @@ def full_params(engine: Any) -> dict[str, torch.Tensor]:
     """The engine's parameters as DeepSpeed itself gathers them (fp32 numpy copies)."""
     import deepspeed
 
-    from sai_dist.names import clean_name
+    from sai_dist.names import unwrapped_name
 
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
         # numpy, not torch: tensors would travel back through shared memory that dies
         # with the rank process.
-        return {clean_name(n): p.detach().float().numpy().copy() for n, p in engine.module.named_parameters()}
+        return {
+            unwrapped_name(engine.module, n): p.detach().float().numpy().copy()
+            for n, p in engine.module.named_parameters()
+        }
 
 
 def build(cfg: dict[str, Any], route: str = "initialize", tmp: str | None = None) -> tuple[Any, Any]:

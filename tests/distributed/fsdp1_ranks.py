@@ -38,12 +38,12 @@ def reference_single_group() -> dict[Any, Any]:
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     """``fsdp2_ranks.param_groups`` for a model whose parameters FSDP1 made 1-D shard
     views (``use_orig_params=True``): classified by the unwrapped parameter's shape."""
-    from sai_dist.names import clean_name
+    from sai_dist.names import unwrapped_name
 
     ndim = {n: p.ndim for n, p in fsdp2_ranks.make_model().named_parameters()}
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "vector": [], "embed": []}
     for name, p in model.named_parameters():
-        name = clean_name(name)
+        name = unwrapped_name(model, name)
         kind = "embed" if name.startswith(("embed", "pos")) else "vector" if ndim[name] == 1 else "matrix"
         groups[kind].append(p)
     reference = fsdp2_ranks.param_groups(fsdp2_ranks.make_model())
@@ -120,9 +120,71 @@ def refusal(rank: int, world: int) -> str:
     return "no error"
 
 
+class _OwnsModule(nn.Module):
+    """A user's submodule called ``module`` beside a parameter ``weight`` of its parent:
+    dropping the segment would make ``net.module.weight`` and ``net.weight`` one key. With
+    no other child, the parent looks like a pure wrapper once FSDP1 (``use_orig_params=False``)
+    has flattened its ``weight`` away: only the layout's knowledge of owners keeps the name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(4, 4)
+        self.weight = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) @ self.weight
+
+
+class _ModuleNamedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = _OwnsModule()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x))
+
+
+def module_named_tables(rank: int, world: int) -> dict[str, Any]:
+    """``gsnr_table`` after one step of :class:`_ModuleNamedModel` (the same batch on every
+    rank, so the averaged gradient is the single-process one) single-process, under DDP,
+    FSDP2, and FSDP1 with the flat-parameter layout (``use_orig_params`` False and True,
+    ``net.module`` its own unit)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sai_dist.layouts import flat_param_layout
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+
+    def one_step(wrapped: nn.Module, params: Any, layout: Any = None) -> dict[str, Any]:
+        opt = sai_dist.SGDSaI(params, lr=0.1, layout=layout)
+        wrapped(x).square().mean().backward()
+        opt.step()
+        return sai_dist.gsnr_table(wrapped, opt)
+
+    out = {"single": one_step(model := _ModuleNamedModel(), model.parameters())}
+    ddp = DDP(_ModuleNamedModel())
+    out["ddp"] = one_step(ddp, ddp.parameters())
+    model = _ModuleNamedModel()
+    fully_shard(model.net.module)
+    fully_shard(model)
+    out["fsdp2"] = one_step(model, model.parameters())
+    for orig in (False, True):
+        model = _ModuleNamedModel()
+        model.net.module = FSDP1(model.net.module, use_orig_params=orig, device_id=torch.device("cpu"))
+        model = FSDP1(model, use_orig_params=orig, device_id=torch.device("cpu"))
+        key = f"fsdp1_{'orig' if orig else 'flat'}"
+        out[key] = one_step(model, model.parameters(), flat_param_layout(model))
+    return out
+
+
 def launch_2(rank: int, world: int) -> dict[str, Any]:
     return fsdp2_ranks._plain(
         {
+            "module_named": module_named_tables(rank, world),
             "flat": fsdp1_run(rank, world, False, "FULL_SHARD"),
             "orig": fsdp1_run(rank, world, True, "FULL_SHARD"),
             "grad_op": fsdp1_run(rank, world, True, "SHARD_GRAD_OP"),

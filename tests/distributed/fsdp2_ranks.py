@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sai_dist
-from sai_dist.names import clean_name
+from sai_dist.names import unwrapped_name
 
 VOCAB, SEQ, DIM, HEADS, HIDDEN, CLASSES = 13, 5, 12, 2, 20, 3
 GLOBAL_BATCH = 12
@@ -86,7 +86,7 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     """Decayed matrices, undecayed 1-D parameters, embeddings with their own lr/decay."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "vector": [], "embed": []}
     for name, p in model.named_parameters():
-        name = clean_name(name)
+        name = unwrapped_name(model, name)
         kind = "embed" if name.startswith(("embed", "pos")) else "vector" if p.ndim == 1 else "matrix"
         groups[kind].append(p)
     return [
@@ -122,7 +122,7 @@ def full_params(model: nn.Module) -> dict[str, Tensor]:
     out = {}
     for name, p in model.named_parameters():
         t = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[clean_name(name)] = t.detach().float().clone()
+        out[unwrapped_name(model, name)] = t.detach().float().clone()
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import sai_dist
-from sai_dist.names import clean_name
+from sai_dist.names import unwrapped_name
 
 SEED = 21
 
@@ -46,7 +46,7 @@ def state_of(model: nn.Module, opt: sai_dist.SGDSaI) -> dict[str, Any]:
             if "momentum_scale" in st
             else torch.zeros_like(m)
         )
-        out[clean_name(name)] = {
+        out[unwrapped_name(model, name)] = {
             "param": full.detach().float().clone(),
             "momentum": m.clone(),
             "step": step.clone(),
@@ -117,8 +117,8 @@ def oss(rank: int, world: int, shapes, dtype, momentum_dtype, steps) -> dict[str
         opt.step()
         opt.zero_grad()
     inner = opt.optim
-    owned = {clean_name(n): p for n, p in model.named_parameters() if p in inner.state}
+    owned = {unwrapped_name(model, n): p for n, p in model.named_parameters() if p in inner.state}
     return {
-        "params": {clean_name(n): p.detach().float().clone() for n, p in model.named_parameters()},
+        "params": {unwrapped_name(model, n): p.detach().float().clone() for n, p in model.named_parameters()},
         "owned": {n: str(inner.state[p]["momentum_buffer"].dtype) for n, p in owned.items()},
     }

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sai_dist
-from sai_dist.names import clean_name
+from sai_dist.names import unwrapped_name
 
 VOCAB, DIM, HEADS, SEQ = 16, 8, 2, 6
 LAYERS = 2
@@ -213,11 +213,12 @@ class Run:
         model, opt = self.model, self.opt
         return {
             "coord": self.coord,
-            "params": {clean_name(n): _full(p) for n, p in model.named_parameters()},
+            "params": {unwrapped_name(model, n): _full(p) for n, p in model.named_parameters()},
             "table": sai_dist.gsnr_table(model, opt),
             "whole_table": sai_dist.gsnr_table(model, opt, whole_model=True),
             "placements": {
-                clean_name(n): str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()
+                unwrapped_name(model, n): str(getattr(p, "placements", "plain"))
+                for n, p in model.named_parameters()
             },
         }
 

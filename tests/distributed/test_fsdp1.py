@@ -111,6 +111,21 @@ def test_fsdp1_hybrid_shard_2x2_flat(run4, ref_single):
 
 
 @pytest.mark.distributed
+def test_table_keeps_a_users_submodule_called_module_under_every_wrapper(run2):
+    """One name policy (sai_dist.names): a user's submodule called ``module`` beside a
+    parameter that would collide without it keeps its segment in the g-SNR table under DDP,
+    FSDP2 and FSDP1's flat-parameter layout alike, with the single-process values."""
+    for res in run2:
+        tables = res["module_named"]
+        single = tables.pop("single")
+        names = ["net.weight", "net.module.weight", "net.module.bias", "head.weight", "head.bias"]
+        assert list(single) == names
+        for wrapper, table in tables.items():
+            assert list(table) == list(single), wrapper
+            assert max_table_error(table, single) < TABLE_RTOL, wrapper
+
+
+@pytest.mark.distributed
 def test_fsdp1_without_layout_refused(run2):
     msg = run2[0]["refusal"]
     assert "flattened by FSDP1" in msg and "flat_param_layout(model)" in msg

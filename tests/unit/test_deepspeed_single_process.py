@@ -131,19 +131,19 @@ needs_ds = pytest.mark.skipif(
 
 @needs_ds
 def test_config_loading(tmp_path):
-    from sai_dist.deepspeed import _load_config
+    from sai_dist.deepspeed.config import load_config
 
     cfg = {"optimizer": {"type": "SGDSaI", "params": {"lr": 0.1}}}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
-    assert _load_config(str(path), None)[0] == cfg
-    loaded, _ = _load_config(cfg, None)
+    assert load_config(str(path), None)[0] == cfg
+    loaded, _ = load_config(cfg, None)
     assert loaded == cfg and loaded is not cfg  # a copy: the caller's dict is not edited
     args = SimpleNamespace(deepspeed_config=str(path), local_rank=0)
-    loaded, new_args = _load_config(None, args)
+    loaded, new_args = load_config(None, args)
     assert loaded == cfg and new_args.deepspeed_config is None and args.deepspeed_config == str(path)
     with pytest.raises(TypeError, match="dict or a path"):
-        _load_config(42, None)
+        load_config(42, None)
 
 
 @needs_ds
@@ -158,3 +158,61 @@ def test_registration_and_checkpoint_format(tmp_path):
     torch.save({"format": "something else"}, bad)
     with pytest.raises(ValueError, match="not a sai_dist DeepSpeed optimizer checkpoint"):
         sds.load_optimizer_state(None, bad)
+
+
+class _OwnsModule(torch.nn.Module):
+    """A user's submodule called ``module`` beside a parameter that would collide with
+    ``module.weight`` were the segment dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = torch.nn.Linear(4, 3)
+        self.weight = torch.nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) @ self.weight
+
+
+class _Engine(torch.nn.Module):
+    """Stands in for a DeepSpeed engine: the user's model as ``module``, the optimizer beside."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: SGDSaI) -> None:
+        super().__init__()
+        self.module = module
+        self.optimizer = optimizer
+
+
+def test_table_and_checkpoint_keep_a_users_submodule_called_module(tmp_path):
+    """One name policy (sai_dist.names): the flat-segment layout DeepSpeed attaches, named
+    from the engine's ``module``, gives the g-SNR table (asked of the engine or of the
+    model) and the world-size-free checkpoint the single-process keys and values, a
+    user's ``module`` segment kept."""
+    import sai_dist.deepspeed as sds
+    from sai_dist.deepspeed.engine import param_names
+
+    torch.manual_seed(0)
+    model, ref = _OwnsModule(), _OwnsModule()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(5, 4)
+    ref_opt = SGDSaI(ref.parameters(), lr=0.1)
+    ref(x).square().mean().backward()
+    ref_opt.step()
+    want = gsnr_table(ref, ref_opt)
+    assert list(want) == ["weight", "module.weight", "module.bias"]
+
+    masters = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    opt = SGDSaI(masters, lr=0.1)
+    engine = _Engine(model, opt)
+    wrapper = SimpleNamespace(fp16_groups=[list(model.parameters())], fp32_groups=[masters])
+    opt.use_layout(from_fp16_unfused(wrapper, param_names(engine.module)))
+    for m, r in zip(masters, ref.parameters(), strict=True):
+        m.grad = r.grad.clone()
+    opt.step()
+    for asked in (engine, model):
+        assert gsnr_table(asked, opt) == want
+    path = tmp_path / "opt.pt"
+    sds.save_optimizer_state(engine, path)
+    saved = torch.load(path, weights_only=False)["params"]
+    assert list(saved) == list(want)
+    for name, row in want.items():
+        assert (saved[name]["gsnr"], saved[name]["scale"]) == (row["gsnr"], row["scale"])

@@ -48,7 +48,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("layouts", ("sai_dist.layouts",)),
     (
         "optimizer",
-        ("sai_dist.update", "sai_dist.validation", "sai_dist.loading", "sai_dist.optimizer"),
+        (
+            "sai_dist.update",
+            "sai_dist.validation",
+            "sai_dist.gsnr_step",
+            "sai_dist.loading",
+            "sai_dist.optimizer",
+        ),
     ),
     (
         "library surface and integrations",
