@@ -20,7 +20,17 @@ placeholders) to pass to your own ``dcp.load``.
 
 One implementation for the library and the job (:mod:`sai_dist.train.run_checkpoints` adds
 only the run folder around it): :func:`save` and :func:`load` take any torch optimizer;
-SGD-SaI's extras (``optim_groups``, the int8 refusal) apply when the optimizer is one.
+SGD-SaI's extras (``optim_groups``, int8 scales as a table of runs) apply when the
+optimizer is one.
+
+int8 momentum (:mod:`sai_dist.momentum`): the codes are saved as the buffer (a DTensor
+shard, resharded by DCP); the per-rank block scales, whose blocks start at each rank's
+shard, are saved as one replicated table of runs of the original parameter
+(``momentum_run_start``, ``momentum_run_scale``: :data:`RUN_START`, :data:`RUN_SCALE`),
+so any mesh can read them. :func:`load` gives each rank its own blocks back: as saved
+where they coincide (bit-identical resume), re-encoded to nearest from the decoded local
+shard where they do not (within half a new step). A checkpoint of another
+``momentum_dtype`` is converted to the optimizer's, to nearest (exact into float32).
 :func:`load` builds its template from the checkpoint's metadata (every saved entry with its
 saved dtype and shape; state tensors of a parameter's shape templated by the parameter,
 so DCP reshards into the current layout) and reads into *copies*: nothing live is written
@@ -171,7 +181,9 @@ def optimizer_state_template(model: nn.Module, optimizer: Any, metadata: Any | N
     the buffer in (bf16, int8 codes: DCP would otherwise cast codes into a float
     placeholder and they would be misread), plus ``momentum_scale`` of the saved shape and
     ``rounding_step``; ``load_state_dict`` then converts to this optimizer's
-    ``momentum_dtype`` where they differ.
+    ``momentum_dtype`` where they differ. int8 checkpoints written by :func:`save` carry
+    their scales as a table of runs that only :func:`load` turns into per-rank scales: on
+    this path ``load_state_dict`` refuses their codes by name (no ``momentum_scale``).
     """
     saved = {} if metadata is None else metadata.state_dict_metadata
     opt: SGDSaI = find_sgdsai(optimizer)
