@@ -401,7 +401,9 @@ def _int8_runs_for_load(optim: dict[str, Any], flat: bool, live: dict[str, Any],
         else:
             value = lowp.decode_runs(local, offset, starts, scales)
             if target == torch.int8:
-                entry[MOMENTUM_SCALE] = torch.empty(lowp.num_scales([n]), dtype=torch.float32)
+                entry[MOMENTUM_SCALE] = torch.empty(
+                    lowp.num_scales([n]), dtype=torch.float32, device=local.device
+                )
                 lowp.encode(value, local, entry[MOMENTUM_SCALE], None)  # codes rewritten in place
             else:
                 out = torch.empty_like(buf, dtype=target)  # a DTensor keeps its placements
