@@ -143,7 +143,8 @@ def _check_loaded(loaded: dict, saved: dict, name: str) -> tuple[str, float]:
     assert torch.equal(loaded["scales"], torch.from_numpy(scales)), name
     step = loaded["scales"].repeat_interleave(lowp.BLOCK)[:n]
     gap = (loaded["value"] - want).abs()
-    assert bool((gap <= step * (0.5 + 1e-6)).all()), name
+    # Half a step, plus the float32 rounding of m / s' and q' s' (|m| <= 127 s': ~1e-5 s').
+    assert bool((gap <= step * (0.5 + 1e-4)).all()), name
     return "re-encoded", float((gap / step.clamp_min(1e-30)).max())
 
 
@@ -182,7 +183,7 @@ def test_dcp_reshard_4_2_1_every_momentum_dtype(saved4, resumed2, reshard_root, 
     if md == "int8":
         # 0.weight's blocks keep their boundaries at 4, 2 and 1 ranks; 2.weight's move.
         assert paths["0.weight"] == {"same runs"} and paths["2.weight"] == {"re-encoded"}
-        assert 0.0 < worst <= 0.5 + 1e-6
+        assert 0.0 < worst <= 0.5 + 1e-4
         assert rel < 1e-3
         for rank in resumed2:  # 2 -> 2: a fresh optimizer resumes bit for bit
             for name in names:
