@@ -20,7 +20,17 @@ placeholders) to pass to your own ``dcp.load``.
 
 One implementation for the library and the job (:mod:`sai_dist.train.run_checkpoints` adds
 only the run folder around it): :func:`save` and :func:`load` take any torch optimizer;
-SGD-SaI's extras (``optim_groups``, the int8 refusal) apply when the optimizer is one.
+SGD-SaI's extras (``optim_groups``, int8 scales as a table of runs) apply when the
+optimizer is one.
+
+int8 momentum (:mod:`sai_dist.momentum`): the codes are saved as the buffer (a DTensor
+shard, resharded by DCP); the per-rank block scales, whose blocks start at each rank's
+shard, are saved as one replicated table of runs of the original parameter
+(``momentum_run_start``, ``momentum_run_scale``: :data:`RUN_START`, :data:`RUN_SCALE`),
+so any mesh can read them. :func:`load` gives each rank its own blocks back: as saved
+where they coincide (bit-identical resume), re-encoded to nearest from the decoded local
+shard where they do not (within half a new step). A checkpoint of another
+``momentum_dtype`` is converted to the optimizer's, to nearest (exact into float32).
 :func:`load` builds its template from the checkpoint's metadata (every saved entry with its
 saved dtype and shape; state tensors of a parameter's shape templated by the parameter,
 so DCP reshards into the current layout) and reads into *copies*: nothing live is written
@@ -55,6 +65,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 
+from sai_dist import momentum as lowp
+from sai_dist.layouts.dtensor import DTensorLayout
+from sai_dist.layouts.replicated import ReplicatedLayout
 from sai_dist.optimizer import SGDSaI
 from sai_dist.probe import is_placeholder
 from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
@@ -145,6 +158,8 @@ def state_dict(model: nn.Module, optimizer: Any, *, flatten: bool = False) -> di
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     osd = _quiet_probe(lambda: get_optimizer_state_dict(model, target, options=options))
     out = {_MODEL: get_model_state_dict(model), _OPTIM: osd}
+    if opt is not None and opt.momentum_dtype == "int8":
+        _int8_runs_for_save(osd, flatten, out[_MODEL], opt)
     if opt is not None and not flatten:
         out[_GROUPS] = _per_parameter_groups(osd)
     return out
@@ -166,7 +181,9 @@ def optimizer_state_template(model: nn.Module, optimizer: Any, metadata: Any | N
     the buffer in (bf16, int8 codes: DCP would otherwise cast codes into a float
     placeholder and they would be misread), plus ``momentum_scale`` of the saved shape and
     ``rounding_step``; ``load_state_dict`` then converts to this optimizer's
-    ``momentum_dtype`` where they differ.
+    ``momentum_dtype`` where they differ. int8 checkpoints written by :func:`save` carry
+    their scales as a table of runs that only :func:`load` turns into per-rank scales: on
+    this path ``load_state_dict`` refuses their codes by name (no ``momentum_scale``).
     """
     saved = {} if metadata is None else metadata.state_dict_metadata
     opt: SGDSaI = find_sgdsai(optimizer)
@@ -222,25 +239,178 @@ def save(
 ) -> None:
     """Save model and optimizer with ``dcp.save``; ``flatten``: see :func:`state_dict`
     (:func:`load` tells the two forms apart by itself); ``kwargs`` go to ``dcp.save``
-    (storage_writer, process_group, ...)."""
+    (storage_writer, process_group, ...). int8 momentum is saved as its codes (sharded like
+    the parameter) and a table of scale runs (:func:`_int8_runs_for_save`)."""
     opt = _sgdsai_or_none(optimizer)
     if opt is not None:
         _refuse_sharded_int8(opt)
     _dcp(dcp.save, state_dict(model, optimizer, flatten=flatten), checkpoint_id, kwargs)
 
 
+def _world(opt: SGDSaI) -> int:
+    group = opt.layout.group
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
 def _refuse_sharded_int8(opt: SGDSaI) -> None:
-    """int8 block scales are per rank (blocks restart at each shard), which DCP's plain
-    replicated tensors cannot hold: refuse, on every rank alike, before writing."""
-    if opt.layout.group is None or not (dist.is_available() and dist.is_initialized()):
+    """int8 momentum is checkpointed where each stepped tensor's local buffer is one
+    contiguous run of its parameter (FSDP2/HSDP shards on dim 0, whole parameters):
+    :class:`~sai_dist.layouts.dtensor.DTensorLayout` and
+    :class:`~sai_dist.layouts.replicated.ReplicatedLayout`. Flat-parameter layouts (FSDP1,
+    ZeRO) are refused on every rank alike, before anything is written."""
+    if opt.momentum_dtype != "int8" or isinstance(opt.layout, _RUN_LAYOUTS) or _world(opt) == 1:
         return
-    if dist.get_world_size(opt.layout.group) > 1 and opt.momentum_dtype == "int8":
+    raise ValueError(
+        "sai_dist.checkpoint.save: momentum_dtype='int8' under a sharded layout "
+        f"({type(opt.layout).__name__}) is not supported by the DCP checkpoint (its buffers are not "
+        "runs of one parameter each); save opt.state_dict() per rank with torch.save (same-world-size "
+        "resume is bit-identical), or shard with FSDP2 (fully_shard), whose int8 state DCP reshards."
+    )
+
+
+# -- int8 scales in a checkpoint: a table of runs, not per-rank blocks ------------------------
+
+#: Saved in place of an int8 buffer's per-rank ``momentum_scale``: the original-element index
+#: of each scale's run (int64) and the scales (float32), every rank's runs of the parameter
+#: in order (:mod:`sai_dist.momentum`, "mesh-independent int8 scales").
+RUN_START = "momentum_run_start"
+RUN_SCALE = "momentum_run_scale"
+_RUN_LAYOUTS = (DTensorLayout, ReplicatedLayout)
+
+
+def _entries(optim: dict[str, Any], flat: bool) -> dict[str, dict[str, Any]]:
+    """``{fqn: state entry}`` of a nested or flat optimizer state dict. Change a copy of an
+    entry and put it back with :func:`_write_entry`: a nested state dict's entries are the
+    optimizer's own ``state[p]`` dicts (``Optimizer.state_dict`` does not copy them)."""
+    if not flat:
+        return optim.get("state", {})
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in optim.items():
+        if key.startswith("state."):
+            fqn, _, name = key[len("state.") :].rpartition(".")
+            out.setdefault(fqn, {})[name] = value
+    return out
+
+
+def _write_entry(optim: dict[str, Any], flat: bool, fqn: str, entry: dict[str, Any]) -> None:
+    if not flat:
+        optim["state"][fqn] = entry
+        return
+    for key in (MOMENTUM, MOMENTUM_SCALE, RUN_START, RUN_SCALE):
+        optim.pop(f"state.{fqn}.{key}", None)
+    for key, value in entry.items():
+        optim[f"state.{fqn}.{key}"] = value
+
+
+def _origin(opt: SGDSaI, owner: Any, fqn: str) -> tuple[int, int]:
+    """``(numel, offset)``: the parameter's size and the original-element index of this
+    rank's local tensor of it (one contiguous run under :data:`_RUN_LAYOUTS`)."""
+    origin = None
+    if isinstance(owner, torch.Tensor) and isinstance(opt.layout, _RUN_LAYOUTS):
+        origin = opt.layout.element_origin(owner)
+    if origin is None or len(origin[1]) != 1:
         raise ValueError(
-            "sai_dist.checkpoint.save: momentum_dtype='int8' under a sharded layout "
-            f"({type(opt.layout).__name__}) is not supported by the DCP checkpoint yet (per-rank block "
-            "scales); save opt.state_dict() per rank with torch.save (same-world-size resume is "
-            "bit-identical), or use momentum_dtype='bfloat16', which DCP reshards."
+            f"sai_dist.checkpoint: the int8 momentum of {fqn} under {type(opt.layout).__name__} is not one "
+            "run of its parameter on this rank (tensor parallel, flat parameters); its scales cannot be "
+            "described mesh-independently. Use momentum_dtype='bfloat16' or 'float32' there."
         )
+    return origin[0], origin[1][0]
+
+
+def _int8_runs_for_save(osd: dict[str, Any], flat: bool, model_sd: dict[str, Any], opt: SGDSaI) -> None:
+    """Replace each int8 buffer's per-rank ``momentum_scale`` by the table of runs of all
+    ranks (:data:`RUN_START`, :data:`RUN_SCALE`), gathered in one ``all_gather_object`` over
+    the layout's group; replicas (HSDP) hold the same runs and are kept once. The codes stay
+    the sharded buffer: DCP writes each element once and reshards it on load."""
+    entries = _entries(osd, flat)
+    mine: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for fqn, entry in entries.items():
+        buf = entry.get(MOMENTUM)
+        if not isinstance(buf, torch.Tensor) or buf.dtype != torch.int8:
+            continue
+        _, offset = _origin(opt, model_sd.get(fqn), fqn)
+        starts = lowp.block_starts(offset, opt.layout.local(buf).numel())
+        scales = entry.get(MOMENTUM_SCALE)
+        if not isinstance(scales, torch.Tensor) or scales.numel() != starts.numel():
+            raise ValueError(
+                f"sai_dist.checkpoint.save: the int8 momentum of {fqn} has no {MOMENTUM_SCALE} of "
+                f"{starts.numel()} block scales; its state is damaged"
+            )
+        mine[fqn] = (starts, scales.detach().to("cpu", torch.float32))
+    world = _world(opt)
+    gathered: list[Any] = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine, group=opt.layout.group)
+    for fqn in mine:
+        parts = [g[fqn] for g in gathered if fqn in g]
+        starts = torch.cat([s for s, _ in parts])
+        scales = torch.cat([c for _, c in parts])
+        order = torch.argsort(starts, stable=True)
+        starts, scales = starts[order], scales[order]
+        first = torch.ones_like(starts, dtype=torch.bool)
+        first[1:] = starts[1:] != starts[:-1]
+        entry = dict(entries[fqn])
+        del entry[MOMENTUM_SCALE]
+        entry[RUN_START], entry[RUN_SCALE] = starts[first], scales[first]
+        _write_entry(osd, flat, fqn, entry)
+
+
+def _int8_runs_for_load(optim: dict[str, Any], flat: bool, live: dict[str, Any], opt: SGDSaI | None) -> None:
+    r"""Turn each loaded table of scale runs into this rank's storage, in the template
+    (copies: raising here leaves everything live as it was), one parameter at a time.
+
+    - int8 optimizer, runs equal to this rank's blocks (same mesh, or shards on the same
+      block boundaries): codes and scales as saved, bit for bit.
+    - int8 optimizer, other runs: the local codes decoded with the saved runs
+      (:func:`sai_dist.momentum.decode_runs`, one float32 tensor of the local shard) and
+      re-encoded into this rank's blocks rounding to nearest: each element within half of
+      its new block's step, :math:`|m' - m| \le s'/2`, of the saved value.
+    - another ``momentum_dtype``: the decoded value (exact) in the optimizer's dtype,
+      rounded to nearest (bfloat16).
+    A checkpoint of int8 momentum is refused by name by any other optimizer."""
+    for fqn, saved in list(_entries(optim, flat).items()):
+        entry = dict(saved)
+        buf = entry.get(MOMENTUM)
+        int8 = isinstance(buf, torch.Tensor) and buf.dtype == torch.int8
+        if opt is None and (int8 or RUN_START in entry):
+            raise ValueError(
+                f"sai_dist.checkpoint.load: {fqn} holds int8 SGD-SaI momentum (codes and block scales), "
+                "which only SGDSaI can read; load it into SGDSaI, or resave it with momentum_dtype='float32'"
+            )
+        if RUN_START not in entry and RUN_SCALE not in entry:
+            continue
+        assert opt is not None
+        starts, scales = entry.pop(RUN_START, None), entry.pop(RUN_SCALE, None)
+        owner = live.get(fqn)
+        if not int8:
+            raise ValueError(
+                f"sai_dist.checkpoint.load: {fqn} has int8 scale runs but its {MOMENTUM} is not int8 codes; "
+                "the checkpoint is damaged"
+            )
+        numel, offset = _origin(opt, owner, fqn)
+        lowp.check_runs(starts, scales, numel, fqn)
+        local = opt.layout.local(buf)
+        n = local.numel()
+        target = lowp.storage_dtype(opt.momentum_dtype, numel, owner.dtype)
+        rows = lowp.runs_match(starts, numel, offset, n) if target == torch.int8 else None
+        if rows is not None:
+            entry[MOMENTUM_SCALE] = scales[rows].clone()
+        else:
+            value = lowp.decode_runs(local, offset, starts, scales)
+            if target == torch.int8:
+                entry[MOMENTUM_SCALE] = torch.empty(
+                    lowp.num_scales([n]), dtype=torch.float32, device=local.device
+                )
+                lowp.encode(value, local, entry[MOMENTUM_SCALE], None)  # codes rewritten in place
+            else:
+                out = torch.empty_like(buf, dtype=target)  # a DTensor keeps its placements
+                opt.layout.local(out).copy_(value.view(local.shape))
+                entry[MOMENTUM] = out
+            del value
+        _write_entry(optim, flat, fqn, entry)
 
 
 def _set_path(root: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
@@ -358,6 +528,8 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: Any, **kwargs: Any) ->
     optim = template.get(_OPTIM, {})
     if not flat:
         optim.setdefault("state", {})
+    # Before anything live is set: a refusal here leaves model and optimizer as they were.
+    _int8_runs_for_load(optim, flat, live, opt)
     if per_parameter:
         live_groups = _quiet_probe(get_optimizer_state_dict, model, opt)["param_groups"]
         optim["param_groups"] = _regroup(live_groups, template[_GROUPS])

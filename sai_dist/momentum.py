@@ -58,10 +58,14 @@ __all__ = [
     "MOMENTUM_DTYPES",
     "SMALL",
     "Rounding",
+    "block_starts",
     "canonical_momentum_dtype",
+    "check_runs",
     "decode",
+    "decode_runs",
     "encode",
     "num_scales",
+    "runs_match",
     "state_bytes",
     "storage_dtype",
 ]
@@ -428,3 +432,82 @@ def restore_loaded(
     state[MOMENTUM] = out
     if new_scales is not None:
         state[MOMENTUM_SCALE] = new_scales
+
+
+# -- mesh-independent int8 scales (DCP checkpoints) ----------------------------------------------
+#
+# A rank's int8 blocks start at its piece's first element, so its scales describe *runs* of
+# the original parameter that depend on the mesh. A checkpoint that any mesh can read saves
+# them as a table of runs instead: ``starts`` (int64, the original-element index of each
+# run's first element, strictly increasing from 0) and ``scales`` (float32, one per run); run
+# ``j`` covers ``starts[j] .. starts[j + 1]`` (the last, up to the parameter's end). The
+# table of every rank's runs tiles the parameter, costs 12 bytes per 2048 elements and is
+# never a dequantized copy of the state.
+
+
+def block_starts(offset: int, n: int) -> Tensor:
+    """Original-element index of the first element of each int8 block of a piece of ``n``
+    elements whose first element is element ``offset`` of the original parameter."""
+    return torch.arange(offset, offset + n, BLOCK, dtype=torch.int64)
+
+
+def check_runs(starts: object, scales: object, numel: int, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``(starts, scales)`` is a table of runs of a
+    parameter of ``numel`` elements: 1-D int64 starts, strictly increasing from 0, below
+    ``numel``; 1-D float32 scales, one per run."""
+    ok = (
+        isinstance(starts, Tensor)
+        and isinstance(scales, Tensor)
+        and starts.dim() == 1
+        and scales.dim() == 1
+        and starts.dtype == torch.int64
+        and scales.dtype == torch.float32
+        and starts.numel() == scales.numel()
+    )
+    if ok and starts.numel():
+        ok = int(starts[0]) == 0 and int(starts[-1]) < numel and bool((starts[1:] > starts[:-1]).all())
+    elif ok:
+        ok = numel == 0
+    if not ok:
+        got = (
+            f"starts {tuple(starts.shape)} {starts.dtype}, scales {tuple(scales.shape)} {scales.dtype}"
+            if isinstance(starts, Tensor) and isinstance(scales, Tensor)
+            else f"{type(starts).__name__}, {type(scales).__name__}"
+        )
+        raise ValueError(
+            f"checkpoint: the int8 momentum of {name} ({numel} elements) needs a table of scale runs (1-D "
+            "int64 starts strictly increasing from 0 and below the parameter's size, one 1-D float32 scale "
+            f"each), got {got}; the checkpoint is damaged or was not written by sai_dist.checkpoint.save"
+        )
+
+
+def runs_match(starts: Tensor, numel: int, offset: int, n: int) -> slice | None:
+    """The rows of the runs table that are exactly this piece's blocks (the piece covers
+    original elements ``offset .. offset + n``), ``None`` when the runs fall otherwise: the
+    saved codes and scales are then this piece's own, bit for bit."""
+    if n == 0:
+        return slice(0, 0)
+    end = offset + n
+    lo = int(torch.searchsorted(starts, torch.tensor(offset)))
+    hi = int(torch.searchsorted(starts, torch.tensor(end)))
+    closes = end == numel or (hi < starts.numel() and int(starts[hi]) == end)
+    if closes and torch.equal(starts[lo:hi], block_starts(offset, n)):
+        return slice(lo, hi)
+    return None
+
+
+def decode_runs(codes: Tensor, offset: int, starts: Tensor, scales: Tensor) -> Tensor:
+    r"""The float32 value (flat) of int8 ``codes`` of original elements
+    ``offset .. offset + n``: :math:`m_i = q_i\, s_{j(i)}`, :math:`j(i)` the run holding
+    element ``offset + i``. Works in chunks, so the temporaries beside the result stay
+    small (one float32 tensor of the piece is the peak)."""
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    starts, scales = starts.to(codes.device), scales.to(codes.device)
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        index = torch.arange(offset + lo, offset + hi, dtype=torch.int64, device=codes.device)
+        run = torch.searchsorted(starts, index, right=True).sub_(1)
+        out[lo:hi] = flat[lo:hi].to(torch.float32).mul_(scales[run])
+    return out

@@ -122,3 +122,114 @@ def oss(rank: int, world: int, shapes, dtype, momentum_dtype, steps) -> dict[str
         "params": {unwrapped_name(model, n): p.detach().float().clone() for n, p in model.named_parameters()},
         "owned": {n: str(inner.state[p]["momentum_buffer"].dtype) for n, p in owned.items()},
     }
+
+
+# -- DCP resharding 4 -> 2 -> 1 of every momentum_dtype (test_momentum_fsdp2.py) -------------
+
+#: 8192-element first weight: its int8 blocks fall on the same boundaries at 4, 2 and 1
+#: ranks (the runs match: codes and scales load bit for bit); 12800-element second weight:
+#: 3200 per rank at 4 ranks, 6400 at 2, so every reshard moves its block boundaries (the
+#: codes are re-encoded); the rest stays float32 (under SMALL).
+RESHARD = ((64, 128), (128, 100), (100, 8))
+MOMENTUM_DTYPES = ("float32", "bfloat16", "int8")
+SAVE_AT, RESUME_AT, STEPS = 3, 5, 7
+
+
+def build(rank: int | None, momentum_dtype: str, hsdp: bool = False) -> tuple[nn.Module, sai_dist.SGDSaI]:
+    """The RESHARD model (FSDP2 on every Linear and the root when ``rank`` is given, HSDP
+    2 x 2 with ``hsdp``) and its SGDSaI."""
+    model = make_model(RESHARD, torch.float32)
+    if rank is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        world = torch.distributed.get_world_size()
+        if hsdp:
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = sai_dist.SGDSaI(model.parameters(), lr=0.05, momentum=0.9, momentum_dtype=momentum_dtype, seed=SEED)
+    return model, opt
+
+
+def train(model: nn.Module, opt: sai_dist.SGDSaI, start: int, stop: int) -> list[float]:
+    """Steps ``start .. stop`` on the same full batch on every rank; the losses."""
+    losses = []
+    for step in range(start, stop):
+        x, y = batch(step, RESHARD[0][0], torch.float32)
+        loss = ((model(x) - y[:, None]) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def local_momentum(model: nn.Module, opt: sai_dist.SGDSaI) -> dict[str, Any]:
+    """Per parameter, this rank's momentum as stored: its original-element offset, the
+    decoded float32 value, the storage dtype, and for int8 the codes and block scales."""
+    from sai_dist import momentum as lowp
+
+    out = {}
+    for name, p in model.named_parameters():
+        st = opt.state[p]
+        local = opt.layout.local(st["momentum_buffer"]).reshape(-1)
+        scales = st.get("momentum_scale")
+        out[clean_name(name)] = {
+            "offset": opt.layout.element_origin(p)[1][0],
+            "numel": p.numel(),
+            "dtype": str(local.dtype),
+            "value": lowp.decode(local, scales).clone(),
+            "codes": local.clone() if local.dtype == torch.int8 else None,
+            "scales": None if scales is None else scales.clone(),
+        }
+    return out
+
+
+def reshard_save(rank: int, world: int, root: str) -> dict[str, Any]:
+    """4 ranks: SAVE_AT steps of each momentum_dtype under FSDP2 (and of int8 under HSDP
+    2 x 2), saved to ``root/<dtype>``; the losses and the saved momentum."""
+    from sai_dist import checkpoint
+
+    out = {}
+    for md, hsdp in [(md, False) for md in MOMENTUM_DTYPES] + [("int8", True)]:
+        key = md + ("-hsdp" if hsdp else "")
+        model, opt = build(rank, md, hsdp)
+        losses = train(model, opt, 0, SAVE_AT)
+        checkpoint.save(f"{root}/{key}", model, opt)
+        out[key] = {"losses": losses, "saved": local_momentum(model, opt)}
+    return out
+
+
+def reshard_resume(rank: int, world: int, root: str) -> dict[str, Any]:
+    """2 ranks: load each 4-rank checkpoint (the momentum as loaded), train to RESUME_AT,
+    save to ``root/<dtype>-2``; and load the int8 HSDP one (no steps)."""
+    from sai_dist import checkpoint
+
+    out: dict[str, Any] = {}
+    for md in MOMENTUM_DTYPES:
+        model, opt = build(rank, md)
+        checkpoint.load(f"{root}/{md}", model, opt)
+        loaded = local_momentum(model, opt)
+        losses = train(model, opt, SAVE_AT, RESUME_AT)
+        checkpoint.save(f"{root}/{md}-2", model, opt)
+        out[md] = {"loaded": loaded, "losses": losses, "saved": local_momentum(model, opt)}
+        if md == "int8":  # same mesh: a fresh optimizer resumes bit for bit
+            again, again_opt = build(rank, md)
+            checkpoint.load(f"{root}/{md}-2", again, again_opt)
+            out[md]["reloaded"] = local_momentum(again, again_opt)
+            a = train(model, opt, RESUME_AT, STEPS)
+            b = train(again, again_opt, RESUME_AT, STEPS)
+            same = all(
+                torch.equal(p.to_local(), q.to_local())
+                for p, q in zip(model.parameters(), again.parameters(), strict=True)
+            )
+            out[md]["same_mesh_resume"] = {"losses": (a, b), "params_equal": same}
+    model, opt = build(rank, "int8")
+    checkpoint.load(f"{root}/int8-hsdp", model, opt)
+    out["int8-hsdp"] = {"loaded": local_momentum(model, opt)}
+    return out

@@ -116,3 +116,16 @@ class ReferenceLowPrecision:
     def zero_grad(self):
         for p in self.params:
             p.grad = None
+
+
+def quantize_nearest(m32):
+    """int8 codes and per-block scales of a 1-D float32 array, codes rounded to nearest
+    (half to even): what a checkpoint load re-encodes into new blocks."""
+    n = m32.size
+    scales = np.array(
+        [np.abs(m32[i : i + BLOCK]).max() / np.float32(127) for i in range(0, n, BLOCK)], dtype=np.float32
+    )
+    per = np.repeat(scales, BLOCK)[:n]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(per > 0, m32 / per, np.float32(0)).astype(np.float32)
+    return np.clip(np.round(q), -127, 127).astype(np.int8), scales

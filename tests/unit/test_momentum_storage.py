@@ -454,6 +454,52 @@ def test_dcp_checkpoint_resume_is_bit_identical(tmp_path, momentum_dtype, param_
     assert torch.equal(other.state[next(model_o.parameters())]["momentum_buffer"].reshape(-1), want)
 
 
+def test_dcp_int8_flat_state_saves_scale_runs_and_resumes_bit_identical(tmp_path):
+    """The flat optimizer state dict (the job's and torchtitan's form) carries the int8
+    scales as the table of runs (start, scale) of sai_dist.checkpoint, not per-rank scales,
+    and resumes bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    import sai_dist.checkpoint as ckpt
+
+    model = _model()
+    opt = SGDSaI(model.parameters(), momentum_dtype="int8", seed=4)
+    _train(model, opt, 2, torch.float32)
+    ckpt.save(str(tmp_path / "c"), model, opt, flatten=True)
+    w = next(model.parameters())
+    assert "momentum_scale" in opt.state[w]  # the live state keeps its per-rank scales
+    meta = dcp.FileSystemReader(str(tmp_path / "c")).read_metadata().state_dict_metadata
+    assert "optim.state.0.weight.momentum_run_start" in meta
+    assert not any(k.endswith("momentum_scale") for k in meta)
+    assert list(meta["optim.state.0.weight.momentum_run_start"].size) == [3]  # 5000 = 2048 + 2048 + 904
+    resumed = _model(seed=5)
+    opt2 = SGDSaI(resumed.parameters(), momentum_dtype="int8", seed=4)
+    ckpt.load(str(tmp_path / "c"), resumed, opt2)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        for key, value in opt.state[p].items():
+            assert torch.equal(opt2.state[q][key], value), key
+
+
+def test_damaged_scale_runs_are_refused_by_name():
+    good = (torch.tensor([0, 2048, 4096]), torch.ones(3))
+    lowp.check_runs(*good, 5000, "w")
+    for starts, scales in [
+        (torch.tensor([1, 2048, 4096]), torch.ones(3)),  # not from 0
+        (torch.tensor([0, 4096, 2048]), torch.ones(3)),  # not increasing
+        (torch.tensor([0, 2048, 5000]), torch.ones(3)),  # past the end
+        (torch.tensor([0, 2048]), torch.ones(3)),  # one scale per run
+        (torch.tensor([0.0, 2048.0, 4096.0]), torch.ones(3)),  # int64 starts
+    ]:
+        with pytest.raises(
+            ValueError, match=r"int8 momentum of w \(5000 elements\) needs a table of scale runs"
+        ):
+            lowp.check_runs(starts, scales, 5000, "w")
+    # The same runs as a piece's own blocks, or not: a piece at 2048 of 2952 elements.
+    assert lowp.runs_match(good[0], 5000, 2048, 2952) == slice(1, 3)
+    assert lowp.runs_match(good[0], 5000, 2048, 2000) is None  # ends inside a run
+    assert lowp.runs_match(good[0], 5000, 1000, 4000) is None
+
+
 def test_train_job_takes_momentum_dtype(tmp_path):
     from sai_dist.train.config import TrainConfig
     from sai_dist.train.loop import train
