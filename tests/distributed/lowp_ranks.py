@@ -179,7 +179,7 @@ def local_momentum(model: nn.Module, opt: sai_dist.SGDSaI) -> dict[str, Any]:
         st = opt.state[p]
         local = opt.layout.local(st["momentum_buffer"]).reshape(-1)
         scales = st.get("momentum_scale")
-        out[clean_name(name)] = {
+        out[unwrapped_name(model, name)] = {
             "offset": opt.layout.element_origin(p)[1][0],
             "numel": p.numel(),
             "dtype": str(local.dtype),
