@@ -569,6 +569,30 @@ def convert_storage(
     return out, new_scales, new_small
 
 
+def decoded_momentum(entry: dict[str, Any], layout: Any, param: Tensor) -> Tensor | None:
+    """The float32 value of ``param``'s stored momentum (its :meth:`local` tensor's shape;
+    ``None`` without a buffer), every piece decoded from where it is kept, zero elsewhere:
+    for converters that write a storage-free form (``sai_dist.deepspeed``'s
+    world-size-free checkpoint)."""
+    buf = entry.get(MOMENTUM)
+    if buf is None:
+        return None
+    local = layout.local(buf)
+    if local.dtype == torch.float32:
+        return local
+    st = _loaded_storage(layout, param, local)
+    spans = piece_spans(layout, param)
+    out, _, _ = convert_storage(
+        local,
+        entry.get(MOMENTUM_SCALE),
+        entry.get(MOMENTUM_SMALL),
+        st,
+        _storage(torch.float32, [False] * len(spans), [b - a for a, b in spans]),
+        spans,
+    )
+    return out
+
+
 def restore_loaded(
     state: dict[str, Any], loaded: dict[str, Any], layout: Any, param: Tensor, momentum_dtype: str | None
 ) -> None:
