@@ -208,6 +208,18 @@ def zero_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> 
             "predicted": memory.state["sgd_sai"],
         }
         if case.get("converter"):
+            # DeepSpeed's own checkpoint (same world size): one more step, then back to the
+            # checkpoint and the same step again must give the same bits.
+            ckpt = os.path.join(tmp, "ds_flat")
+            engine.save_checkpoint(ckpt, tag="t")
+            resumed = []
+            for _ in range(2):
+                x, y = batch(99, spec[0][0])
+                engine.backward(loss_fn(engine(x), y))
+                engine.step()
+                resumed.append({"params": _zero_params(engine), **flat_state(sai)})
+                engine.load_checkpoint(ckpt, tag="t")
+            result["resumed"] = resumed
             before = flat_state(sai)
             path = os.path.join(tmp, "sai_flat.pt")
             sds.save_optimizer_state(engine, path)

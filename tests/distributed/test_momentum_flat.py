@@ -134,6 +134,13 @@ def test_zero_int8_and_bf16_momentum_equal_single_process(tmp_path):
     wrappers = {c["name"]: r["wrapper"] for c, r in zip(DS_CASES, ranks[0], strict=True)}
     assert wrappers["zero3_int8"] == "DeepSpeedZeroOptimizer_Stage3"
     assert wrappers["zero2_int8"] == wrappers["zero2_offload_int8"] == "DeepSpeedZeroOptimizer"
+    # DeepSpeed's engine checkpoint holds the codes, scales and momentum_small: a resumed
+    # step is bit-identical.
+    for r in ranks:
+        a, b = r[0]["resumed"]
+        assert all(np.array_equal(a["params"][n], b["params"][n]) for n in a["params"])
+        for sa, sb in zip(a["segments"], b["segments"], strict=True):
+            assert sa["kind"] == sb["kind"] and np.array_equal(sa["momentum"], sb["momentum"]), sa["name"]
     # The world-size-free checkpoint holds float32 momentum; loading it back re-encodes into
     # int8 (rounding to nearest): within one quantization step, small pieces exact.
     for r in ranks:

@@ -414,8 +414,9 @@ def test_accounting_predicts_the_measured_state_bytes(momentum_dtype, capsys):
     out = json.loads(json.dumps(report(spec, args)))
     want = rank_memory([s for _, s in spec.params], "single", momentum_dtype=momentum_dtype)
     assert out["strategies"]["single"]["state"]["sgd_sai"] == want.state["sgd_sai"]
-    with pytest.raises(ValueError, match="not zero2"):
-        rank_memory(shapes, "zero2", 2, momentum_dtype="int8")
+    # ZeRO models momentum_dtype (test_memory_accounting.py), not pure bf16 parameters.
+    with pytest.raises(ValueError, match=r"param_dtype='bfloat16'.*not zero2"):
+        rank_memory(shapes, "zero2", 2, momentum_dtype=momentum_dtype, param_dtype="bfloat16")
 
 
 # -- DCP checkpoints and the training job ------------------------------------------------------
