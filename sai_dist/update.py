@@ -180,7 +180,7 @@ def step_group(
         entry = state[p]
         pieces = layout.pieces(p)
         p_local, g_local = layout.local(p), layout.local(p.grad)
-        lengths = [piece.view(p_local).numel() for piece in pieces]
+        lengths = [p_local.numel() if pc.span is None else pc.span[1] - pc.span[0] for pc in pieces]
         starts = False
         buf_local: Tensor | None = None
         if momentum != 0:
@@ -200,27 +200,30 @@ def step_group(
                             piece.view(flat).zero_()
             buf_local = layout.local(entry[MOMENTUM])
         stored = None if buf_local is None else buf_local.dtype
-        is_managed = managed(layout, p, stored)
+        # managed(), with the layout asked once (a DTensor's origin is a placement computation).
+        low = p_local.dtype in _SIXTEEN or stored in (*_SIXTEEN, torch.int8)
+        origin = layout.element_origin(p) if low else None  # not None where low: validation checked
+        is_managed = origin is not None
         rounding = is_managed and lowp.uses_rounding(p_local, stored, stochastic_rounding is not False)
-        origin = layout.element_origin(p) if is_managed else None  # not None: checked by validation
+        # Only int8 buffers have scales and pieces kept apart (float32 / bf16 hold them all).
         st = None
-        if buf_local is not None:
-            st = lowp.stored_pieces(buf_local.dtype, _numels(layout, p, origin), lengths)
+        if buf_local is not None and buf_local.dtype == torch.int8:
+            st = lowp.stored_pieces(torch.int8, _numels(layout, p, origin), lengths)
         if rounding:
             step = int(entry.setdefault(ROUNDING_STEP, torch.tensor(0, dtype=torch.int64)))
         for k, (piece, scale) in enumerate(zip(pieces, entry[SCALE].reshape(-1).tolist(), strict=True)):
             p_views.append(piece.view(p_local))
             d_views.append(piece.view(g_local))
             q_view = None
-            if st is None or buf_local is None:
+            if buf_local is None:
                 m_views.append(None)
-            elif st.small[k]:
+            elif st is not None and st.small[k]:
                 lo = st.small_starts[k]
                 assert lo is not None
                 m_views.append(entry[MOMENTUM_SMALL][lo : lo + lengths[k]])
             else:
                 m_views.append(piece.view(buf_local))
-                lo = st.scale_starts[k]
+                lo = None if st is None else st.scale_starts[k]
                 if lo is not None:
                     q_view = entry[MOMENTUM_SCALE][lo : lo + lowp.num_scales([lengths[k]])]
             q_views.append(q_view)

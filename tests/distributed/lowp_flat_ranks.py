@@ -275,3 +275,61 @@ def fsdp1_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dict
             )
         results.append({"name": case["name"], "ref": ref, "snaps": snaps, "predicted": predicted})
     return _plain(results)
+
+
+def fairscale_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fairscale FSDP's flat shards on CPU, as tests/distributed/fairscale_fsdp_ranks.py
+    builds them (the real wrapper needs CUDA): fairscale's own FlatParameter metadata and
+    shard cutting, gradients averaged and sharded as its reduce-scatter leaves them, the
+    shards gathered back into a replica after each step. Each case: ``name``, ``spec``,
+    ``momentum_dtype``, ``flatten``."""
+    import torch.distributed as dist
+
+    import sai_dist
+    from sai_dist import momentum as lowp
+    from sai_dist.layouts import flat_param_layout
+    from tests.distributed.fairscale_fsdp_ranks import SyntheticUnit
+
+    torch.set_num_threads(1)
+    results = []
+    for case in cases:
+        spec, md = case["spec"], case["momentum_dtype"]
+        ref = reference(spec, md)
+        unit = SyntheticUnit(make_model(spec), rank, world, case["flatten"])
+        replica = make_model(spec)
+        layout = flat_param_layout(unit)
+        opt = sai_dist.SGDSaI(unit.parameters(), layout=layout, momentum_dtype=md, **PARAMS)
+        sources = [list(replica.parameters())] if case["flatten"] else [[q] for q in replica.parameters()]
+        snaps = {}
+        for step in range(max(SNAPSHOTS)):
+            replica.zero_grad()
+            x, y = batch(step, spec[0][0])
+            loss_fn(replica(x), y).backward()
+            for p, src in zip(unit.params, sources, strict=True):
+                full = torch.cat([q.grad.reshape(-1) for q in src])
+                dist.all_reduce(full)
+                p.grad = unit.shard(full / world)
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                for p, src in zip(unit.params, sources, strict=True):
+                    gathered = [torch.empty_like(p.data) for _ in range(world)]
+                    dist.all_gather(gathered, p.data)
+                    torch.nn.utils.vector_to_parameters(
+                        torch.cat(gathered)[: sum(q.numel() for q in src)], src
+                    )
+            if step + 1 in SNAPSHOTS:
+                params = {n: q.detach().reshape(-1).clone() for n, q in replica.named_parameters()}
+                snaps[step + 1] = {"params": params, **flat_state(opt)}
+        predicted = 0
+        for flat in layout.flats:  # end padding of the shard stored like the buffer
+            segs = layout.segments(flat)
+            predicted += lowp.state_bytes(
+                md,
+                [layout.block_numels[s.block] for s in segs],
+                [s.stop - s.start for s in segs],
+                torch.float32,
+                buffer_numel=flat.numel(),
+            )
+        results.append({"name": case["name"], "ref": ref, "snaps": snaps, "predicted": predicted})
+    return _plain(results)

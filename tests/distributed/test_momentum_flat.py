@@ -157,3 +157,19 @@ def test_zero_int8_and_bf16_momentum_equal_single_process(tmp_path):
 def test_fsdp1_int8_and_bf16_momentum_equal_single_process():
     ranks = run_ranks(lf.fsdp1_cases, 2, FSDP1_CASES, timeout=300)
     _check(ranks, FSDP1_CASES)
+
+
+FAIRSCALE_CASES = [
+    {"name": "flat_int8", "spec": lf.ALIGNED_FLAT, "momentum_dtype": "int8", "flatten": True},
+    {"name": "each_int8", "spec": lf.ALIGNED_ZERO3, "momentum_dtype": "int8", "flatten": False, "orig": True},
+    {"name": "flat_unaligned_int8", "spec": lf.UNALIGNED, "momentum_dtype": "int8", "flatten": True},
+]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fairscale") is None, reason="fairscale is not installed")
+def test_fairscale_fsdp_shards_int8_momentum_equal_single_process():
+    """fairscale FSDP's flat-parameter metadata and shards on CPU (the real wrapper needs
+    CUDA): ``flatten_parameters`` True (one flat shard) and False (each parameter sharded
+    on its own, whole 2048-blocks per rank)."""
+    ranks = run_ranks(lf.fairscale_cases, 2, FAIRSCALE_CASES, timeout=300)
+    _check(ranks, FAIRSCALE_CASES)
