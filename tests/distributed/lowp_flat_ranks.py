@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tests.distributed.fsdp2_ranks import _plain  # tensors as numpy arrays across processes
 from tests.support.paths import REPO
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
@@ -129,16 +130,6 @@ def flat_state(sai: Any) -> dict[str, Any]:
                 }
             )
     return {"segments": segments, "bytes": held}
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu().numpy()
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    return obj
 
 
 def _zero_engine(stage: int, spec: Any, momentum_dtype: str, offload: bool) -> Any:
