@@ -310,13 +310,13 @@ def _origin(opt: SGDSaI, owner: Any, fqn: str) -> tuple[int, int]:
     origin = None
     if isinstance(owner, torch.Tensor) and isinstance(opt.layout, _RUN_LAYOUTS):
         origin = opt.layout.element_origin(owner)
-    if origin is None or len(origin[1]) != 1:
+    if origin is None or len(origin) != 1:
         raise ValueError(
             f"sai_dist.checkpoint: the int8 momentum of {fqn} under {type(opt.layout).__name__} is not one "
             "run of its parameter on this rank (tensor parallel, flat parameters); its scales cannot be "
             "described mesh-independently. Use momentum_dtype='bfloat16' or 'float32' there."
         )
-    return origin[0], origin[1][0]
+    return origin[0].numel, origin[0].offset
 
 
 def _int8_runs_for_save(osd: dict[str, Any], flat: bool, model_sd: dict[str, Any], opt: SGDSaI) -> None:

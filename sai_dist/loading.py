@@ -3,7 +3,8 @@
 ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its
 parameter's dtype and device. For SGD-SaI that would round the g-SNR scalars of a bf16
 parameter (``gsnr``, ``scale``, ``gsnr_max`` are CPU float32 by contract) and cast int8
-momentum codes, a bf16 buffer or its block scales. So those entries are set aside before
+momentum codes, a bf16 buffer, its block scales or a flat tensor's float32 ``momentum_small``.
+So those entries are set aside before
 (:func:`set_aside`) and put back after (:func:`put_back`): the scalars as CPU float32, the
 momentum storage through :func:`sai_dist.momentum.restore_loaded` (converted when it was
 saved with another ``momentum_dtype``). Everything else takes torch's path unchanged.
@@ -23,7 +24,7 @@ from sai_dist import momentum as lowp
 from sai_dist.gsnr_step import options
 from sai_dist.layouts.base import Layout
 from sai_dist.probe import drop_placeholders, is_placeholder
-from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
+from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, MOMENTUM_SMALL, ROUNDING_STEP, SCALE
 from sai_dist.warning_categories import StateWithoutGsnrWarning, warn
 
 __all__ = ["Kept", "load_state_dict", "put_back", "set_aside"]
@@ -48,7 +49,8 @@ def set_aside(
     for key, entry in state_dict["state"].items():
         buf = entry.get(MOMENTUM)
         keep_buf = momentum_dtype is None and (buf is None or buf.dtype == dtypes.get(key))
-        moved = (MOMENTUM_SCALE, ROUNDING_STEP) if keep_buf else (MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP)
+        extra = (MOMENTUM_SCALE, MOMENTUM_SMALL, ROUNDING_STEP)
+        moved = extra if keep_buf else (MOMENTUM, *extra)
         storage = {k: entry[k] for k in moved if k in entry}
         scalars = {k: entry[k] for k in (GSNR, SCALE, GSNR_MAX) if k in entry}
         stripped[key] = {k: v for k, v in entry.items() if k not in storage and k not in scalars}

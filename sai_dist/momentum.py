@@ -17,6 +17,22 @@ checkpoints and the memory accounting agree on it:
   biases are the most sensitive); the rule looks at the *original* parameter's size, so
   it is the same under every mesh. Bytes of a piece of ``n`` elements: ``n + 4 ceil(n/B)``.
 
+**Flat tensors** (ZeRO partitions, FSDP1 and fairscale FSDP shards) hold pieces of several
+original parameters in one tensor, so the small-tensor rule, a property of each original
+parameter, cannot be a property of the tensor's one buffer. Under ``"int8"`` a flat tensor
+with at least one piece of a parameter of :data:`SMALL` elements or more keeps an int8
+``momentum_buffer`` shaped like the tensor, and the pieces of smaller parameters are
+stored, end to end in piece order, in a second float32 tensor ``momentum_small``
+(:data:`~sai_dist.state_keys.MOMENTUM_SMALL`); their int8 bytes stay zero and they have
+no scales (:class:`PieceStorage`). Every element is therefore stored exactly as the
+single-process run stores it (int8 codes of the same block, or float32), which is what
+lets a sharded run equal it bit for bit; the price is 1 unused byte per element of a small
+piece (biases, norms: a few thousand elements per layer), counted exactly by
+:func:`state_bytes`. Compacting the int8 buffer to the large pieces only would save those
+bytes but give the buffer a shape of its own instead of the tensor's, which checkpoints,
+probes and every wrapper's state handling rely on. ``"bfloat16"`` has no small rule: the
+whole buffer is bfloat16.
+
 The update itself is computed in float32 whatever the storage: the buffer is decoded,
 :math:`m \leftarrow \beta m + (1-\beta) g` (or :math:`m = g` at first) and the parameter
 step use that float32 value, then the new buffer is encoded (:mod:`sai_dist.functional`).
@@ -51,12 +67,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sai_dist.state_keys import MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP
+from sai_dist.state_keys import MOMENTUM, MOMENTUM_SCALE, MOMENTUM_SMALL, ROUNDING_STEP
 
 __all__ = [
     "BLOCK",
     "MOMENTUM_DTYPES",
     "SMALL",
+    "PieceStorage",
     "Rounding",
     "block_starts",
     "canonical_momentum_dtype",
@@ -65,9 +82,11 @@ __all__ = [
     "decode_runs",
     "encode",
     "num_scales",
+    "piece_storage",
     "runs_match",
     "state_bytes",
     "storage_dtype",
+    "stored_pieces",
 ]
 
 #: Names accepted for ``momentum_dtype``.
@@ -125,15 +144,86 @@ def num_scales(piece_lengths: Sequence[int]) -> int:
     return sum(math.ceil(n / BLOCK) for n in piece_lengths)
 
 
+@dataclass(frozen=True)
+class PieceStorage:
+    """Where the momentum of each piece of one stepped tensor is kept.
+
+    ``buffer`` is the dtype of ``momentum_buffer`` (shaped like the tensor). Piece ``k`` is
+    stored either in that buffer (``small[k]`` False; for int8 with its scales at
+    ``momentum_scale[scale_starts[k] : scale_starts[k] + ceil(n_k / BLOCK)]``) or, for a
+    piece of a parameter under :data:`SMALL` elements beside int8 pieces, in float32 at
+    ``momentum_small[small_starts[k] : small_starts[k] + n_k]``."""
+
+    buffer: torch.dtype
+    small: tuple[bool, ...]
+    scale_starts: tuple[int | None, ...]
+    small_starts: tuple[int | None, ...]
+    num_scales: int
+    small_numel: int
+
+
+def _storage(buffer: torch.dtype, small: Sequence[bool], lengths: Sequence[int]) -> PieceStorage:
+    scale_starts: list[int | None] = []
+    small_starts: list[int | None] = []
+    k_scale = k_small = 0
+    for is_small, n in zip(small, lengths, strict=True):
+        if is_small:
+            small_starts.append(k_small)
+            scale_starts.append(None)
+            k_small += n
+        else:
+            small_starts.append(None)
+            scale_starts.append(k_scale if buffer == torch.int8 else None)
+            k_scale += math.ceil(n / BLOCK) if buffer == torch.int8 else 0
+    return PieceStorage(buffer, tuple(small), tuple(scale_starts), tuple(small_starts), k_scale, k_small)
+
+
+def piece_storage(
+    momentum_dtype: str | None, block_numels: Sequence[int], lengths: Sequence[int], param_dtype: torch.dtype
+) -> PieceStorage:
+    """The storage of a new buffer for a tensor whose pieces (``lengths`` elements each)
+    belong to original parameters of ``block_numels`` elements: each piece stored as
+    :func:`storage_dtype` says for its own parameter; a tensor mixing int8 and float32
+    pieces keeps an int8 buffer and the float32 pieces in ``momentum_small``."""
+    per = [storage_dtype(momentum_dtype, n, param_dtype) for n in block_numels]
+    if not per:
+        return _storage(storage_dtype(momentum_dtype, 0, param_dtype), [], [])
+    if torch.int8 in per:
+        return _storage(torch.int8, [d != torch.int8 for d in per], lengths)
+    return _storage(per[0], [False] * len(per), lengths)
+
+
+def stored_pieces(buffer: torch.dtype, block_numels: Sequence[int], lengths: Sequence[int]) -> PieceStorage:
+    """The :class:`PieceStorage` of an existing buffer of dtype ``buffer``: an int8 buffer
+    keeps the pieces of parameters under :data:`SMALL` in ``momentum_small`` (the rule
+    that made it); any other buffer holds every piece."""
+    small = [buffer == torch.int8 and n < SMALL for n in block_numels]
+    if small and all(small) and buffer == torch.int8:
+        small = [False] * len(small)  # an int8 buffer of small pieces only: none is set aside
+    return _storage(buffer, small, lengths)
+
+
 def state_bytes(
-    momentum_dtype: str | None, block_numel: int, piece_lengths: Sequence[int], param_dtype: torch.dtype
+    momentum_dtype: str | None,
+    block_numel: int | Sequence[int],
+    piece_lengths: Sequence[int],
+    param_dtype: torch.dtype,
+    *,
+    buffer_numel: int | None = None,
 ) -> int:
-    """Exact bytes of the momentum state of one stored tensor: buffer plus scales."""
-    dtype = storage_dtype(momentum_dtype, block_numel, param_dtype)
-    n = sum(piece_lengths)
-    if dtype == torch.int8:
-        return n + 4 * num_scales(piece_lengths)
-    return n * dtype.itemsize
+    """Exact bytes of the momentum state of one stored tensor: buffer plus int8 scales
+    plus the float32 ``momentum_small`` of a flat tensor's small pieces.
+
+    ``block_numel``: the original parameter's size (one int, every piece of one parameter)
+    or one size per piece; ``buffer_numel``: the tensor's elements when more than its
+    pieces' (a flat partition's alignment padding, stored like the buffer)."""
+    numels = [block_numel] * len(piece_lengths) if isinstance(block_numel, int) else list(block_numel)
+    st = piece_storage(momentum_dtype, numels, piece_lengths, param_dtype)
+    n = sum(piece_lengths) if buffer_numel is None else buffer_numel
+    if not piece_lengths and isinstance(block_numel, int):
+        # A tensor with no piece here (an empty shard): decided on the parameter's size.
+        st = _storage(storage_dtype(momentum_dtype, block_numel, param_dtype), [], [])
+    return n * st.buffer.itemsize + 4 * st.num_scales + 4 * st.small_numel
 
 
 # -- counter-based generator -----------------------------------------------------------------
@@ -362,14 +452,44 @@ def piece_spans(layout: Any, param: Tensor) -> list[tuple[int, int]]:
     return [(0, n) if pc.span is None else pc.span for pc in layout.pieces(param)]
 
 
+def _block_numels(layout: Any, param: Tensor) -> list[int]:
+    """Per piece, its original parameter's element count (``param``'s own where the layout
+    cannot say)."""
+    origin = layout.element_origin(param)
+    if origin is None:
+        return [param.numel()] * len(layout.pieces(param))
+    return [o.numel for o in origin]
+
+
+def _loaded_storage(layout: Any, param: Tensor, buf: Tensor) -> PieceStorage:
+    spans = piece_spans(layout, param)
+    return stored_pieces(buf.dtype, _block_numels(layout, param), [b - a for a, b in spans])
+
+
+def _check_float_vector(value: Any, want: int, what: str, name: str) -> None:
+    if (
+        isinstance(value, Tensor)
+        and value.dim() == 1
+        and value.dtype == torch.float32
+        and value.numel() == want
+    ):
+        return
+    got = (
+        f"shape {tuple(value.shape)}, dtype {value.dtype}" if isinstance(value, Tensor) else repr(type(value))
+    )
+    raise ValueError(f"SGDSaI.load_state_dict: the int8 {MOMENTUM} of {name} needs {what}, got {got}")
+
+
 def check_loaded(entry: dict[str, Any], layout: Any, param: Tensor, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` when a loaded state entry's momentum storage
     cannot be this tensor's: an unknown dtype, int8 codes without (or with the wrong number
-    of) block scales, scales beside a non-int8 buffer."""
-    buf, scales = entry.get(MOMENTUM), entry.get(MOMENTUM_SCALE)
+    of) block scales, scales beside a non-int8 buffer, a ``momentum_small`` of the wrong
+    size or beside anything but the int8 codes of a flat tensor with small pieces."""
+    buf, scales, small = entry.get(MOMENTUM), entry.get(MOMENTUM_SCALE), entry.get(MOMENTUM_SMALL)
     if buf is None:
-        if scales is not None:
-            raise ValueError(f"SGDSaI.load_state_dict: {name} has a {MOMENTUM_SCALE} but no {MOMENTUM}")
+        for key, value in ((MOMENTUM_SCALE, scales), (MOMENTUM_SMALL, small)):
+            if value is not None:
+                raise ValueError(f"SGDSaI.load_state_dict: {name} has a {key} but no {MOMENTUM}")
         return
     if not isinstance(buf, Tensor) or not (buf.is_floating_point() or buf.dtype == torch.int8):
         got = buf.dtype if isinstance(buf, Tensor) else type(buf).__name__
@@ -378,28 +498,103 @@ def check_loaded(entry: dict[str, Any], layout: Any, param: Tensor, name: str) -
             "floating-point tensor or int8 codes"
         )
     if buf.dtype != torch.int8:
-        if scales is not None:
-            raise ValueError(
-                f"SGDSaI.load_state_dict: {name} has a {MOMENTUM_SCALE} beside a {buf.dtype} {MOMENTUM}; "
-                "only int8 momentum has block scales"
-            )
+        for key, value in ((MOMENTUM_SCALE, scales), (MOMENTUM_SMALL, small)):
+            if value is not None:
+                raise ValueError(
+                    f"SGDSaI.load_state_dict: {name} has a {key} beside a {buf.dtype} {MOMENTUM}; "
+                    "only int8 momentum has block scales and float32 small pieces"
+                )
         return
-    want = num_scales([b - a for a, b in piece_spans(layout, param)])
-    if (
-        not isinstance(scales, Tensor)
-        or scales.dim() != 1
-        or scales.dtype != torch.float32
-        or scales.numel() != want
+    st = _loaded_storage(layout, param, buf)
+    _check_float_vector(
+        scales,
+        st.num_scales,
+        f"a 1-D float32 {MOMENTUM_SCALE} of {st.num_scales} block scales (one per {BLOCK} elements of "
+        "each int8 piece)",
+        name,
+    )
+    if st.small_numel or small is not None:
+        _check_float_vector(
+            small,
+            st.small_numel,
+            f"a 1-D float32 {MOMENTUM_SMALL} of {st.small_numel} elements (its pieces of parameters under "
+            f"{SMALL} elements)",
+            name,
+        )
+
+
+def convert_storage(
+    buf: Tensor,
+    scales: Tensor | None,
+    small: Tensor | None,
+    source: PieceStorage,
+    target: PieceStorage,
+    spans: Sequence[tuple[int, int]],
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`convert` for tensors whose pieces may be stored apart (:class:`PieceStorage`):
+    each piece decoded from where ``source`` keeps it and encoded, rounding to nearest, where
+    ``target`` does. Returns the new buffer, scales (int8) and ``momentum_small`` (or
+    ``None``); elements outside every piece or kept apart are zero in the buffer."""
+    flat = buf.reshape(-1)
+    out = torch.zeros(buf.shape, dtype=target.buffer, device=buf.device)
+    out_flat = out.view(-1)
+    new_scales = None
+    if target.buffer == torch.int8:
+        new_scales = torch.zeros(target.num_scales, dtype=torch.float32, device=buf.device)
+    new_small = (
+        torch.zeros(target.small_numel, dtype=torch.float32, device=buf.device)
+        if target.small_numel
+        else None
+    )
+
+    def where(
+        st: PieceStorage,
+        k: int,
+        n: int,
+        buffer: Tensor,
+        sc: Tensor | None,
+        sm: Tensor | None,
+        span: tuple[int, int],
     ):
-        got = (
-            f"shape {tuple(scales.shape)}, dtype {scales.dtype}"
-            if isinstance(scales, Tensor)
-            else repr(type(scales))
+        if st.small[k]:
+            lo = st.small_starts[k]
+            assert sm is not None and lo is not None
+            return sm[lo : lo + n], None
+        lo = st.scale_starts[k]
+        return buffer[span[0] : span[1]], (
+            None if lo is None or sc is None else sc[lo : lo + math.ceil(n / BLOCK)]
         )
-        raise ValueError(
-            f"SGDSaI.load_state_dict: the int8 {MOMENTUM} of {name} needs a 1-D float32 {MOMENTUM_SCALE} of "
-            f"{want} block scales (one per {BLOCK} elements of each piece), got {got}"
-        )
+
+    for k, span in enumerate(spans):
+        n = span[1] - span[0]
+        src, src_scales = where(source, k, n, flat, scales, small, span)
+        dst, dst_scales = where(target, k, n, out_flat, new_scales, new_small, span)
+        encode(decode(src, src_scales), dst, dst_scales, None)
+    return out, new_scales, new_small
+
+
+def decoded_momentum(entry: dict[str, Any], layout: Any, param: Tensor) -> Tensor | None:
+    """The float32 value of ``param``'s stored momentum (its :meth:`local` tensor's shape;
+    ``None`` without a buffer), every piece decoded from where it is kept, zero elsewhere:
+    for converters that write a storage-free form (``sai_dist.deepspeed``'s
+    world-size-free checkpoint)."""
+    buf = entry.get(MOMENTUM)
+    if buf is None:
+        return None
+    local = layout.local(buf)
+    if local.dtype == torch.float32:
+        return local
+    st = _loaded_storage(layout, param, local)
+    spans = piece_spans(layout, param)
+    out, _, _ = convert_storage(
+        local,
+        entry.get(MOMENTUM_SCALE),
+        entry.get(MOMENTUM_SMALL),
+        st,
+        _storage(torch.float32, [False] * len(spans), [b - a for a, b in spans]),
+        spans,
+    )
+    return out
 
 
 def restore_loaded(
@@ -414,24 +609,34 @@ def restore_loaded(
     if buf is None:
         return
     buf = buf.detach().to(device=param.device)
-    scales = loaded.get(MOMENTUM_SCALE)
     local = layout.local(buf)
+    scales, small = loaded.get(MOMENTUM_SCALE), loaded.get(MOMENTUM_SMALL)
     if scales is not None:
         scales = scales.detach().to(device=local.device, dtype=torch.float32)
-    origin = layout.element_origin(param)
-    target = storage_dtype(momentum_dtype, param.numel() if origin is None else origin[0], param.dtype)
+    if small is not None:
+        small = small.detach().to(device=local.device, dtype=torch.float32)
+    spans = piece_spans(layout, param)
+    lengths = [b - a for a, b in spans]
+    numels = _block_numels(layout, param)
+    target = piece_storage(momentum_dtype, numels, lengths, param.dtype)
     state.pop(MOMENTUM_SCALE, None)
-    if buf.dtype == target:
+    state.pop(MOMENTUM_SMALL, None)
+    if buf.dtype == target.buffer:
         state[MOMENTUM] = buf
         if scales is not None:
             state[MOMENTUM_SCALE] = scales
+        if small is not None:
+            state[MOMENTUM_SMALL] = small
         return
-    new_local, new_scales = convert(local, scales, target, piece_spans(layout, param))
-    out = torch.empty_like(buf, dtype=target)
+    source = stored_pieces(buf.dtype, numels, lengths)
+    new_local, new_scales, new_small = convert_storage(local, scales, small, source, target, spans)
+    out = torch.empty_like(buf, dtype=target.buffer)
     layout.local(out).copy_(new_local)
     state[MOMENTUM] = out
     if new_scales is not None:
         state[MOMENTUM_SCALE] = new_scales
+    if new_small is not None:
+        state[MOMENTUM_SMALL] = new_small
 
 
 # -- mesh-independent int8 scales (DCP checkpoints) ----------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sai_dist.state_keys import GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALARS
+from sai_dist.state_keys import GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, MOMENTUM_SMALL, ROUNDING_STEP, SCALARS
 
 __all__ = ["drop_placeholders", "is_placeholder", "is_probe", "placeholder_state"]
 
@@ -53,11 +53,13 @@ def placeholder_state(
     stored: torch.dtype | None = None,
     num_scales: int | None = None,
     rounding: bool = False,
+    small_numel: int | None = None,
 ) -> dict[str, Tensor]:
     """The placeholders for ``param`` (see the module doc), in the storage the real state
     will have (:mod:`sai_dist.momentum`): the buffer in ``stored`` (default: the
     parameter's dtype), ``num_scales`` float32 block scales for int8 codes, and the
-    stochastic-rounding step counter where ``rounding``, so a checkpoint of low-precision
+    stochastic-rounding step counter where ``rounding``, ``small_numel`` float32 elements
+    of a flat tensor's small pieces beside int8 codes, so a checkpoint of low-precision
     state loads into the template as it was saved, never cast."""
     shape: tuple[int, ...] = () if num_pieces == 1 else (num_pieces,)
     entry = {k: torch.full(shape, math.nan, dtype=torch.float32) for k in SCALARS}
@@ -67,6 +69,8 @@ def placeholder_state(
         ).detach()
         if num_scales is not None:
             entry[MOMENTUM_SCALE] = torch.zeros(num_scales, dtype=torch.float32)
+        if small_numel is not None:
+            entry[MOMENTUM_SMALL] = torch.zeros(small_numel, dtype=torch.float32)
     if rounding:
         entry[ROUNDING_STEP] = torch.zeros((), dtype=torch.int64)
     return entry

@@ -28,12 +28,20 @@ from torch import Tensor
 from sai_dist import momentum as lowp
 from sai_dist import native
 from sai_dist.functional import sgd_sai
-from sai_dist.layouts.base import Layout
+from sai_dist.layouts.base import Layout, Origin
 from sai_dist.probe import placeholder_state
-from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, ROUNDING_STEP, SCALE
+from sai_dist.state_keys import GSNR, GSNR_MAX, MOMENTUM, MOMENTUM_SCALE, MOMENTUM_SMALL, ROUNDING_STEP, SCALE
 from sai_dist.stats import Piece
 
-__all__ = ["managed", "new_buffer", "placeholder", "step_group", "storage_dtype", "store_gsnr"]
+__all__ = [
+    "managed",
+    "new_buffer",
+    "piece_storage",
+    "placeholder",
+    "step_group",
+    "storage_dtype",
+    "store_gsnr",
+]
 
 _SIXTEEN = (torch.bfloat16, torch.float16)
 
@@ -89,15 +97,31 @@ def store_gsnr(
         entry[GSNR_MAX] = max_t.clone()
 
 
+def _numels(layout: Layout, p: Tensor, origin: Sequence[Origin] | None) -> list[int]:
+    """Per piece, the element count of its original parameter (``p``'s own where the
+    layout cannot say: such layouts take no low-precision storage)."""
+    if origin is not None:
+        return [o.numel for o in origin]
+    return [p.numel()] * len(layout.pieces(p))
+
+
+def piece_storage(layout: Layout, p: Tensor, momentum_dtype: str | None) -> lowp.PieceStorage:
+    """Where a new buffer of ``p`` keeps each piece's momentum
+    (:func:`sai_dist.momentum.piece_storage` on each piece's original parameter)."""
+    p_local = layout.local(p)
+    lengths = [piece.view(p_local).numel() for piece in layout.pieces(p)]
+    dtype = layout.local(p.grad).dtype if p.grad is not None else p_local.dtype
+    numels = _numels(layout, p, layout.element_origin(p) if momentum_dtype is not None else None)
+    return lowp.piece_storage(momentum_dtype, numels, lengths, dtype)
+
+
 def storage_dtype(layout: Layout, p: Tensor, momentum_dtype: str | None) -> torch.dtype:
     """The dtype ``p``'s new momentum buffer is stored in: the gradient's (as before
-    low-precision storage) for ``momentum_dtype=None``, else :func:`sai_dist.momentum.storage_dtype`
-    of the original parameter's size (the same under every mesh)."""
+    low-precision storage) for ``momentum_dtype=None``, else as :func:`piece_storage`
+    says from the original parameters' sizes (the same under every mesh)."""
     if momentum_dtype is None:
         return layout.local(p.grad).dtype
-    origin = layout.element_origin(p)
-    numel = p.numel() if origin is None else origin[0]
-    return lowp.storage_dtype(momentum_dtype, numel, layout.local(p.grad).dtype)
+    return piece_storage(layout, p, momentum_dtype).buffer
 
 
 def managed(layout: Layout, p: Tensor, stored: torch.dtype | None) -> bool:
@@ -116,14 +140,14 @@ def placeholder(
     storage its real state will have."""
     pieces = layout.pieces(p)
     p_local = layout.local(p)
-    stored = storage_dtype(layout, p, momentum_dtype) if momentum != 0 else None
-    n_scales = (
-        lowp.num_scales([piece.view(p_local).numel() for piece in pieces]) if stored == torch.int8 else None
-    )
+    st = piece_storage(layout, p, momentum_dtype) if momentum != 0 else None
+    stored = None if st is None else st.buffer
+    n_scales = st.num_scales if st is not None and stored == torch.int8 else None
+    n_small = st.small_numel if st is not None and st.small_numel else None
     rounding = managed(layout, p, stored) and lowp.uses_rounding(
         p_local, stored, stochastic_rounding is not False
     )
-    return placeholder_state(p, len(pieces), momentum, stored, n_scales, rounding)
+    return placeholder_state(p, len(pieces), momentum, stored, n_scales, rounding, n_small)
 
 
 def step_group(
@@ -156,37 +180,60 @@ def step_group(
         entry = state[p]
         pieces = layout.pieces(p)
         p_local, g_local = layout.local(p), layout.local(p.grad)
+        lengths = [p_local.numel() if pc.span is None else pc.span[1] - pc.span[0] for pc in pieces]
         starts = False
         buf_local: Tensor | None = None
         if momentum != 0:
             starts = MOMENTUM not in entry
             if starts:
-                entry[MOMENTUM] = new_buffer(p.grad, pieces, layout, storage_dtype(layout, p, momentum_dtype))
-                if entry[MOMENTUM].dtype == torch.int8:
-                    lengths = [piece.view(p_local).numel() for piece in pieces]
-                    entry[MOMENTUM_SCALE] = p_local.new_zeros(lowp.num_scales(lengths), dtype=torch.float32)
+                new = piece_storage(layout, p, momentum_dtype)
+                entry[MOMENTUM] = new_buffer(p.grad, pieces, layout, new.buffer)
+                if new.buffer == torch.int8:
+                    entry[MOMENTUM_SCALE] = p_local.new_zeros(new.num_scales, dtype=torch.float32)
+                if new.small_numel:
+                    entry[MOMENTUM_SMALL] = p_local.new_zeros(new.small_numel, dtype=torch.float32)
+                    # The int8 codes under pieces kept in float32 are never read: zero,
+                    # so a checkpoint holds no garbage.
+                    flat = layout.local(entry[MOMENTUM]).view(-1)
+                    for piece, small in zip(pieces, new.small, strict=True):
+                        if small:
+                            piece.view(flat).zero_()
             buf_local = layout.local(entry[MOMENTUM])
         stored = None if buf_local is None else buf_local.dtype
-        rounding = managed(layout, p, stored) and lowp.uses_rounding(
-            p_local, stored, stochastic_rounding is not False
-        )
+        # managed(), with the layout asked once (a DTensor's origin is a placement computation).
+        low = p_local.dtype in _SIXTEEN or stored in (*_SIXTEEN, torch.int8)
+        origin = layout.element_origin(p) if low else None  # not None where low: validation checked
+        is_managed = origin is not None
+        rounding = is_managed and lowp.uses_rounding(p_local, stored, stochastic_rounding is not False)
+        # Only int8 buffers have scales and pieces kept apart (float32 / bf16 hold them all).
+        st = None
+        if buf_local is not None and buf_local.dtype == torch.int8:
+            st = lowp.stored_pieces(torch.int8, _numels(layout, p, origin), lengths)
         if rounding:
             step = int(entry.setdefault(ROUNDING_STEP, torch.tensor(0, dtype=torch.int64)))
-            offsets = layout.element_origin(p)[1]  # checked by validation.check_low_precision
-        start = 0
         for k, (piece, scale) in enumerate(zip(pieces, entry[SCALE].reshape(-1).tolist(), strict=True)):
             p_views.append(piece.view(p_local))
             d_views.append(piece.view(g_local))
-            m_views.append(None if buf_local is None else piece.view(buf_local))
+            q_view = None
+            if buf_local is None:
+                m_views.append(None)
+            elif st is not None and st.small[k]:
+                lo = st.small_starts[k]
+                assert lo is not None
+                m_views.append(entry[MOMENTUM_SMALL][lo : lo + lengths[k]])
+            else:
+                m_views.append(piece.view(buf_local))
+                lo = None if st is None else st.scale_starts[k]
+                if lo is not None:
+                    q_view = entry[MOMENTUM_SCALE][lo : lo + lowp.num_scales([lengths[k]])]
+            q_views.append(q_view)
             scales.append(scale)
             born.append(starts)
-            n_scales = lowp.num_scales([p_views[-1].numel()])
-            q_views.append(entry[MOMENTUM_SCALE][start : start + n_scales] if stored == torch.int8 else None)
-            start += n_scales
-            keys.append(lowp.Rounding(seed, step, piece.block, offsets[k]) if rounding else None)
+            assert origin is not None or not rounding
+            keys.append(lowp.Rounding(seed, step, piece.block, origin[k].offset) if rounding else None)
         if rounding:
             entry[ROUNDING_STEP] += 1
-        any_managed = any_managed or managed(layout, p, stored)
+        any_managed = any_managed or is_managed
     if not p_views:
         return
     sgd_sai(

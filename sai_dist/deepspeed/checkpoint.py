@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sai_dist import momentum as lowp
 from sai_dist.collectives import all_reduce
 from sai_dist.deepspeed.engine import param_names, wrapper_kind
 from sai_dist.layouts.zero import FlatSegmentLayout
@@ -77,14 +78,18 @@ def save_optimizer_state(engine: Any, path: str | os.PathLike) -> None:
             for p in group["params"]:
                 state = sai.state.get(p, {})
                 entry: dict[str, Any] = {"param": p.detach().to("cpu", torch.float32).clone()}
-                if MOMENTUM in state:
-                    entry["momentum"] = state[MOMENTUM].detach().to("cpu", torch.float32).clone()
+                momentum = lowp.decoded_momentum(state, sai.layout, p)
+                if momentum is not None:
+                    entry["momentum"] = momentum.detach().to("cpu", torch.float32).clone()
                 if GSNR in state:
                     entry["gsnr"], entry["scale"] = float(state[GSNR]), float(state[SCALE])
                 entries[names[id(p)]] = entry
     else:
         weights = _gather_blocks(layout, lambda flat: flat)
-        momenta = _gather_blocks(layout, lambda flat: sai.state.get(flat, {}).get(MOMENTUM))
+        # Decoded (int8 / bf16 momentum): the checkpoint is float32 whatever the storage.
+        momenta = _gather_blocks(
+            layout, lambda flat: lowp.decoded_momentum(sai.state.get(flat, {}), layout, flat)
+        )
         gsnr, scale = block_values(sai)
         for b, p in enumerate(layout.block_params):
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
@@ -145,7 +150,9 @@ def load_optimizer_state(engine: Any, path: str | os.PathLike, *, load_weights: 
                     p.data.copy_(e["param"].reshape(p.shape))
                 state = sai.state[p]
                 if "momentum" in e:
-                    state[MOMENTUM] = e["momentum"].reshape(p.shape).to(p.device, p.dtype).clone()
+                    # Encoded (rounding to nearest) into the optimizer's momentum_dtype.
+                    loaded = {MOMENTUM: e["momentum"].reshape(p.shape).to(p.device, torch.float32).clone()}
+                    lowp.restore_loaded(state, loaded, sai.layout, p, sai.momentum_dtype)
                 if "gsnr" in e and max_t is not None:
                     state[GSNR] = torch.tensor(e["gsnr"], dtype=torch.float32)
                     state[SCALE] = torch.tensor(e["scale"], dtype=torch.float32)
@@ -168,6 +175,9 @@ def load_optimizer_state(engine: Any, path: str | os.PathLike, *, load_weights: 
                 view[s.start : s.stop].copy_(e["param"].reshape(-1)[s.offset : s.offset + n])
             if have_momentum:
                 buf.reshape(-1)[s.start : s.stop].copy_(e["momentum"].reshape(-1)[s.offset : s.offset + n])
+        if have_momentum:
+            # Encoded (rounding to nearest) into the optimizer's momentum_dtype.
+            lowp.restore_loaded(state, {MOMENTUM: buf}, layout, flat, sai.momentum_dtype)
         if max_t is not None and all("gsnr" in blocks[s.block] for s in segs):
             g = torch.tensor([blocks[s.block]["gsnr"] for s in segs], dtype=torch.float32)
             sc = torch.tensor([blocks[s.block]["scale"] for s in segs], dtype=torch.float32)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.layouts.base import Layout, LayoutError, Origin
 from sai_dist.layouts.flat_param import flat_param_layout
 from sai_dist.layouts.replicated import ReplicatedLayout
 
@@ -57,6 +57,7 @@ def follows_rebinding(layout: Layout, params: Sequence[Tensor]) -> bool:
 __all__ = [
     "Layout",
     "LayoutError",
+    "Origin",
     "ReplicatedLayout",
     "auto_layout",
     "flat_param_layout",

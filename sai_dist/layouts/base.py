@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -32,6 +33,15 @@ from sai_dist.stats import Piece, Source
 
 class LayoutError(RuntimeError):
     """A tensor reached the optimizer that its layout cannot map onto model blocks."""
+
+
+class Origin(NamedTuple):
+    """Where one piece's elements sit in their original parameter (see
+    :meth:`Layout.element_origin`): that parameter's element count and the index, in its
+    flattened (row-major) form, of the piece's first element; the rest follow contiguously."""
+
+    numel: int
+    offset: int
 
 
 # Attribute FSDP1 (FullyShardedDataParallel) sets on every tensor it flattens, flat
@@ -147,12 +157,15 @@ class Layout(ABC):
         Spans index the flattened :meth:`local` tensor. Raise :class:`LayoutError` for a
         tensor that was never registered."""
 
-    def element_origin(self, param: Tensor) -> tuple[int, list[int]] | None:
-        """Where the elements of ``param``'s pieces sit in their original parameter: its
-        number of elements, and per piece (in :meth:`pieces` order) the index of the
-        piece's first element in it, the rest following contiguously. Stochastic rounding
-        and int8 momentum are keyed on that index (:mod:`sai_dist.momentum`), the same on
-        every mesh. ``None`` when this layout cannot say; they are then refused by name."""
+    def element_origin(self, param: Tensor) -> list[Origin] | None:
+        """Where the elements of ``param``'s pieces sit in their original parameters: one
+        :class:`Origin` per piece, in :meth:`pieces` order, ``(numel, offset)`` = the
+        element count of the piece's own original parameter (pieces of a flat tensor belong
+        to different parameters) and the index of the piece's first element in it, the
+        rest following contiguously. Stochastic rounding and int8 momentum are keyed on
+        that index and the small-tensor rule looks at that count (:mod:`sai_dist.momentum`),
+        so both are the same on every mesh. ``None`` when this layout cannot say; they are
+        then refused by name."""
         return None
 
     def local(self, tensor: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from sai_dist.layouts.base import Layout, LayoutError, refuse_flat_params
+from sai_dist.layouts.base import Layout, LayoutError, Origin, refuse_flat_params
 from sai_dist.layouts.mesh import MeshGeometry, box_group, mesh_ranks, root_of
 from sai_dist.stats import Piece
 
@@ -212,19 +212,19 @@ class DTensorLayout(Layout):
         self._pieces[id(param)] = pieces
         return pieces
 
-    def element_origin(self, param: Tensor) -> tuple[int, list[int]] | None:
+    def element_origin(self, param: Tensor) -> list[Origin] | None:
         # The local shard is a contiguous run of the flattened parameter when only dim 0 is
         # sharded (FSDP2, HSDP): it starts at its global row offset. Other shardings
         # (tensor parallel on dim 1) scatter it, so no single offset exists.
         if not isinstance(param, DTensor):
-            return param.numel(), [0]
+            return [Origin(param.numel(), 0)]
         if any(isinstance(pl, Shard) and pl.dim != 0 for pl in param.placements):
             return None
         if sum(isinstance(pl, Shard) for pl in param.placements) > 1:
             return None
         _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         row = math.prod(param.shape[1:]) if param.dim() > 1 else 1
-        return param.numel(), [offset[0] * row if param.dim() else 0]
+        return [Origin(param.numel(), offset[0] * row if param.dim() else 0)]
 
     def _counted(self, param: Tensor) -> bool:
         geometry = self._geometry

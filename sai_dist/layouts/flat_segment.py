@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sai_dist.layouts.base import Layout, LayoutError
+from sai_dist.layouts.base import Layout, LayoutError, Origin
 from sai_dist.names import unwrapped_name
 from sai_dist.stats import Piece
 
@@ -139,6 +139,12 @@ class FlatSegmentLayout(Layout):
 
     def pieces(self, param: Tensor) -> Sequence[Piece]:
         return tuple(Piece(s.block, (s.start, s.stop)) for s in self.segments(param))
+
+    def element_origin(self, param: Tensor) -> list[Origin] | None:
+        # A segment is vec(W_b)[offset : offset + n]: its own block's size and offset, so a
+        # shard draws (and quantizes, and applies the small-tensor rule) per element as the
+        # single-process run does.
+        return [Origin(self._numels[s.block], s.offset) for s in self.segments(param)]
 
     def describe(self, param: Tensor) -> str:
         segs = self._segments.get(id(param), ())

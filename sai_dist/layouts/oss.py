@@ -32,7 +32,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from sai_dist.layouts.base import Layout, LayoutError, refuse_flat_params
+from sai_dist.layouts.base import Layout, LayoutError, Origin, refuse_flat_params
 from sai_dist.stats import Piece
 
 __all__ = ["OSSLayout"]
@@ -110,9 +110,9 @@ class OSSLayout(Layout):
         # Only the owner steps (and so contributes) a block: counted once over the group.
         return (Piece(block),)
 
-    def element_origin(self, param: Tensor) -> tuple[int, list[int]] | None:
+    def element_origin(self, param: Tensor) -> list[Origin] | None:
         # Each stepped tensor is one whole parameter.
-        return param.numel(), [0]
+        return [Origin(param.numel(), 0)]
 
     def block_eps(self, eps: Tensor) -> Tensor:
         # Every rank must compute the same g-SNR for every block (the max is over all of

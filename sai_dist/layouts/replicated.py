@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from sai_dist.layouts.base import Layout, LayoutError, refuse_flat_params
+from sai_dist.layouts.base import Layout, LayoutError, Origin, refuse_flat_params
 from sai_dist.stats import Piece
 
 
@@ -51,6 +51,6 @@ class ReplicatedLayout(Layout):
             )
         return (Piece(block),)
 
-    def element_origin(self, param: Tensor) -> tuple[int, list[int]] | None:
+    def element_origin(self, param: Tensor) -> list[Origin] | None:
         # Each stepped tensor is one whole parameter.
-        return param.numel(), [0]
+        return [Origin(param.numel(), 0)]

@@ -200,11 +200,18 @@ def rank_memory(
     low_state = momentum_dtype is not None or param_dtype != "float32"
     if param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"unknown param_dtype {param_dtype!r} (choose from float32, bfloat16)")
-    if low_state and (strategy.startswith("zero") or offload):
+    zero = strategy.startswith("zero")
+    if param_dtype != "float32" and (zero or offload):
         raise ValueError(
-            f"momentum_dtype={momentum_dtype!r} / param_dtype={param_dtype!r}: low-precision SGD-SaI state "
-            f"is supported for single, ddp, fsdp2 and hsdp without offload, not {strategy}"
-            f"{' with offload' if offload else ''}"
+            f"param_dtype={param_dtype!r}: pure bf16 parameters without a master copy are modelled for "
+            f"single, ddp, fsdp2 and hsdp without offload, not {strategy}"
+            f"{' with offload' if offload else ''} (DeepSpeed always steps fp32 partitions: there "
+            "only momentum_dtype applies)"
+        )
+    if low_state and offload and not zero:
+        raise ValueError(
+            f"momentum_dtype={momentum_dtype!r}: low-precision SGD-SaI state with offload is modelled for "
+            f"DeepSpeed ZeRO (its offloaded fp32 partitions), not {strategy}"
         )
     if param_dtype == "bfloat16" and precision != "fp32":
         raise ValueError(
@@ -287,12 +294,14 @@ def sgd_sai_state_bytes(
     elements (the whole tensor for single/ddp, the dim-0 shard for fsdp2/hsdp) stored as
     :func:`sai_dist.momentum.storage_dtype` says (2 B bf16, 1 B + a 4 B scale per block of
     2048 for int8, 4 B for parameters under 4096 elements under int8, the parameter's
-    dtype for ``None``)."""
+    dtype for ``None``). DeepSpeed ZeRO: see :func:`_zero_state_bytes`."""
     import torch
 
     from sai_dist import momentum as lowp
 
     dtype = torch.bfloat16 if param_dtype == "bfloat16" else torch.float32
+    if strategy.startswith("zero"):
+        return _zero_state_bytes(shapes, strategy, world_size, momentum_dtype, rank)
     n = (shard_size or world_size) if strategy == "hsdp" else world_size
     total = 0
     for s in shapes:
@@ -300,3 +309,44 @@ def sgd_sai_state_bytes(
         local = numel if strategy in ("single", "ddp") else _dim0_shard(s, n, rank % n)[0]
         total += lowp.state_bytes(momentum_dtype, numel, [local] if local else [], dtype)
     return total
+
+
+def _zero_state_bytes(
+    shapes: Sequence[Shape], strategy: str, world_size: int, momentum_dtype: str | None, rank: int
+) -> int:
+    r"""SGD-SaI's momentum state on ``rank`` of DeepSpeed ZeRO (one param group, one ZeRO-3
+    sub-group): one buffer of the rank's flat fp32 partition (:math:`E` elements, padding
+    included, :func:`buffer_elements`), whose pieces are the segments of the parameters it
+    holds (:mod:`sai_dist.layouts.zero`). Under int8 the buffer is int8 codes (1 B per
+    element of the partition) when at least one piece belongs to a parameter of 4096
+    elements or more, with a 4 B scale per block of 2048 of each such piece, and the pieces
+    of smaller parameters are kept in float32 beside it (4 B each:
+    :class:`sai_dist.momentum.PieceStorage`); otherwise the buffer is float32. ZeRO-1/2 lay the
+    parameters end to end and rank :math:`r` holds :math:`[rE, (r+1)E)`; ZeRO-3 gives every
+    parameter :math:`\lceil n_p/N \rceil` elements per rank, rank :math:`r` holding
+    :math:`[r c_p, \min((r+1) c_p, n_p))` of it."""
+    import torch
+
+    from sai_dist import momentum as lowp
+
+    e, _ = buffer_elements(shapes, strategy, world_size, rank=rank)
+    numels: list[int] = []
+    lengths: list[int] = []
+    if strategy == "zero3":
+        for s in shapes:
+            n = _numel(s)
+            part = -(-n // world_size)
+            held = max(0, min(part, n - rank * part))
+            if held:
+                numels.append(n)
+                lengths.append(held)
+    else:
+        lo, hi, off = rank * e, (rank + 1) * e, 0
+        for s in shapes:
+            n = _numel(s)
+            held = min(off + n, hi) - max(off, lo)
+            if held > 0:
+                numels.append(n)
+                lengths.append(held)
+            off += n
+    return lowp.state_bytes(momentum_dtype, numels, lengths, torch.float32, buffer_numel=e)

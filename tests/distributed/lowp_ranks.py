@@ -180,7 +180,7 @@ def local_momentum(model: nn.Module, opt: sai_dist.SGDSaI) -> dict[str, Any]:
         local = opt.layout.local(st["momentum_buffer"]).reshape(-1)
         scales = st.get("momentum_scale")
         out[unwrapped_name(model, name)] = {
-            "offset": opt.layout.element_origin(p)[1][0],
+            "offset": opt.layout.element_origin(p)[0].offset,
             "numel": p.numel(),
             "dtype": str(local.dtype),
             "value": lowp.decode(local, scales).clone(),

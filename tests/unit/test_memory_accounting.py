@@ -208,3 +208,41 @@ def test_hsdp_default_shard_divides_world(capsys):
     )
     out = json.loads(capsys.readouterr().out)
     assert out["strategies"]["hsdp"]["shard_size"] == 6
+
+
+def test_zero_int8_momentum_state_per_rank():
+    """ZeRO partitions under int8 momentum (sai_dist.momentum.PieceStorage): 1 B per element
+    of the flat partition (padding included), 4 B per 2048-block of each piece of a parameter
+    of >= 4096 elements, 4 B per element of pieces of smaller ones (kept in float32 beside
+    the codes). Shapes of tests/distributed/lowp_flat_ranks.py, measured there."""
+    shapes = [(128, 128), (128,), (63, 128)]  # 16384 + 128 + 8064 = 24576: E = 12288 at 2 ranks
+    z2 = [rank_memory(shapes, "zero2", 2, momentum_dtype="int8", rank=r).state["sgd_sai"] for r in (0, 1)]
+    # rank 0: W1[0:12288) = 6 blocks; rank 1: W1[12288:16384) 2 blocks, b1 float32, W2 4 blocks.
+    assert z2 == [12288 + 4 * 6, 12288 + 4 * (2 + 4) + 4 * 128]
+    # ZeRO-3: each parameter halved (W1 8192 = 4 blocks, b1 64 float32, W2 4032 = 2 blocks).
+    z3 = rank_memory(shapes, "zero3", 2, momentum_dtype="int8").state["sgd_sai"]
+    assert z3 == (8192 + 64 + 4032) + 4 * (4 + 2) + 4 * 64
+    assert rank_memory(shapes, "zero2", 2, momentum_dtype="bfloat16").state["sgd_sai"] == 2 * 12288
+    # Only small parameters in a partition: the buffer is float32 (no codes at all).
+    assert rank_memory([(100,), (50,)], "zero2", 2, momentum_dtype="int8").state["sgd_sai"] == 4 * 76
+    # Offload moves the same bytes to the host, beside the fp32 master partition.
+    off = rank_memory(shapes, "zero2", 2, offload=True, momentum_dtype="int8", rank=1)
+    assert off.state["sgd_sai"] == 0 and off.host["sgd_sai"] == 4 * 12288 + z2[1]
+    # Pure bf16 parameters have no ZeRO recipe (DeepSpeed steps fp32 partitions): refused by name.
+    with pytest.raises(ValueError, match=r"param_dtype='bfloat16'.*zero2"):
+        rank_memory(shapes, "zero2", 2, param_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"momentum_dtype='int8'.*offload.*fsdp2"):
+        rank_memory(shapes, "fsdp2", 2, offload=True, momentum_dtype="int8")
+
+
+def test_cli_int8_momentum_covers_every_strategy(capsys):
+    assert (
+        cli_main(["memory", "--model", "gpt2", "--world-size", "4", "--momentum-dtype", "int8", "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    total = out["parameters"]
+    for name in ("zero1", "zero2", "zero3"):
+        state = out["strategies"][name]["state"]["sgd_sai"]
+        # ~1 B per element of a quarter of the model, plus scales and small parameters in fp32.
+        assert total / 4 < state < 1.02 * total / 4, (name, state)

@@ -5,6 +5,7 @@ laid from each piece's start, bit-identical resume, exact state bytes)."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -413,8 +414,9 @@ def test_accounting_predicts_the_measured_state_bytes(momentum_dtype, capsys):
     out = json.loads(json.dumps(report(spec, args)))
     want = rank_memory([s for _, s in spec.params], "single", momentum_dtype=momentum_dtype)
     assert out["strategies"]["single"]["state"]["sgd_sai"] == want.state["sgd_sai"]
-    with pytest.raises(ValueError, match="not zero2"):
-        rank_memory(shapes, "zero2", 2, momentum_dtype="int8")
+    # ZeRO models momentum_dtype (test_memory_accounting.py), not pure bf16 parameters.
+    with pytest.raises(ValueError, match=r"param_dtype='bfloat16'.*not zero2"):
+        rank_memory(shapes, "zero2", 2, momentum_dtype=momentum_dtype, param_dtype="bfloat16")
 
 
 # -- DCP checkpoints and the training job ------------------------------------------------------
@@ -569,24 +571,100 @@ def test_native_kernel_matches_torch_reference(param_dtype, buf_dtype, maximize)
             assert float((kb == rb).float().mean()) > 0.99
 
 
-def test_deepspeed_config_takes_the_keywords_and_zero_layouts_refuse_low_precision():
+def _flat_pair(momentum_dtype, pad=0):
+    """One flat tensor holding a 5000-element weight (int8 under "int8") and a 10-element
+    bias (float32 under the small rule) end to end, plus ``pad`` elements of padding, and
+    the same two parameters stepped whole: the flat one's state must be the whole one's."""
+    from sai_dist.layouts.flat_segment import FlatSegmentLayout, Segment
+
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(50, 100)), nn.Parameter(torch.randn(10))
+    flat = nn.Parameter(torch.cat([w.detach().reshape(-1), b.detach(), torch.zeros(pad)]))
+    layout = FlatSegmentLayout(None, [w, b], ["w", "b"], [5000, 10])
+    layout.add_flat(flat, [Segment(0, 0, 5000, 0), Segment(1, 5000, 5010, 0)])
+    whole = SGDSaI([w, b], lr=0.1, momentum_dtype=momentum_dtype, seed=5)
+    flat_opt = SGDSaI([flat], lr=0.1, momentum_dtype=momentum_dtype, seed=5, layout=layout)
+    return w, b, flat, whole, flat_opt
+
+
+def _flat_steps(w, b, flat, opts, steps, start=0):
+    for s in range(start, start + steps):
+        gen = torch.Generator().manual_seed(100 + s)
+        gw, gb = torch.randn(50, 100, generator=gen), torch.randn(10, generator=gen)
+        w.grad, b.grad = gw, gb
+        flat.grad = torch.cat([gw.reshape(-1), gb, torch.zeros(flat.numel() - 5010)])
+        for o in opts:
+            o.step()
+
+
+@pytest.mark.parametrize("momentum_dtype", ["int8", "bfloat16"])
+def test_flat_tensor_with_a_small_piece_equals_the_whole_parameters_bit_for_bit(momentum_dtype):
+    """The small-tensor rule under a flat layout: the weight's piece in int8 codes (its
+    blocks and random draws keyed on its own indices), the bias's piece in float32 in
+    momentum_small; parameters and decoded momentum equal the whole-tensor run's to the bit,
+    and the state bytes are momentum.state_bytes of the pieces (padding included)."""
+    w, b, flat, whole, flat_opt = _flat_pair(momentum_dtype, pad=6)
+    _flat_steps(w, b, flat, (whole, flat_opt), 3)
+    assert torch.equal(flat.detach()[:5000], w.detach().reshape(-1))
+    assert torch.equal(flat.detach()[5000:5010], b.detach())
+    st = flat_opt.state[flat]
+    m = st["momentum_buffer"]
+    if momentum_dtype == "int8":
+        assert m.dtype == torch.int8 and st["momentum_small"].dtype == torch.float32
+        assert torch.equal(m[:5000], whole.state[w]["momentum_buffer"].reshape(-1))
+        assert torch.equal(st["momentum_scale"], whole.state[w]["momentum_scale"])
+        assert torch.equal(st["momentum_small"], whole.state[b]["momentum_buffer"])
+        assert not m[5000:].any()  # codes under the small piece and the padding stay zero
+    else:
+        assert m.dtype == torch.bfloat16 and "momentum_small" not in st
+        assert torch.equal(m[:5000], whole.state[w]["momentum_buffer"].reshape(-1))
+        assert torch.equal(m[5000:5010], whole.state[b]["momentum_buffer"])
+    held = sum(st[k].numel() * st[k].element_size() for k in st if k.startswith("momentum"))
+    assert held == lowp.state_bytes(momentum_dtype, [5000, 10], [5000, 10], torch.float32, buffer_numel=5016)
+    whole_bytes = sum(
+        whole.state[p][k].numel() * whole.state[p][k].element_size()
+        for p in (w, b)
+        for k in whole.state[p]
+        if k.startswith("momentum")
+    )
+    assert held == whole_bytes + 6 * m.element_size() + (10 if momentum_dtype == "int8" else 0)
+
+
+def test_flat_tensor_int8_checkpoint_resumes_bit_identically_and_converts():
+    w, b, flat, whole, flat_opt = _flat_pair("int8")
+    _flat_steps(w, b, flat, (whole, flat_opt), 2)
+    saved = copy.deepcopy(flat_opt.state_dict())
+    flat_before = flat.detach().clone()
+    _flat_steps(w, b, flat, (flat_opt,), 2, start=2)
+    after = flat.detach().clone()
+    # Same storage: resumes to the bit.
+    flat.data.copy_(flat_before)
+    fresh = SGDSaI([flat], lr=0.1, momentum_dtype="int8", seed=5, layout=flat_opt.layout)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    assert set(fresh.state[flat]) == set(saved["state"][0])
+    _flat_steps(w, b, flat, (fresh,), 2, start=2)
+    assert torch.equal(flat.detach(), after)
+    # Into float32 momentum: every piece decoded where it was kept, exactly.
+    as_fp32 = SGDSaI([flat], lr=0.1, momentum_dtype="float32", seed=5, layout=flat_opt.layout)
+    as_fp32.load_state_dict(copy.deepcopy(saved))
+    m32 = as_fp32.state[flat]["momentum_buffer"]
+    st = saved["state"][0]
+    assert m32.dtype == torch.float32 and "momentum_small" not in as_fp32.state[flat]
+    assert torch.equal(m32[:5000], lowp.decode(st["momentum_buffer"][:5000], st["momentum_scale"]))
+    assert torch.equal(m32[5000:5010], st["momentum_small"])
+    # A momentum_small of the wrong size is refused by name, nothing loaded.
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["momentum_small"] = torch.zeros(9)
+    with pytest.raises(ValueError, match=r"momentum_small of 10 elements"):
+        SGDSaI([flat], momentum_dtype="int8", layout=flat_opt.layout).load_state_dict(bad)
+
+
+def test_deepspeed_config_takes_the_keywords():
     from sai_dist.deepspeed import check_config_params
-    from sai_dist.layouts.zero import FlatSegmentLayout, Segment
 
     check_config_params({"lr": 0.1, "momentum_dtype": "int8", "stochastic_rounding": True, "seed": 3})
     with pytest.raises(ValueError, match="momentum_dtype: 'int4'"):
         check_config_params({"momentum_dtype": "int4"})
-    # A ZeRO-style flat partition holding two parameters: no single element index.
-    w, b = nn.Parameter(torch.randn(5000)), nn.Parameter(torch.randn(10))
-    flat = nn.Parameter(torch.randn(5010))
-    layout = FlatSegmentLayout(None, [w, b], ["w", "b"], [5000, 10])
-    layout.add_flat(flat, [Segment(0, 0, 5000, 0), Segment(1, 5000, 5010, 0)])
-    opt = SGDSaI([flat], momentum_dtype="int8", layout=layout)
-    flat.grad = torch.randn(5010)
-    before = flat.detach().clone()
-    with pytest.raises(ValueError, match=r"momentum_dtype='int8'.*FlatSegmentLayout"):
-        opt.step()
-    assert torch.equal(flat, before) and not opt.state
 
 
 def test_non_contiguous_parameter_with_int8_momentum_matches_contiguous():
