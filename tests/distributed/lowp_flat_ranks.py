@@ -97,7 +97,6 @@ def flat_state(sai: Any) -> dict[str, Any]:
     decoded momentum, quantization step per element and where it is kept (``int8``,
     ``small`` = float32 beside int8 codes, or the buffer's dtype), plus the bytes held."""
     from sai_dist import momentum as lowp
-    from sai_dist.names import clean_name
 
     layout = sai.layout
     segments = []
@@ -122,7 +121,7 @@ def flat_state(sai: Any) -> dict[str, Any]:
             kind = "small" if storage.small[k] else str(st["momentum_buffer"].dtype)
             segments.append(
                 {
-                    "name": clean_name(layout.block_name(s.block)),
+                    "name": layout.block_name(s.block),
                     "offset": s.offset,
                     "momentum": values[s.start : s.stop].clone(),
                     "step": step.clone(),
