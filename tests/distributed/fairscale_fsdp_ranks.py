@@ -66,6 +66,24 @@ def _flat_sources(unit: SyntheticUnit, replica: nn.Module) -> list[list[nn.Param
     return [params] if unit._num_flatten_params else [[p] for p in params]
 
 
+def synthetic_step(unit: SyntheticUnit, sources: list[list[nn.Parameter]], opt: Any, world: int) -> None:
+    """One step of ``unit``'s shards from the replica gradients in ``sources``: averaged and
+    sharded as fairscale's reduce-scatter leaves them, stepped, then gathered back into the
+    replica."""
+    for p, src in zip(unit.params, sources, strict=True):
+        full = torch.cat([q.grad.reshape(-1) for q in src])
+        dist.all_reduce(full)
+        p.grad = unit.shard(full / world)  # what fairscale's reduce-scatter leaves
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        for p, src in zip(unit.params, sources, strict=True):
+            gathered = [torch.empty_like(p.data) for _ in range(world)]
+            dist.all_gather(gathered, p.data)
+            full = torch.cat(gathered)
+            torch.nn.utils.vector_to_parameters(full[: sum(q.numel() for q in src)], src)
+
+
 def synthetic_run(rank: int, world: int, flatten: bool) -> dict[str, Any]:
     from sai_dist.layouts import flat_param_layout
 
@@ -77,18 +95,7 @@ def synthetic_run(rank: int, world: int, flatten: bool) -> dict[str, Any]:
     for step in range(fsdp2_ranks.STEPS):
         replica.zero_grad()
         fsdp2_ranks.loss_fn(replica, *fsdp2_ranks.rank_slice(step, rank, world)).backward()
-        for p, src in zip(unit.params, sources, strict=True):
-            full = torch.cat([q.grad.reshape(-1) for q in src])
-            dist.all_reduce(full)
-            p.grad = unit.shard(full / world)  # what fairscale's reduce-scatter leaves
-        opt.step()
-        opt.zero_grad()
-        with torch.no_grad():
-            for p, src in zip(unit.params, sources, strict=True):
-                gathered = [torch.empty_like(p.data) for _ in range(world)]
-                dist.all_gather(gathered, p.data)
-                full = torch.cat(gathered)
-                torch.nn.utils.vector_to_parameters(full[: sum(q.numel() for q in src)], src)
+        synthetic_step(unit, sources, opt, world)
     held = sum(s.stop - s.start for f in layout.flats for s in layout.segments(f))
     return {
         "layout": type(layout).__name__,

@@ -131,6 +131,24 @@ def flat_state(sai: Any) -> dict[str, Any]:
     return {"segments": segments, "bytes": held}
 
 
+def predicted_state_bytes(layout: Any, momentum_dtype: str) -> int:
+    """The accounting of sai_dist.momentum for this rank's flat tensors: per tensor its
+    pieces' original sizes and lengths, padding (a shard's end padding included) stored like
+    the buffer; a view with no element here has no piece and costs 0 bytes."""
+    from sai_dist import momentum as lowp
+
+    return sum(
+        lowp.state_bytes(
+            momentum_dtype,
+            [layout.block_numels[s.block] for s in layout.segments(flat)],
+            [s.stop - s.start for s in layout.segments(flat)],
+            torch.float32,
+            buffer_numel=flat.numel(),
+        )
+        for flat in layout.flats
+    )
+
+
 def _zero_engine(stage: int, spec: Any, momentum_dtype: str, offload: bool) -> Any:
     import sai_dist.deepspeed as sds
 
@@ -227,7 +245,6 @@ def fsdp1_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dict
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
     import sai_dist
-    from sai_dist import momentum as lowp
     from sai_dist.layouts import flat_param_layout
 
     torch.set_num_threads(1)
@@ -251,18 +268,7 @@ def fsdp1_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dict
                         for n, p in model.named_parameters()
                     }
                 snaps[step + 1] = {"params": params, **flat_state(opt)}
-        # The accounting of sai_dist.momentum, per flat tensor: its pieces' original sizes
-        # and lengths, padding stored like the buffer.
-        predicted = 0
-        for flat in layout.flats:  # a view with no element here has no piece: 0 bytes
-            segs = layout.segments(flat)
-            predicted += lowp.state_bytes(
-                md,
-                [layout.block_numels[s.block] for s in segs],
-                [s.stop - s.start for s in segs],
-                torch.float32,
-                buffer_numel=flat.numel(),
-            )
+        predicted = predicted_state_bytes(layout, md)
         results.append({"name": case["name"], "ref": ref, "snaps": snaps, "predicted": predicted})
     return _plain(results)
 
@@ -273,12 +279,10 @@ def fairscale_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> list[
     shard cutting, gradients averaged and sharded as its reduce-scatter leaves them, the
     shards gathered back into a replica after each step. Each case: ``name``, ``spec``,
     ``momentum_dtype``, ``flatten``."""
-    import torch.distributed as dist
 
     import sai_dist
-    from sai_dist import momentum as lowp
     from sai_dist.layouts import flat_param_layout
-    from tests.distributed.fairscale_fsdp_ranks import SyntheticUnit
+    from tests.distributed.fairscale_fsdp_ranks import SyntheticUnit, synthetic_step
 
     torch.set_num_threads(1)
     results = []
@@ -295,31 +299,10 @@ def fairscale_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> list[
             replica.zero_grad()
             x, y = batch(step, spec[0][0])
             loss_fn(replica(x), y).backward()
-            for p, src in zip(unit.params, sources, strict=True):
-                full = torch.cat([q.grad.reshape(-1) for q in src])
-                dist.all_reduce(full)
-                p.grad = unit.shard(full / world)
-            opt.step()
-            opt.zero_grad()
-            with torch.no_grad():
-                for p, src in zip(unit.params, sources, strict=True):
-                    gathered = [torch.empty_like(p.data) for _ in range(world)]
-                    dist.all_gather(gathered, p.data)
-                    torch.nn.utils.vector_to_parameters(
-                        torch.cat(gathered)[: sum(q.numel() for q in src)], src
-                    )
+            synthetic_step(unit, sources, opt, world)
             if step + 1 in SNAPSHOTS:
                 params = {n: q.detach().reshape(-1).clone() for n, q in replica.named_parameters()}
                 snaps[step + 1] = {"params": params, **flat_state(opt)}
-        predicted = 0
-        for flat in layout.flats:  # end padding of the shard stored like the buffer
-            segs = layout.segments(flat)
-            predicted += lowp.state_bytes(
-                md,
-                [layout.block_numels[s.block] for s in segs],
-                [s.stop - s.start for s in segs],
-                torch.float32,
-                buffer_numel=flat.numel(),
-            )
+        predicted = predicted_state_bytes(layout, md)
         results.append({"name": case["name"], "ref": ref, "snaps": snaps, "predicted": predicted})
     return _plain(results)

@@ -47,8 +47,9 @@ def uniform(b):
     return (b >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
 
 
-def quantize(m32, b):
-    """int8 codes and per-block scales of a 1-D float32 array."""
+def _scaled(m32):
+    """``(m / s, s)``: a 1-D float32 array over its per-block absmax/127 scales (0 where a
+    block is all zeros), and the scales."""
     n = m32.size
     scales = np.array(
         [np.abs(m32[i : i + BLOCK]).max() / np.float32(127) for i in range(0, n, BLOCK)], dtype=np.float32
@@ -56,6 +57,12 @@ def quantize(m32, b):
     per = np.repeat(scales, BLOCK)[:n]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(per > 0, m32 / per, np.float32(0)).astype(np.float32)
+    return q, scales
+
+
+def quantize(m32, b):
+    """int8 codes and per-block scales of a 1-D float32 array."""
+    q, scales = _scaled(m32)
     q = np.floor(q + uniform(b))
     return np.clip(q, -127, 127).astype(np.int8), scales
 
@@ -121,11 +128,5 @@ class ReferenceLowPrecision:
 def quantize_nearest(m32):
     """int8 codes and per-block scales of a 1-D float32 array, codes rounded to nearest
     (half to even): what a checkpoint load re-encodes into new blocks."""
-    n = m32.size
-    scales = np.array(
-        [np.abs(m32[i : i + BLOCK]).max() / np.float32(127) for i in range(0, n, BLOCK)], dtype=np.float32
-    )
-    per = np.repeat(scales, BLOCK)[:n]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(per > 0, m32 / per, np.float32(0)).astype(np.float32)
+    q, scales = _scaled(m32)
     return np.clip(np.round(q), -127, 127).astype(np.int8), scales
