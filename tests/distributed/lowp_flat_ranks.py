@@ -63,27 +63,42 @@ def _quant_step(st: dict[str, Any], n: int) -> Tensor:
     return st["momentum_scale"].repeat_interleave(lowp.BLOCK)[:n]
 
 
-def reference(spec: Any, momentum_dtype: str) -> dict[int, dict[str, Any]]:
+def reference(spec: Any, momentum_dtype: str, bf16: bool = False) -> dict[int, dict[str, Any]]:
     """Single-process SGDSaI: per snapshot step, per parameter (model order) its values,
-    decoded momentum, per-element quantization step and storage dtype."""
+    decoded momentum, per-element quantization step and storage dtype.
+
+    ``bf16``: what DeepSpeed's bf16 modes do, written out: the model computes in bf16,
+    SGD-SaI steps float32 master copies on the bf16 gradients cast to float32 (exact), and
+    the model takes the masters rounded to bf16; reported parameters are the bf16 ones."""
     import sai_dist
     from sai_dist import momentum as lowp
 
     model = make_model(spec)
-    opt = sai_dist.SGDSaI(model.parameters(), momentum_dtype=momentum_dtype, **PARAMS)
+    masters = list(model.parameters())
+    if bf16:
+        model = model.to(torch.bfloat16)
+        masters = [p.detach().float().clone() for p in model.parameters()]
+    opt = sai_dist.SGDSaI(masters, momentum_dtype=momentum_dtype, **PARAMS)
     out: dict[int, dict[str, Any]] = {}
     for step in range(max(SNAPSHOTS)):
         x, y = batch(step, spec[0][0])
-        loss_fn(model(x), y).backward()
+        loss_fn(model(x.to(torch.bfloat16) if bf16 else x), y).backward()
+        if bf16:
+            for m, p in zip(masters, model.parameters(), strict=True):
+                m.grad, p.grad = p.grad.float(), None
         opt.step()
         opt.zero_grad()
+        if bf16:
+            with torch.no_grad():
+                for m, p in zip(masters, model.parameters(), strict=True):
+                    p.copy_(m)
         if step + 1 in SNAPSHOTS:
             snap = {}
-            for name, p in model.named_parameters():
-                st = opt.state[p]
+            for (name, p), m in zip(model.named_parameters(), masters, strict=True):
+                st = opt.state[m]
                 buf = st["momentum_buffer"].reshape(-1)
                 snap[name] = {
-                    "param": p.detach().reshape(-1).clone(),
+                    "param": p.detach().reshape(-1).float().clone(),
                     "momentum": lowp.decode(buf, st.get("momentum_scale")).clone(),
                     "step": _quant_step(st, buf.numel()),
                     "kind": str(buf.dtype),
@@ -149,7 +164,10 @@ def predicted_state_bytes(layout: Any, momentum_dtype: str) -> int:
     )
 
 
-def _zero_engine(stage: int, spec: Any, momentum_dtype: str, offload: bool) -> Any:
+def _zero_engine(stage: int, spec: Any, momentum_dtype: str, offload: bool, bf16: str | None) -> Any:
+    """``bf16``: None (float32 weights), ``"zero"`` (bf16 weights, DeepSpeed's ZeRO
+    optimizer keeps the float32 partitions) or ``"bf16_optimizer"`` (bf16 weights with
+    float32 gradient accumulation at stage 1: DeepSpeed's BF16_Optimizer)."""
     import sai_dist.deepspeed as sds
 
     zero: dict[str, Any] = {"stage": stage}
@@ -166,6 +184,10 @@ def _zero_engine(stage: int, spec: Any, momentum_dtype: str, offload: bool) -> A
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if bf16 == "bf16_optimizer":
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     model = make_model(spec)
     engine, _, _, _ = sds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     return engine
@@ -180,7 +202,8 @@ def _zero_params(engine: Any) -> dict[str, Tensor]:
 
 
 def zero_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> list[dict[str, Any]]:
-    """Each case: ``name``, ``stage``, ``spec``, ``momentum_dtype``, ``offload``; per snapshot
+    """Each case: ``name``, ``stage``, ``spec``, ``momentum_dtype``, ``offload``, ``bf16``
+    (see :func:`_zero_engine`); per snapshot
     the gathered parameters and this rank's flat state; for the case with ``converter`` the
     world-size-free checkpoint saved and loaded back into the same engine."""
     import sai_dist
@@ -192,15 +215,16 @@ def zero_cases(rank: int, world: int, cases: list[dict[str, Any]], tmp: str) -> 
     for case in cases:
         t0 = time.perf_counter()
         spec, md = case["spec"], case["momentum_dtype"]
-        ref = reference(spec, md)
+        bf16 = case.get("bf16")
+        ref = reference(spec, md, bf16=bool(bf16))
         t1 = time.perf_counter()
-        engine = _zero_engine(case["stage"], spec, md, case.get("offload", False))
+        engine = _zero_engine(case["stage"], spec, md, case.get("offload", False), bf16)
         sai = sai_dist.table.find_sgdsai(engine)
         t2 = time.perf_counter()
         snaps = {}
         for step in range(max(SNAPSHOTS)):
             x, y = batch(step, spec[0][0])
-            engine.backward(loss_fn(engine(x), y))
+            engine.backward(loss_fn(engine(x.to(torch.bfloat16) if bf16 else x), y))
             engine.step()
             if step + 1 in SNAPSHOTS:
                 snaps[step + 1] = {"params": _zero_params(engine), **flat_state(sai)}

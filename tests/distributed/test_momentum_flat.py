@@ -1,6 +1,8 @@
 """int8 and bf16 momentum under the flat layouts (issue 16): DeepSpeed ZeRO-2 (+ CPU offload),
-ZeRO-3 and FSDP1 (``use_orig_params`` False and True) at 2 ranks against the single-process
-run of the same ``momentum_dtype``.
+ZeRO-3, bf16 weights (BF16_Optimizer at stage 1, the ZeRO optimizer at stage 2: float32
+partitions, int8 momentum) and FSDP1 (``use_orig_params`` False and True) at 2 ranks against
+the single-process run of the same ``momentum_dtype`` (for bf16 weights: float32 masters
+stepped on the bf16 gradients, as DeepSpeed does).
 
 Where every piece starts on a 2048-element block boundary of its parameter the sharded run
 equals the single-process run bit for bit: parameters, and each piece's decoded momentum
@@ -37,6 +39,21 @@ DS_CASES = [
         "offload": True,
     },
     {"name": "zero2_unaligned_int8", "stage": 2, "spec": lf.UNALIGNED, "momentum_dtype": "int8"},
+    # bf16 weights: DeepSpeed steps float32 partitions, so the momentum is what is compressed.
+    {
+        "name": "zero1_bf16opt_int8",
+        "stage": 1,
+        "spec": lf.ALIGNED_FLAT,
+        "momentum_dtype": "int8",
+        "bf16": "bf16_optimizer",
+    },
+    {
+        "name": "zero2_bf16w_int8",
+        "stage": 2,
+        "spec": lf.ALIGNED_FLAT,
+        "momentum_dtype": "int8",
+        "bf16": "zero",
+    },
 ]
 FSDP1_CASES = [
     {"name": "flat_int8", "spec": lf.ALIGNED_FLAT, "momentum_dtype": "int8", "orig": False},
@@ -134,6 +151,8 @@ def test_zero_int8_and_bf16_momentum_equal_single_process(tmp_path):
     wrappers = {c["name"]: r["wrapper"] for c, r in zip(DS_CASES, ranks[0], strict=True)}
     assert wrappers["zero3_int8"] == "DeepSpeedZeroOptimizer_Stage3"
     assert wrappers["zero2_int8"] == wrappers["zero2_offload_int8"] == "DeepSpeedZeroOptimizer"
+    assert wrappers["zero1_bf16opt_int8"] == "BF16_Optimizer"
+    assert wrappers["zero2_bf16w_int8"] == "DeepSpeedZeroOptimizer"
     # DeepSpeed's engine checkpoint holds the codes, scales and momentum_small: a resumed
     # step is bit-identical.
     for r in ranks:
