@@ -44,7 +44,8 @@ Nothing here imports either wrapper: the builders read attributes (duck typing).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ from torch import Tensor, nn
 from sai_dist.layouts.base import LayoutError
 from sai_dist.layouts.flat_segment import FlatSegmentLayout, Segment, segments_in_range
 from sai_dist.names import unwrapped_name, unwrapped_path
+from sai_dist.state_keys import MOMENTUM, MOMENTUM_SCALE
 
 __all__ = [
     "FlatParamLayout",
@@ -77,9 +79,59 @@ class FlatParamLayout(FlatSegmentLayout):
     #: :mod:`sai_dist.names` (their ``_parameters`` no longer say so).
     param_owners: frozenset[nn.Module] = frozenset()
 
+    #: The wrapper the layout was read from: ``"fsdp1"`` or ``"fairscale"``.
+    wrapper: str = ""
+    #: FSDP1 with ``use_orig_params=True``: the stepped tensors are the original
+    #: parameters' shard views, not the flat parameters.
+    orig_params: bool = False
+
     # With use_orig_params=True a late block can be fixed on some ranks only, so no rank
     # can tell alone whether a kept table is stale: combined afresh on every call.
     keeps_table = False
+
+    def check_state_dict(self, state: Mapping[Tensor, Mapping[str, Any]]) -> None:
+        """Refuse FSDP1's own optimizer-state-dict machinery where it would misread the
+        state (``FSDP.optim_state_dict``, ``full_optim_state_dict``,
+        ``sharded_optim_state_dict``, and DCP's ``get_optimizer_state_dict``, which calls
+        them, so ``sai_dist.checkpoint`` too). FSDP1 treats every state tensor that is not
+        a scalar as a shard of the parameter, in the parameter's dtype: it all-gathers and
+        unflattens it. That breaks (a size mismatch inside a collective, or an abort) for
+        the per-segment g-SNR vectors of a flat parameter (``use_orig_params=False``), and
+        would unflatten int8 codes without their per-block scales; bf16 momentum of fp32
+        parameters fails its dtype check. What it carries: ``use_orig_params=True`` with a
+        momentum buffer of the parameter's dtype."""
+        if self.wrapper != "fsdp1":
+            return
+        caller = _fsdp1_state_dict_caller()
+        if caller is None:
+            return
+        problem = None
+        if not self.orig_params:
+            example = f"; e.g. the {self.describe(self.flats[0])}" if self.flats else ""
+            problem = (
+                f"the optimizer steps FSDP1's flat parameters (use_orig_params=False{example}), whose "
+                "g-SNR and scale are vectors over the parameters each shard holds"
+            )
+        else:
+            for p, st in state.items():
+                buf = st.get(MOMENTUM)
+                if buf is not None and (buf.dtype != p.dtype or MOMENTUM_SCALE in st):
+                    kind = "int8 codes with per-block scales" if MOMENTUM_SCALE in st else f"{buf.dtype}"
+                    name = ", ".join(sorted({self.block_name(g.block) for g in self.segments(p)}))
+                    problem = (
+                        f"the momentum of {name or self.describe(p)} is stored as {kind}, not as the "
+                        f"parameter's {p.dtype} (momentum_dtype is not float32)"
+                    )
+                    break
+        if problem is None:
+            return
+        raise ValueError(
+            f"SGDSaI: FSDP1's optimizer state dict ({caller}) cannot carry this optimizer's state: "
+            f"{problem}; FSDP1 would gather and unflatten it as a shard of the parameter. Save "
+            "optimizer.state_dict() on every rank instead (torch.save; same-world-size resume is "
+            "bit-identical), or use FSDP1 with use_orig_params=True and momentum_dtype='float32', or "
+            "FSDP2 (fully_shard), whose state sai_dist.checkpoint saves and reshards."
+        )
 
     def table_rows(self, model: nn.Module) -> list[tuple[str, int, int]]:
         # The original parameter objects may be gone (use_orig_params=False), so rows come
@@ -140,6 +192,8 @@ class _Builder:
         self.groups: list[dist.ProcessGroup | None] = []
         self.varying_tensors = False
         self.param_owners: set[nn.Module] = set()
+        self.wrapper = ""
+        self.orig_params = False
 
     def add_block(self, module: nn.Module, position: int, path: str, numel: int, param: Tensor | None) -> int:
         """A block owned by ``module``, at ``path`` in the wrapped model's tree."""
@@ -170,9 +224,30 @@ class _Builder:
         for flat, segs in self.flats:
             layout.add_flat(flat, [Segment(index[b], start, stop, off) for b, start, stop, off in segs])
         layout.ranks_hold_different_params = self.varying_tensors
+        layout.wrapper = self.wrapper
+        layout.orig_params = self.orig_params
         layout.root = self.model
         layout.param_owners = owners
         return layout
+
+
+# Modules whose functions build an optimizer state dict through FSDP1's machinery: FSDP1
+# itself and DCP's state_dict helpers, which call it for FSDP1 models.
+_FSDP1_STATE_DICT_MODULES = ("torch.distributed.fsdp.", "torch.distributed.checkpoint.state_dict")
+
+
+def _fsdp1_state_dict_caller() -> str | None:
+    """The first function on the call stack that belongs to FSDP1's optimizer-state-dict
+    machinery (``module.function``), or ``None``. Why the stack: FSDP1 calls
+    ``optimizer.state_dict()`` itself and offers no hook, and the same call from user code
+    (``torch.save(optimizer.state_dict())``) must keep working."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(_FSDP1_STATE_DICT_MODULES):
+            return f"{module}.{frame.f_code.co_name}"
+        frame = frame.f_back
+    return None
 
 
 def _join(*parts: str) -> str:
@@ -193,6 +268,7 @@ def from_fsdp1(model: nn.Module) -> FlatParamLayout:
     ``model.parameters()`` gives: flat parameters (``use_orig_params=False``) or the
     original parameters' sharded views (``use_orig_params=True``)."""
     b = _Builder(model)
+    b.wrapper = "fsdp1"
     units = [m for m in model.modules() if _is_fsdp1_unit(m)]
     if not units:
         raise LayoutError("SGDSaI: no FSDP1 unit with parameters found in the model")
@@ -209,6 +285,7 @@ def from_fsdp1(model: nn.Module) -> FlatParamLayout:
         for i, ((name, module, _), shape) in enumerate(zip(flat._param_infos, flat._shapes, strict=True)):
             param = flat._params[i] if orig else None
             ids.append(b.add_block(module, i, b.path_of(module, name), math.prod(shape), param))
+        b.orig_params = orig  # FSDP1 requires the same setting for every unit
         if orig:
             # A view with no element on this rank never gets a gradient here, so which
             # tensors have one differs by rank (the cross-rank check must not compare it).
@@ -247,6 +324,7 @@ def from_fairscale_fsdp(model: nn.Module) -> FlatParamLayout:
     """Layout of a model wrapped (possibly nested) with fairscale's
     ``FullyShardedDataParallel``, ``flatten_parameters`` True or False."""
     b = _Builder(model)
+    b.wrapper = "fairscale"
     units = [m for m in model.modules() if _is_fairscale_unit(m)]
     if not units:
         raise LayoutError("SGDSaI: no fairscale FullyShardedDataParallel unit found in the model")

@@ -181,6 +181,82 @@ def module_named_tables(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def own_optim_state_dict(rank: int, world: int) -> dict[str, Any]:
+    """FSDP1's own optimizer state dict: with ``use_orig_params=True`` and float32 momentum
+    a round trip (``FSDP.optim_state_dict`` -> ``optim_state_dict_to_load`` -> a fresh
+    optimizer) and two more steps, against the run that went on; the combinations it would
+    misread (flat parameters, int8 and bf16 momentum), each refused through
+    ``FSDP.optim_state_dict`` and DCP's ``get_optimizer_state_dict``, while
+    ``optimizer.state_dict()`` called directly still works and nothing changes."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    from sai_dist.layouts import flat_param_layout
+
+    def build(orig: bool, momentum_dtype: str | None) -> tuple[nn.Module, sai_dist.SGDSaI]:
+        model = _wrap(world, orig, "FULL_SHARD")
+        groups = param_groups(model) if orig else model.parameters()
+        layout = flat_param_layout(model)
+        opt = sai_dist.SGDSaI(
+            groups, lr=fsdp2_ranks.LR, momentum=0.9, layout=layout, momentum_dtype=momentum_dtype
+        )
+        return model, opt
+
+    def train(model: nn.Module, opt: sai_dist.SGDSaI, steps: range) -> None:
+        for step in steps:
+            fsdp2_ranks.loss_fn(model, *fsdp2_ranks.rank_slice(step, rank, world)).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = build(True, None)
+    train(model, opt, range(2))
+    osd = FSDP1.optim_state_dict(model, opt)
+    saved_model = model.state_dict()
+    shapes = {name: tuple(st["momentum_buffer"].shape) for name, st in osd["state"].items()}
+    train(model, opt, range(2, 4))
+    resumed, resumed_opt = build(True, None)
+    resumed.load_state_dict(saved_model)
+    resumed_opt.load_state_dict(FSDP1.optim_state_dict_to_load(resumed, resumed_opt, osd))
+    train(resumed, resumed_opt, range(2, 4))
+    out: dict[str, Any] = {"shapes": shapes, "continued": full_params(model), "resumed": full_params(resumed)}
+
+    # A model with a 16384-element weight, so int8 momentum really holds codes (the
+    # transformer's tensors are all under the 4096-element small-tensor rule).
+    from tests.distributed import lowp_flat_ranks as lf
+
+    refused = {}
+    for name, orig, momentum_dtype in (
+        ("flat_float32", False, None),
+        ("orig_int8", True, "int8"),
+        ("orig_bfloat16", True, "bfloat16"),
+    ):
+        model = FSDP1(lf.make_model(lf.ALIGNED_FLAT), use_orig_params=orig, device_id=torch.device("cpu"))
+        opt = sai_dist.SGDSaI(
+            model.parameters(), layout=flat_param_layout(model), momentum_dtype=momentum_dtype, **lf.PARAMS
+        )
+        x, y = lf.batch(0, lf.ALIGNED_FLAT[0][0])
+        lf.loss_fn(model(x), y).backward()
+        opt.step()
+        before = {k: v.clone() for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v)}
+        errors = []
+        for call in (FSDP1.optim_state_dict, get_optimizer_state_dict):
+            try:
+                call(model, opt)
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        direct = opt.state_dict()  # the documented path keeps working
+        after = {k: v for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v)}
+        refused[name] = {
+            "errors": errors,
+            "direct_states": len(direct["state"]),
+            "unchanged": before.keys() == after.keys()
+            and all(torch.equal(before[k], after[k]) for k in before),
+        }
+    out["refused"] = refused
+    return out
+
+
 def launch_2(rank: int, world: int) -> dict[str, Any]:
     return fsdp2_ranks._plain(
         {
@@ -190,6 +266,7 @@ def launch_2(rank: int, world: int) -> dict[str, Any]:
             "grad_op": fsdp1_run(rank, world, True, "SHARD_GRAD_OP"),
             "no_shard": fsdp1_run(rank, world, False, "NO_SHARD"),
             "refusal": refusal(rank, world),
+            "own_state_dict": own_optim_state_dict(rank, world),
         }
     )
 

@@ -126,6 +126,30 @@ def test_table_keeps_a_users_submodule_called_module_under_every_wrapper(run2):
 
 
 @pytest.mark.distributed
+def test_fsdp1_own_optim_state_dict_round_trips_or_refuses_by_name(run2):
+    """``FSDP.optim_state_dict`` carries SGD-SaI's state with ``use_orig_params=True`` and
+    float32 momentum (per original parameter, whole shapes; resumed bit-identically) and
+    refuses, on every rank, what it would misread; ``optimizer.state_dict()`` stays."""
+    shapes = {n: tuple(p.shape) for n, p in fsdp2_ranks.make_model().named_parameters()}
+    reasons = {
+        "flat_float32": "use_orig_params=False",
+        "orig_int8": "int8 codes with per-block scales",
+        "orig_bfloat16": "torch.bfloat16",
+    }
+    for r in run2:
+        own = r["own_state_dict"]
+        assert own["shapes"] == shapes
+        for name, want in own["continued"].items():
+            assert torch.equal(torch.as_tensor(own["resumed"][name]), torch.as_tensor(want)), name
+        assert own["refused"].keys() == reasons.keys()
+        for case, reason in reasons.items():
+            got = own["refused"][case]
+            assert got["unchanged"] and got["direct_states"] > 0, case
+            for error in got["errors"]:
+                assert error is not None and "FSDP1's optimizer state dict" in error, (case, error)
+                assert reason in error and "optimizer.state_dict() on every rank" in error, (case, error)
+
+
 def test_fsdp1_without_layout_refused(run2):
     msg = run2[0]["refusal"]
     assert "flattened by FSDP1" in msg and "flat_param_layout(model)" in msg
