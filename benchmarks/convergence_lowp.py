@@ -173,23 +173,32 @@ def summarize(results: list[dict]) -> dict:
 
 
 def plot(results: list[dict], path: str) -> None:
+    """Validation loss against step: per variant the mean over its seeds (one line, the
+    legend giving the mean final loss and the seed count) and the band between the seeds'
+    lowest and highest loss at each evaluation, so many seeds stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors: dict[str, str] = {}
-    for r in results:
-        steps, losses = zip(*r["curve"], strict=True)
-        label = f"{r['variant']} s{r.get('seed', 0)} ({r['final_val_loss']:.3f})"
-        color = colors.get(r["variant"])
-        (line,) = ax.plot(steps, losses, label=label, color=color, alpha=0.8)
-        colors.setdefault(r["variant"], line.get_color())
+    fig, ax = plt.subplots(figsize=(8, 5))
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    for variant in variants:
+        runs = [r for r in results if r["variant"] == variant]
+        steps = [s for s, _ in runs[0]["curve"]]
+        per_step = [[dict(r["curve"])[s] for r in runs] for s in steps]
+        mean = [sum(v) / len(v) for v in per_step]
+        final = sum(r["final_val_loss"] for r in runs) / len(runs)
+        (line,) = ax.plot(
+            steps, mean, marker="o", markersize=3, label=f"{variant} ({final:.4f}, {len(runs)} seeds)"
+        )
+        if len(runs) > 1:
+            lo, hi = [min(v) for v in per_step], [max(v) for v in per_step]
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_ylabel("validation loss (nats/byte): mean over seeds, band = min..max")
     ax.set_title("SGD-SaI low-precision state, same job and batches, lr 1.0")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
