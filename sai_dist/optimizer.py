@@ -377,15 +377,6 @@ class SGDSaI(Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict``, after the layout's check that the caller
-        can carry it (:meth:`~sai_dist.layouts.Layout.check_state_dict`: FSDP1's own
-        optimizer state dict refuses what it would misread, on every rank, before any
-        collective)."""
-        if self._layout is not None:
-            self._layout.check_state_dict(self.state)
-        return super().state_dict()
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state; the g-SNR scalars inside it mean g-SNR is never recomputed.
 

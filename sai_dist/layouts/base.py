@@ -21,8 +21,8 @@ statistics, g-SNR and the per-piece scale applied every step, is shared.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -182,14 +182,6 @@ class Layout(ABC):
                 f"SGDSaI: the gradient of {self.describe(param)} has local shape {tuple(grad_shape)}, "
                 f"not the parameter's {tuple(param_shape)}."
             )
-
-    def check_state_dict(self, state: Mapping[Tensor, Mapping[str, Any]]) -> None:
-        """Called by :meth:`SGDSaI.state_dict` before the state dict is built, with the
-        optimizer's per-tensor state. Raise ``ValueError`` where the wrapper's own
-        optimizer-state-dict machinery is the caller and would misread this state (FSDP1's
-        ``optim_state_dict``: :mod:`sai_dist.layouts.flat_param`). Every rank calls it
-        before any collective, so every rank raises alike. Default: nothing."""
-        return None
 
     def sources(self, params: Iterable[Tensor]) -> list[Source]:
         """``(local gradient, pieces)`` for every tensor in ``params`` that has a gradient:

@@ -38,30 +38,35 @@ order, then registration order), so :func:`sai_dist.gsnr_table` lists rows as
 ``model.named_parameters()`` of the unwrapped model would. The table is gathered with a
 small ``all_reduce`` (MAX) over the sharding group on every call: call it on every rank.
 
-Nothing here imports either wrapper: the builders read attributes (duck typing).
+Nothing here imports either wrapper: the builders read attributes (duck typing). The one
+exception: building the FSDP1 layout wraps FSDP1's ``_optim_state_dict_impl``
+(:func:`guard_fsdp1_optim_state_dict`) so that FSDP1's own optimizer state dict refuses
+SGD-SaI state it would misread instead of failing inside a collective.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from sai_dist import momentum as lowp
 from sai_dist.layouts.base import LayoutError
 from sai_dist.layouts.flat_segment import FlatSegmentLayout, Segment, segments_in_range
 from sai_dist.names import unwrapped_name, unwrapped_path
-from sai_dist.state_keys import MOMENTUM, MOMENTUM_SCALE
 
 __all__ = [
     "FlatParamLayout",
     "flat_param_layout",
     "from_fairscale_fsdp",
     "from_fsdp1",
+    "guard_fsdp1_optim_state_dict",
 ]
 
 
@@ -89,48 +94,52 @@ class FlatParamLayout(FlatSegmentLayout):
     # can tell alone whether a kept table is stale: combined afresh on every call.
     keeps_table = False
 
-    def check_state_dict(self, state: Mapping[Tensor, Mapping[str, Any]]) -> None:
-        """Refuse FSDP1's own optimizer-state-dict machinery where it would misread the
-        state (``FSDP.optim_state_dict``, ``full_optim_state_dict``,
-        ``sharded_optim_state_dict``, and DCP's ``get_optimizer_state_dict``, which calls
-        them, so ``sai_dist.checkpoint`` too). FSDP1 treats every state tensor that is not
-        a scalar as a shard of the parameter, in the parameter's dtype: it all-gathers and
-        unflattens it. That breaks (a size mismatch inside a collective, or an abort) for
-        the per-segment g-SNR vectors of a flat parameter (``use_orig_params=False``), and
-        would unflatten int8 codes without their per-block scales; bf16 momentum of fp32
-        parameters fails its dtype check. What it carries: ``use_orig_params=True`` with a
-        momentum buffer of the parameter's dtype."""
+    def refuse_fsdp1_optim_state_dict(self, momentum_dtype: str | None, param_groups: Sequence[dict]) -> None:
+        """Raise ``ValueError`` when FSDP1's own optimizer state dict would misread SGD-SaI's
+        state (called by the guard :func:`guard_fsdp1_optim_state_dict` installs, before
+        FSDP1 issues any collective). FSDP1 treats every state tensor that is not a scalar
+        as a shard of its parameter, in the parameter's dtype, and all-gathers and
+        unflattens it: right for a momentum buffer of the parameter's dtype under
+        ``use_orig_params=True``; wrong for the per-segment g-SNR vectors of a flat
+        parameter (``use_orig_params=False``: a size mismatch inside the all-gather), for
+        int8 codes (their per-block scales are not element-shaped) and for a buffer of
+        another dtype (bf16 momentum of float32 parameters: gloo aborted the process).
+
+        Decided from the settings and the layout's blocks, which every rank shares, not
+        from this rank's state: a rank whose shard holds only small parameters has no int8
+        state, and must refuse with the others rather than enter FSDP1's collectives alone."""
         if self.wrapper != "fsdp1":
-            return
-        caller = _fsdp1_state_dict_caller()
-        if caller is None:
             return
         problem = None
         if not self.orig_params:
             example = f"; e.g. the {self.describe(self.flats[0])}" if self.flats else ""
             problem = (
-                f"the optimizer steps FSDP1's flat parameters (use_orig_params=False{example}), whose "
-                "g-SNR and scale are vectors over the parameters each shard holds"
+                f"it steps FSDP1's flat parameters (use_orig_params=False{example}), whose g-SNR and "
+                "scale are vectors over the parameters each shard holds"
             )
-        else:
-            for p, st in state.items():
-                buf = st.get(MOMENTUM)
-                if buf is not None and (buf.dtype != p.dtype or MOMENTUM_SCALE in st):
-                    kind = "int8 codes with per-block scales" if MOMENTUM_SCALE in st else f"{buf.dtype}"
-                    name = ", ".join(sorted({self.block_name(g.block) for g in self.segments(p)}))
+        elif momentum_dtype is not None:
+            with_momentum = {id(p) for g in param_groups if g.get("momentum", 0) != 0 for p in g["params"]}
+            for b in range(self.num_blocks):
+                p = self._params[b]
+                if p is None or id(p) not in with_momentum:
+                    continue
+                stored = lowp.storage_dtype(momentum_dtype, self.block_numels[b], p.dtype)
+                if stored != p.dtype:
+                    kind = "int8 codes with per-block scales" if stored == torch.int8 else str(stored)
+                    name, numel = self.block_name(b), self.block_numels[b]
                     problem = (
-                        f"the momentum of {name or self.describe(p)} is stored as {kind}, not as the "
-                        f"parameter's {p.dtype} (momentum_dtype is not float32)"
+                        f"momentum_dtype={momentum_dtype!r} stores the momentum of {name} ({numel} "
+                        f"elements, {p.dtype}) as {kind}, not in its parameter's dtype"
                     )
                     break
         if problem is None:
             return
         raise ValueError(
-            f"SGDSaI: FSDP1's optimizer state dict ({caller}) cannot carry this optimizer's state: "
-            f"{problem}; FSDP1 would gather and unflatten it as a shard of the parameter. Save "
-            "optimizer.state_dict() on every rank instead (torch.save; same-world-size resume is "
-            "bit-identical), or use FSDP1 with use_orig_params=True and momentum_dtype='float32', or "
-            "FSDP2 (fully_shard), whose state sai_dist.checkpoint saves and reshards."
+            f"SGDSaI: FSDP1's optimizer state dict (FSDP.optim_state_dict, or DCP's get_optimizer_state_dict "
+            f"through it) cannot carry this optimizer's state: {problem}; FSDP1 would gather and unflatten "
+            "it as a shard of the parameter. Save optimizer.state_dict() on every rank instead (torch.save; "
+            "same-world-size resume is bit-identical), or use use_orig_params=True with momentum_dtype=None, "
+            "or FSDP2 (fully_shard), whose state sai_dist.checkpoint saves and reshards."
         )
 
     def table_rows(self, model: nn.Module) -> list[tuple[str, int, int]]:
@@ -231,23 +240,44 @@ class _Builder:
         return layout
 
 
-# Modules whose functions build an optimizer state dict through FSDP1's machinery: FSDP1
-# itself and DCP's state_dict helpers, which call it for FSDP1 models.
-_FSDP1_STATE_DICT_MODULES = ("torch.distributed.fsdp.", "torch.distributed.checkpoint.state_dict")
-
-
-def _fsdp1_state_dict_caller() -> str | None:
-    """The first function on the call stack that belongs to FSDP1's optimizer-state-dict
-    machinery (``module.function``), or ``None``. Why the stack: FSDP1 calls
-    ``optimizer.state_dict()`` itself and offers no hook, and the same call from user code
-    (``torch.save(optimizer.state_dict())``) must keep working."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if module.startswith(_FSDP1_STATE_DICT_MODULES):
-            return f"{module}.{frame.f_code.co_name}"
-        frame = frame.f_back
+def _flat_param_sgdsai(optim: Any) -> Any:
+    """The SGD-SaI optimizer on an FSDP1 flat-parameter layout that ``optim`` is or wraps
+    (accelerate's ``AcceleratedOptimizer.optimizer``, in-backward's ``.optimizer``), or
+    ``None``. Duck-typed: this module imports no optimizer."""
+    for _ in range(4):
+        if optim is None:
+            return None
+        if isinstance(getattr(optim, "layout", None), FlatParamLayout) and hasattr(optim, "momentum_dtype"):
+            return optim
+        optim = getattr(optim, "optimizer", None) or getattr(optim, "_optimizer", None)
     return None
+
+
+def guard_fsdp1_optim_state_dict() -> None:
+    """Wrap FSDP1's ``FullyShardedDataParallel._optim_state_dict_impl`` (idempotent) so
+    that it first asks the optimizer's flat-parameter layout whether it can carry the
+    state (:meth:`FlatParamLayout.refuse_fsdp1_optim_state_dict`). Why there: every way
+    to FSDP1's optimizer state dict passes through it (``optim_state_dict`` with or
+    without an ``optim_state_dict`` argument, ``full_`` and ``sharded_optim_state_dict``,
+    DCP's ``get_optimizer_state_dict``), after ``optimizer.state_dict()`` (local) and
+    before any collective; FSDP1 offers no hook. Other optimizers pass through untouched.
+    A torch without that function is left as it is."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    impl = FSDP1.__dict__.get("_optim_state_dict_impl")
+    if not isinstance(impl, staticmethod) or getattr(impl.__func__, "_sai_dist_guard", False):
+        return
+    inner = impl.__func__
+
+    @functools.wraps(inner)
+    def guarded(model: nn.Module, optim: Any, *args: Any, **kwargs: Any) -> Any:
+        sgdsai = _flat_param_sgdsai(optim)
+        if sgdsai is not None:
+            sgdsai.layout.refuse_fsdp1_optim_state_dict(sgdsai.momentum_dtype, sgdsai.param_groups)
+        return inner(model, optim, *args, **kwargs)
+
+    guarded._sai_dist_guard = True  # type: ignore[attr-defined]
+    FSDP1._optim_state_dict_impl = staticmethod(guarded)
 
 
 def _join(*parts: str) -> str:
@@ -272,6 +302,7 @@ def from_fsdp1(model: nn.Module) -> FlatParamLayout:
     units = [m for m in model.modules() if _is_fsdp1_unit(m)]
     if not units:
         raise LayoutError("SGDSaI: no FSDP1 unit with parameters found in the model")
+    guard_fsdp1_optim_state_dict()
     for unit in units:
         handle = unit._handle
         flat = handle.flat_param

@@ -181,6 +181,11 @@ def module_named_tables(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def _state_tensors(opt: torch.optim.Optimizer) -> dict[tuple[int, str], torch.Tensor]:
+    """Every state tensor of ``opt``, keyed by (tensor index, state key)."""
+    return {(i, k): v for i, st in enumerate(opt.state.values()) for k, v in st.items() if torch.is_tensor(v)}
+
+
 def own_optim_state_dict(rank: int, world: int) -> dict[str, Any]:
     """FSDP1's own optimizer state dict: with ``use_orig_params=True`` and float32 momentum
     a round trip (``FSDP.optim_state_dict`` -> ``optim_state_dict_to_load`` -> a fresh
@@ -220,36 +225,47 @@ def own_optim_state_dict(rank: int, world: int) -> dict[str, Any]:
     train(resumed, resumed_opt, range(2, 4))
     out: dict[str, Any] = {"shapes": shapes, "continued": full_params(model), "resumed": full_params(resumed)}
 
-    # A model with a 16384-element weight, so int8 momentum really holds codes (the
-    # transformer's tensors are all under the 4096-element small-tensor rule).
+    # Models with weights of 4096 elements or more, so int8 momentum really holds codes (the
+    # transformer's tensors are all under the small-tensor rule). SMALL_ON_ONE_RANK: an
+    # 8192-element weight first, then only small tensors, so one rank's shard holds no int8
+    # state at all and must still refuse with the other.
     from tests.distributed import lowp_flat_ranks as lf
 
+    small_on_one_rank = ((128, 64, True), (64, 63, True), (63, 64, True))
     refused = {}
-    for name, orig, momentum_dtype in (
-        ("flat_float32", False, None),
-        ("orig_int8", True, "int8"),
-        ("orig_bfloat16", True, "bfloat16"),
+    for name, orig, momentum_dtype, spec in (
+        ("flat_float32", False, None, lf.ALIGNED_FLAT),
+        ("orig_int8", True, "int8", small_on_one_rank),
+        ("orig_bfloat16", True, "bfloat16", lf.ALIGNED_FLAT),
     ):
-        model = FSDP1(lf.make_model(lf.ALIGNED_FLAT), use_orig_params=orig, device_id=torch.device("cpu"))
+        model = FSDP1(lf.make_model(spec), use_orig_params=orig, device_id=torch.device("cpu"))
         opt = sai_dist.SGDSaI(
             model.parameters(), layout=flat_param_layout(model), momentum_dtype=momentum_dtype, **lf.PARAMS
         )
-        x, y = lf.batch(0, lf.ALIGNED_FLAT[0][0])
+        x, y = lf.batch(0, spec[0][0])
         lf.loss_fn(model(x), y).backward()
         opt.step()
-        before = {k: v.clone() for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v)}
+
+        before = {key: v.clone() for key, v in _state_tensors(opt).items()}
         errors = []
-        for call in (FSDP1.optim_state_dict, get_optimizer_state_dict):
+        for call in (
+            lambda m, o: FSDP1.optim_state_dict(m, o),
+            lambda m, o: FSDP1.optim_state_dict(
+                m, o, optim_state_dict=o.state_dict()
+            ),  # torch's documented form
+            lambda m, o: get_optimizer_state_dict(m, o),
+        ):
             try:
                 call(model, opt)
                 errors.append(None)
             except ValueError as e:
                 errors.append(str(e))
         direct = opt.state_dict()  # the documented path keeps working
-        after = {k: v for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v)}
+        after = _state_tensors(opt)
         refused[name] = {
             "errors": errors,
             "direct_states": len(direct["state"]),
+            "holds_int8": any("momentum_scale" in st for st in opt.state.values()),
             "unchanged": before.keys() == after.keys()
             and all(torch.equal(before[k], after[k]) for k in before),
         }

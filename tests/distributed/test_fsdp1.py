@@ -134,8 +134,10 @@ def test_fsdp1_own_optim_state_dict_round_trips_or_refuses_by_name(run2):
     reasons = {
         "flat_float32": "use_orig_params=False",
         "orig_int8": "int8 codes with per-block scales",
-        "orig_bfloat16": "torch.bfloat16",
+        "orig_bfloat16": "as torch.bfloat16",
     }
+    # The int8 case really has a rank without int8 state, which refuses all the same.
+    assert {r["own_state_dict"]["refused"]["orig_int8"]["holds_int8"] for r in run2} == {True, False}
     for r in run2:
         own = r["own_state_dict"]
         assert own["shapes"] == shapes
@@ -145,11 +147,13 @@ def test_fsdp1_own_optim_state_dict_round_trips_or_refuses_by_name(run2):
         for case, reason in reasons.items():
             got = own["refused"][case]
             assert got["unchanged"] and got["direct_states"] > 0, case
+            assert len(got["errors"]) == 3, case
             for error in got["errors"]:
                 assert error is not None and "FSDP1's optimizer state dict" in error, (case, error)
                 assert reason in error and "optimizer.state_dict() on every rank" in error, (case, error)
 
 
+@pytest.mark.distributed
 def test_fsdp1_without_layout_refused(run2):
     msg = run2[0]["refusal"]
     assert "flattened by FSDP1" in msg and "flat_param_layout(model)" in msg
