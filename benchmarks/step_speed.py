@@ -32,7 +32,8 @@ Parts (all on by default except the 1B set and the end-to-end job):
     ``--lowp-builds avx512,avx2,0`` times the kernel's builds (``SAI_DIST_LOWP_SIMD``) side
     by side in the same rounds; the part runs once per ``--threads`` count (a list in the
     JSON). 12 layers (85 M elements, 1.7 GB of fp32-state traffic a step) by default: far
-    out of every cache, as a real model's state is.
+    out of every cache, as a real model's state is; all cases are held at once (7.1 GB
+    with two builds; skipped, saying so, where memory is short).
 ``e2e`` (``--e2e``)
     ``python -m sai_dist.train`` (FSDP2, 2 ranks, CPU) with SGD-SaI and with AdamW,
     alternated, median tokens/s over the timed steps.
@@ -292,6 +293,12 @@ def lowp_part(layers: int, repeats: int, builds: list[str] | None = None) -> dic
     before = os.environ.get("SAI_DIST_LOWP_SIMD")
     default = before if before is not None else "avx512"
     builds = builds or [default]
+    # Bytes per element held at once: the fp32 case (p, g, m: 12), per build the four
+    # low-precision cases (9 + 10 + 5 + 6), and the triad's three arrays (12).
+    need = (12 + 30 * len(builds) + 12) * n
+    if need > available_bytes(torch.device("cpu")) - 2 * GiB:
+        print(f"[lowp, {layers} layers] skipped: needs at least {need / GiB:.1f} GiB", file=sys.stderr)
+        return {"layers": layers, "skipped": f"needs at least {need / GiB:.1f} GiB"}
     kernel: dict[str, Any] = {}
     for build in builds:
         os.environ["SAI_DIST_LOWP_SIMD"] = build
@@ -517,7 +524,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--set", action="append", choices=sorted(SHAPE_SETS), help="shape set(s); repeatable")
     parser.add_argument(
-        "--parts", default="step,first,collectives", help="comma list of step,first,collectives"
+        "--parts",
+        default="step,first,collectives",
+        help="comma list of step,first,collectives,lowp",
     )
     parser.add_argument("--lowp-layers", type=int, default=12, help="GPT-2 small layers of the lowp part")
     parser.add_argument(
@@ -532,7 +541,7 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         default=None,
-        help="comma list of torch.set_num_threads values to run the step part at (default: torch's)",
+        help="comma list of torch.set_num_threads values for the step and lowp parts (default: torch's)",
     )
     parser.add_argument("--write", help="write the JSON result here")
     parser.add_argument("--plot", help="save a plot here (PNG)")
@@ -566,6 +575,7 @@ def main() -> None:
             torch.set_num_threads(threads)
             result["lowp"].append(lowp_part(args.lowp_layers, args.repeats, builds))
             print(json.dumps(result["lowp"][-1], indent=1))
+        torch.set_num_threads(thread_counts[0])
     if "step" in parts:
         result["step"] = {}
         for threads in thread_counts:
