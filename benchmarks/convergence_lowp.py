@@ -30,7 +30,7 @@ learning rate of the sweep (1.0):
 optimizer's rounding ``seed``); with several runs per variant the output gains a
 per-variant summary (mean, min, max over seeds, and the mean of the per-seed differences
 to fp32). ``--merge a.json,b.json`` combines the runs of separate processes instead of
-training.
+training (keeping those of ``--variants``).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/convergence_lowp.py --steps 300 \
         --write docs/data/convergence_lowp.json --plot docs/convergence_lowp.png
@@ -229,7 +229,7 @@ def main() -> int:
             with open(path) as f:
                 data = json.load(f)
             configs.append(data["config"])
-            results.extend(data["runs"])
+            results.extend(r for r in data["runs"] if r["variant"] in variants)  # --variants picks
     else:
         torch.set_num_threads(1)
         corpus = load_corpus()

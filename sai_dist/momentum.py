@@ -10,11 +10,11 @@ checkpoints and the memory accounting agree on it:
 - ``"int8"``: codes :math:`q \in [-127, 127]` plus one float32 scale per block of
   :data:`BLOCK` consecutive elements of a piece, :math:`m = q\,s_k`,
   :math:`s_k = \max_{i \in k} |m_i| / 127` (absmax, linear code map), codes rounded
-  stochastically: :math:`q = \lfloor m / s_k + u \rfloor`, :math:`u \sim U[0, 1)`. The linear
+  stochastically: :math:`q = \lfloor m \cdot (1/s_k) + u \rfloor`, :math:`u \sim U[0, 1)`. The linear
   map is kept after measuring it against a dynamic (leading-zero exponent, linear fraction)
   map on the convergence benchmark (``benchmarks/int8_code_maps.py``, 6 seeds, 300 steps):
-  dynamic minus linear on the same reference path -0.0035 nats/byte on the mean, per-seed
-  standard deviation 0.0095, so the dynamic map is not clearly better and the linear one
+  dynamic minus linear on the same reference path -0.0015 nats/byte on the mean, per-seed
+  standard deviation 0.0094, so the dynamic map is not clearly better and the linear one
   is simpler and what the kernels implement (docs/benchmarks.md). Blocks
   are laid from each piece's first element and never straddle pieces; the last block of a
   piece may be short. A parameter of fewer than :data:`SMALL` elements keeps float32
@@ -43,23 +43,32 @@ The update itself is computed in float32 whatever the storage: the buffer is dec
 step use that float32 value, then the new buffer is encoded (:mod:`sai_dist.functional`).
 
 **Reproducible randomness.** Every random draw is a pure function of
-``(seed, stream, step, block, index)``, ``index`` the element's position in the flattened
+``(seed, step, block, index)``, ``index`` the element's position in the flattened
 *original* parameter (never global torch RNG state): a resumed run draws the same bits,
 and a sharded run draws, for each element, the bits the single-process run draws for it.
-The generator is a counter-based hash built from one 32-bit finaliser
+The generator is a counter-based hash: one 32-bit draw per element and step, from one
+application of a multiply-xorshift finaliser to the element's index under a key
 
 .. code-block:: text
 
     mix(x) = x ^= x >> 16; x = (x * 0x7feb352d) mod 2^32; x ^= x >> 15;
              x = (x * 0x5bd1e995) mod 2^32; x ^= x >> 16
-    key    = mix(mix(mix(mix(seed mod 2^32) ^ stream) ^ (step mod 2^32)) ^ block)
-    bits   = mix(mix(key ^ (index mod 2^32)) ^ (index >> 32))
+    key    = mix(mix(mix(mix(seed mod 2^32) ^ (step mod 2^32)) ^ block) ^ (index >> 32))
+    draw   = mix(key ^ (index mod 2^32))
 
 written with int64 tensor ops whose products stay below 2^63 (a 32-bit value times a
-constant below 2^31), so the same formula in C (``uint32_t``) gives the same bits.
-``stream`` separates the momentum's draws (1) from the parameter's (2). From 32 bits:
-bfloat16 rounding adds the high 16 bits to the float32 bit pattern and truncates (exactly
-unbiased), int8 and float16 rounding use :math:`u = (\text{bits} \gg 8) / 2^{24}`.
+constant below 2^31), so the same formula in C (``uint32_t``) gives the same bits. The
+draw's two halves are two *streams*: the parameter's rounding takes the high 16 bits
+(:data:`STREAM_PARAM`), the momentum's the low 16 (:data:`STREAM_MOMENTUM`), so an element
+whose parameter and momentum are both rounded costs one hash, not two. From 16 bits
+:math:`r`: bfloat16 rounding adds :math:`r` to the float32 bit pattern and truncates
+(exactly unbiased), int8 and float16 rounding use :math:`u = r / 2^{16}`.
+
+Why one finaliser per element and shared halves: the rounding needs uniform bits that are
+independent across elements, steps and the two streams, which a bijective finaliser of a
+keyed counter gives; a second finaliser round, or a second draw for the parameter, bought
+no measurable quality (the convergence benchmark) and cost the int8 and bf16-parameter
+steps up to a quarter of their time (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -104,8 +113,10 @@ SMALL = 4096
 _STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _NAMES = {v: k for k, v in _STORAGE.items()}
 
-STREAM_MOMENTUM = 1
-STREAM_PARAM = 2
+#: The momentum's rounding bits: the low 16 of each element's draw.
+STREAM_MOMENTUM = 0
+#: The parameter's rounding bits: the high 16 of each element's draw.
+STREAM_PARAM = 16
 _M32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D
 _C2 = 0x5BD1E995
@@ -265,29 +276,39 @@ class Rounding:
     block: int
     offset: int
 
-    def key(self, stream: int) -> int:
-        k = _mix_int(_mix_int(self.seed) ^ stream)
-        return _mix_int(_mix_int(k ^ (self.step & _M32)) ^ (self.block & _M32))
+    def key(self, high: int = 0) -> int:
+        """The draw's key for the elements whose index has ``index >> 32 == high``."""
+        k = _mix_int(_mix_int(_mix_int(self.seed) ^ (self.step & _M32)) ^ (self.block & _M32))
+        return _mix_int(k ^ high)
+
+    def draws(self, start: int, n: int, device: torch.device) -> Tensor:
+        """The 32-bit draws (int64 in ``[0, 2^32)``) of the piece's elements
+        ``start .. start + n``."""
+        first, last = self.offset + start, self.offset + start + n
+        index = torch.arange(first, last, dtype=torch.int64, device=device)
+        if first >> 32 == (last - 1) >> 32 or n == 0:
+            return _mix_(index.bitwise_and_(_M32).bitwise_xor_(self.key(first >> 32)))
+        keys = torch.tensor([self.key(h) for h in range(first >> 32, ((last - 1) >> 32) + 1)], device=device)
+        high = (index >> 32) - (first >> 32)
+        return _mix_(index.bitwise_and_(_M32).bitwise_xor_(keys[high]))
 
     def bits(self, stream: int, start: int, n: int, device: torch.device) -> Tensor:
-        """32 random bits (int64 in ``[0, 2^32)``) for the piece's elements
-        ``start .. start + n``."""
-        index = torch.arange(self.offset + start, self.offset + start + n, dtype=torch.int64, device=device)
-        high = index >> 32
-        h = _mix_(index.bitwise_and_(_M32).bitwise_xor_(self.key(stream)))
-        return _mix_(h.bitwise_xor_(high))
+        """16 random bits (int64 in ``[0, 2^16)``) of ``stream`` (:data:`STREAM_MOMENTUM`
+        or :data:`STREAM_PARAM`) for the piece's elements ``start .. start + n``."""
+        return (self.draws(start, n, device) >> stream).bitwise_and_(0xFFFF)
 
 
 def _uniform(bits: Tensor) -> Tensor:
-    # 24 bits: exactly representable in float32, u in [0, 1).
-    return (bits >> 8).to(torch.float32).mul_(2.0**-24)
+    # 16 bits: exactly representable in float32, u in [0, 1).
+    return bits.to(torch.float32).mul_(2.0**-16)
 
 
 def round_bfloat16(x: Tensor, bits: Tensor) -> Tensor:
-    """``x`` (float32) rounded stochastically to bfloat16: adding 16 random bits below the
-    kept ones and truncating rounds up with probability equal to the discarded fraction, so
-    the expectation is ``x``. Non-finite values round to nearest."""
-    noise = (bits >> 16).to(torch.int32)
+    """``x`` (float32) rounded stochastically to bfloat16: adding 16 random bits (``bits``,
+    values in ``[0, 2^16)``) below the kept ones and truncating rounds up with probability
+    equal to the discarded fraction, so the expectation is ``x``. Non-finite values round
+    to nearest."""
+    noise = bits.to(torch.int32)
     rounded = (x.view(torch.int32) + noise).bitwise_and_(-65536).view(torch.float32)
     out = rounded.to(torch.bfloat16)
     finite = torch.isfinite(x)
@@ -343,6 +364,17 @@ def _block_scales(x: Tensor) -> Tensor:
     return torch.cat(parts) / 127.0 if parts else x.new_zeros(0)
 
 
+def _reciprocals(scales: Tensor) -> tuple[Tensor, bool]:
+    """``1 / s`` of each block scale (float32, rounded once), and whether any overflowed.
+
+    Codes are ``floor(v * (1 / s) + u)``: one multiply per element instead of a division,
+    the same values in the kernel. A block whose ``1 / s`` overflows float32 (``s`` below
+    ``2^-128``: a block of subnormal momentum) divides instead, as ``v / s`` is still at
+    most 127 there."""
+    recips = torch.where(scales > 0, scales.reciprocal(), 0.0)
+    return recips, bool(torch.isinf(recips).any())
+
+
 def _per_element(scales: Tensor, n: int) -> Tensor:
     return scales.repeat_interleave(BLOCK)[:n]
 
@@ -378,10 +410,15 @@ def encode(
     flat_v, flat_b = value.reshape(-1), buf.view(-1)
     n = flat_v.numel()
     scales.copy_(_block_scales(flat_v))
+    recips, overflow = _reciprocals(scales)
     for lo in range(0, n, _CHUNK):  # _CHUNK is a multiple of BLOCK: chunks hold whole blocks
         hi = min(lo + _CHUNK, n)
-        per = _per_element(scales[lo // BLOCK : (hi + BLOCK - 1) // BLOCK], hi - lo)
-        q = torch.where(per > 0, flat_v[lo:hi] / per, 0.0)
+        blocks = slice(lo // BLOCK, (hi + BLOCK - 1) // BLOCK)
+        per = _per_element(scales[blocks], hi - lo)
+        recip = _per_element(recips[blocks], hi - lo)
+        q = torch.where(per > 0, flat_v[lo:hi] * recip, 0.0)
+        if overflow:
+            q = torch.where(torch.isinf(recip), flat_v[lo:hi] / per, q)
         if rounding is None:
             q = q.round_()
         else:

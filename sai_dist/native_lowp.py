@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from sai_dist import native
-from sai_dist.momentum import BLOCK, STREAM_MOMENTUM, STREAM_PARAM, Rounding
+from sai_dist.momentum import BLOCK, Rounding
 
 __all__ = ["isa_flags", "lanes", "library", "step_piece", "supported"]
 
@@ -77,19 +77,27 @@ INLINE uint32_t mix(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x5bd1e995u; x ^= x >> 16;
     return x;
 }
-INLINE uint32_t draw(uint32_t key, int64_t index) {
-    return mix(mix(key ^ (uint32_t)index) ^ (uint32_t)((uint64_t)index >> 32));
+/* The key of the elements whose index has the high word of `index`: key is the
+   (seed, step, block) key. */
+INLINE uint32_t key_of(uint32_t key, int64_t index) {
+    return mix(key ^ (uint32_t)((uint64_t)index >> 32));
+}
+/* The draw of element base + j, kh0 the key of base's high word. */
+INLINE uint32_t draw_at(uint32_t key, uint32_t kh0, int64_t base, int j) {
+    const int64_t index = base + j;
+    const uint32_t kh = ((uint64_t)index >> 32) == ((uint64_t)base >> 32) ? kh0 : key_of(key, index);
+    return mix(kh ^ (uint32_t)index);
 }
 INLINE float bf16_to_f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
 }
-/* Non-finite values round to nearest (NaN stays NaN, quiet). */
-INLINE uint16_t f_to_bf16(float f, uint32_t bits, int stochastic) {
+/* r16: 16 random bits. Non-finite values round to nearest (NaN stays NaN, quiet). */
+INLINE uint16_t f_to_bf16(float f, uint32_t r16, int stochastic) {
     uint32_t u; memcpy(&u, &f, 4);
     const uint32_t nearest = u + 0x7fffu + ((u >> 16) & 1u);
     const int finite = (u & 0x7f800000u) != 0x7f800000u;
     const int nan = !finite && (u & 0x007fffffu);
-    uint32_t r = (stochastic && finite) ? u + (bits >> 16) : (finite ? nearest : u);
+    uint32_t r = (stochastic && finite) ? u + r16 : (finite ? nearest : u);
     r = nan ? (u | 0x00400000u) : r;
     return (uint16_t)(r >> 16);
 }
@@ -114,29 +122,30 @@ INLINE float elem_m(const void *g, const void *m, int64_t i, const int PK, const
     else mo = (float)((const int8_t *)m)[i] * old_scale;
     return fmaf(gi, c, mo * b);
 }
-/* p' = d p + a m' as torch's p.mul_(d).add_(m', alpha=a): product, then fused multiply-add. */
+/* p' = d p + a m' as torch's p.mul_(d).add_(m', alpha=a): product, then fused multiply-add;
+   a bfloat16 parameter rounds with the high 16 bits of the element's draw. */
 INLINE void elem_p(void *p, int64_t i, float mv, const int PK, const int RP, float d, float a,
-                   uint32_t key_p, int64_t index) {
+                   uint32_t bits) {
     if (PK) {
         uint16_t *ph = (uint16_t *)p;
         const float v = fmaf(mv, a, bf16_to_f(ph[i]) * d);
-        ph[i] = RP ? f_to_bf16(v, draw(key_p, index), 1) : f_to_bf16(v, 0u, 0);
+        ph[i] = f_to_bf16(v, bits >> 16, RP);
     } else {
         float *pp = (float *)p;
         pp[i] = fmaf(mv, a, pp[i] * d);
     }
 }
-/* Momentum store of float32 / bfloat16 (stochastic) buffers. */
-INLINE void elem_store_m(void *m, int64_t i, float mv, const int MK, uint32_t key_m, int64_t index) {
+/* Momentum store of float32 / bfloat16 (stochastic, the low 16 bits of the draw) buffers. */
+INLINE void elem_store_m(void *m, int64_t i, float mv, const int MK, uint32_t bits) {
     if (MK == 0) ((float *)m)[i] = mv;
-    else if (MK == 1) ((uint16_t *)m)[i] = f_to_bf16(mv, draw(key_m, index), 1);
+    else if (MK == 1) ((uint16_t *)m)[i] = f_to_bf16(mv, bits & 0xffffu, 1);
 }
-/* int8 code: floor(v / scale + u), u = (bits >> 8) / 2^24, clamped to [-127, 127]. A zero
-   scale (every v of the block 0, or too small for absmax / 127 to be a float) is passed as
-   infinity: v / inf = +-0, so the code is 0, the 0 torch's where(scale > 0, ...) gives. */
-INLINE int8_t elem_code(float v, float safe, uint32_t bits) {
-    float q = v / safe;
-    q = q + (float)(int32_t)(bits >> 8) * 5.9604644775390625e-08f;
+/* int8 code: floor(v * recip + u), u = r16 / 2^16, clamped to [-127, 127]; recip = 1 / scale
+   rounded (0 for a zero scale: v * 0 = +-0, code 0, the 0 torch's where(scale > 0, ...)
+   gives); div: 1 / scale overflowed (a subnormal block), so v / scale. */
+INLINE int8_t elem_code(float v, float recip, float scale, int div, uint32_t r16) {
+    float q = div ? v / scale : v * recip;
+    q = q + (float)(int32_t)r16 * 1.52587890625e-05f;
     q = q > 127.0f ? 127.0f : q;
     q = q < -127.0f ? -127.0f : q;
     int32_t t = (int32_t)q; /* floor by truncation: |q| <= 127 */
@@ -147,36 +156,52 @@ INLINE float scale_of(uint32_t amax) {
     float absmax; memcpy(&absmax, &amax, 4);
     return absmax / 127.0f;
 }
+INLINE float recip_of(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
 
-/* One block (elements [s, s + len) of the piece) element by element, from element j0 on;
-   for int8 the block's absmax folds in `amax` (the lanes already done) and mn[0..j0) holds
-   the first j0 new values. */
+/* Does this combination draw random bits? bfloat16 / int8 momentum, or a bfloat16
+   parameter rounded stochastically. */
+#define DRAWS(PK, MK, RP) ((MK) == 1 || (MK) == 2 || ((PK) && (RP)))
+
+/* int8 codes and the parameter update of elements [j0, len) of the block at s, whose new
+   momentum values are mn[j0 ..) and scale `scale`. */
+INLINE void codes_tail(void *p, void *m, int64_t s, int j0, int len, const float *mn, float scale,
+                       const int PK, const int RP, float d, float a, uint32_t key, uint32_t kh0,
+                       int64_t base) {
+    const float recip = recip_of(scale);
+    const int div = isinf(recip);
+    int8_t *mq = (int8_t *)m;
+    for (int j = j0; j < len; j++) {
+        const uint32_t bits = draw_at(key, kh0, base, j);
+        mq[s + j] = elem_code(mn[j], recip, scale, div, bits & 0xffffu);
+        elem_p(p, s + j, mn[j], PK, RP, d, a, bits);
+    }
+}
+
+/* One block (elements [s, s + len) of the piece) element by element, from element j0 on
+   (j0 = 0 for int8). */
 INLINE void block_tail(void *p, const void *g, void *m, float *scales, int64_t s, int len, int j0,
-                       float *mn, uint32_t amax, const int PK, const int MK, int born, float b,
-                       float c, float d, float a, uint32_t key_m, uint32_t key_p, int64_t offset,
-                       const int RP, float old_scale) {
+                       float *mn, const int PK, const int MK, int born, float b, float c, float d,
+                       float a, uint32_t key, int64_t offset, const int RP, float old_scale) {
     const int64_t base = offset + s;
+    const uint32_t kh0 = key_of(key, base);
     if (MK != 2) {
         for (int j = j0; j < len; j++) {
             const float mv = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
-            elem_store_m(m, s + j, mv, MK, key_m, base + j);
-            elem_p(p, s + j, mv, PK, RP, d, a, key_p, base + j);
+            const uint32_t bits = DRAWS(PK, MK, RP) ? draw_at(key, kh0, base, j) : 0u;
+            elem_store_m(m, s + j, mv, MK, bits);
+            elem_p(p, s + j, mv, PK, RP, d, a, bits);
         }
         return;
     }
-    for (int j = j0; j < len; j++) {
+    uint32_t amax = 0u;
+    for (int j = 0; j < len; j++) {
         mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
         const uint32_t u = abs_bits(mn[j]);
         amax = u > amax ? u : amax;
     }
     const float scale = scale_of(amax);
     scales[s / BLOCK] = scale;
-    const float safe = scale > 0.0f ? scale : INFINITY;
-    int8_t *mq = (int8_t *)m;
-    for (int j = 0; j < len; j++) {
-        mq[s + j] = elem_code(mn[j], safe, draw(key_m, base + j));
-        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
-    }
+    codes_tail(p, m, s, 0, len, mn, scale, PK, RP, d, a, key, kh0, base);
 }
 
 #ifdef __AVX2__
@@ -189,13 +214,12 @@ INLINE __m256i mix8(__m256i x) {
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x5bd1e995));
     return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
-/* draw(key, index) for 8 consecutive indices whose low words lo .. lo + 7 do not wrap:
-   the high word hi is then one constant. */
-INLINE __m256i draw8(uint32_t key, uint32_t lo, uint32_t hi) {
+/* The draws of 8 consecutive indices whose low words lo .. lo + 7 do not wrap (kh: the key
+   of their one high word). */
+INLINE __m256i draw8(uint32_t kh, uint32_t lo) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)lo), lane);
-    const __m256i h = mix8(_mm256_xor_si256(idx, _mm256_set1_epi32((int)key)));
-    return mix8(_mm256_xor_si256(h, _mm256_set1_epi32((int)hi)));
+    return mix8(_mm256_xor_si256(idx, _mm256_set1_epi32((int)kh)));
 }
 INLINE __m256 load_bf16(const uint16_t *x) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x));
@@ -204,14 +228,14 @@ INLINE __m256 load_bf16(const uint16_t *x) {
 INLINE __m256 load_g(const void *g, int64_t i, const int PK) {
     return PK ? load_bf16((const uint16_t *)g + i) : _mm256_loadu_ps((const float *)g + i);
 }
-/* f_to_bf16 on 8 lanes, stored. */
-INLINE void store_bf16(uint16_t *out, __m256 v, __m256i bits, const int stochastic) {
+/* f_to_bf16 on 8 lanes (r16: 16 random bits a lane), stored. */
+INLINE void store_bf16(uint16_t *out, __m256 v, __m256i r16, const int stochastic) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
     const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
     __m256i add;
     if (stochastic) {
-        add = _mm256_srli_epi32(bits, 16);
+        add = r16;
     } else {
         const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         add = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
@@ -223,6 +247,7 @@ INLINE void store_bf16(uint16_t *out, __m256 v, __m256i bits, const int stochast
     _mm_storeu_si128((__m128i *)out,
                      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
+INLINE __m256i low16_8(__m256i bits) { return _mm256_and_si256(bits, _mm256_set1_epi32(0xffff)); }
 INLINE __m256 vec_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
                     __m256 b, __m256 c, __m256 old_scale) {
     const __m256 gi = load_g(g, i, PK);
@@ -237,21 +262,21 @@ INLINE __m256 vec_m(const void *g, const void *m, int64_t i, const int PK, const
     return _mm256_fmadd_ps(gi, c, _mm256_mul_ps(mo, b));
 }
 INLINE void vec_p(void *p, int64_t i, __m256 mv, const int PK, const int RP, __m256 d, __m256 a,
-                  uint32_t key_p, uint32_t lo, uint32_t hi) {
+                  __m256i bits) {
     if (PK) {
         uint16_t *ph = (uint16_t *)p + i;
         const __m256 v = _mm256_fmadd_ps(mv, a, _mm256_mul_ps(load_bf16(ph), d));
-        store_bf16(ph, v, RP ? draw8(key_p, lo, hi) : _mm256_setzero_si256(), RP);
+        store_bf16(ph, v, _mm256_srli_epi32(bits, 16), RP);
     } else {
         float *pp = (float *)p + i;
         _mm256_storeu_ps(pp, _mm256_fmadd_ps(mv, a, _mm256_mul_ps(_mm256_loadu_ps(pp), d)));
     }
 }
-/* elem_code on 8 lanes; the low byte of each int32 is stored (as the scalar cast does). */
-INLINE void store_codes(int8_t *out, __m256 v, __m256 safe, __m256i bits) {
-    /* q = v / s + u as one fma: (bits >> 8) * 2^-24 is exact, so the one rounding is the add's */
-    __m256 q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8)),
-                               _mm256_set1_ps(5.9604644775390625e-08f), _mm256_div_ps(v, safe));
+/* elem_code on 8 lanes (not div); the low byte of each int32 is stored (as the scalar cast). */
+INLINE void store_codes(int8_t *out, __m256 v, __m256 recip, __m256i r16) {
+    /* q = v * recip + u as one fma: r16 * 2^-16 is exact, so the one rounding is the add's */
+    __m256 q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r16), _mm256_set1_ps(1.52587890625e-05f),
+                               _mm256_mul_ps(v, recip));
     /* operand order keeps a NaN q (min/max return the second operand on NaN) */
     q = _mm256_min_ps(_mm256_set1_ps(127.0f), q);
     q = _mm256_max_ps(_mm256_set1_ps(-127.0f), q);
@@ -265,23 +290,24 @@ INLINE void store_codes(int8_t *out, __m256 v, __m256 safe, __m256i bits) {
 
 INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s, int len,
                        const int PK, const int MK, int born, float b, float c, float d, float a,
-                       uint32_t key_m, uint32_t key_p, int64_t offset, const int RP) {
+                       uint32_t key, int64_t offset, const int RP) {
     float mn[BLOCK];
     const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
     const int64_t base = offset + s;
-    const uint32_t lo = (uint32_t)base, hi = (uint32_t)((uint64_t)base >> 32);
+    const uint32_t lo = (uint32_t)base, kh = key_of(key, base);
     const int len8 = len & ~7;
     const __m256 vb = _mm256_set1_ps(b), vc = _mm256_set1_ps(c), vd = _mm256_set1_ps(d);
     const __m256 va = _mm256_set1_ps(a), vs = _mm256_set1_ps(old_scale);
     if (MK != 2) {
         for (int j = 0; j < len8; j += 8) {
             const __m256 mv = vec_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+            const __m256i bits = DRAWS(PK, MK, RP) ? draw8(kh, lo + (uint32_t)j) : _mm256_setzero_si256();
             if (MK == 0) _mm256_storeu_ps((float *)m + s + j, mv);
-            else if (MK == 1) store_bf16((uint16_t *)m + s + j, mv, draw8(key_m, lo + (uint32_t)j, hi), 1);
-            vec_p(p, s + j, mv, PK, RP, vd, va, key_p, lo + (uint32_t)j, hi);
+            else if (MK == 1) store_bf16((uint16_t *)m + s + j, mv, low16_8(bits), 1);
+            vec_p(p, s + j, mv, PK, RP, vd, va, bits);
         }
-        block_tail(p, g, m, scales, s, len, len8, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p,
-                   offset, RP, old_scale);
+        block_tail(p, g, m, scales, s, len, len8, mn, PK, MK, born, b, c, d, a, key, offset, RP,
+                   old_scale);
         return;
     }
     /* int8: the new values and their absmax first (the scale precedes every code) */
@@ -304,18 +330,19 @@ INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s
     }
     const float scale = scale_of(amax);
     scales[s / BLOCK] = scale;
-    const float safe = scale > 0.0f ? scale : INFINITY;
-    const __m256 vsafe = _mm256_set1_ps(safe);
-    int8_t *mq = (int8_t *)m + s;
-    for (int j = 0; j < len8; j += 8) {
-        const __m256 mv = _mm256_loadu_ps(mn + j);
-        store_codes(mq + j, mv, vsafe, draw8(key_m, lo + (uint32_t)j, hi));
-        vec_p(p, s + j, mv, PK, RP, vd, va, key_p, lo + (uint32_t)j, hi);
+    const float recip = recip_of(scale);
+    int j = 0;
+    if (!isinf(recip)) {
+        const __m256 vrecip = _mm256_set1_ps(recip);
+        int8_t *mq = (int8_t *)m + s;
+        for (; j < len8; j += 8) {
+            const __m256 mv = _mm256_loadu_ps(mn + j);
+            const __m256i bits = draw8(kh, lo + (uint32_t)j);
+            store_codes(mq + j, mv, vrecip, low16_8(bits));
+            vec_p(p, s + j, mv, PK, RP, vd, va, bits);
+        }
     }
-    for (int j = len8; j < len; j++) {
-        mq[j] = elem_code(mn[j], safe, draw(key_m, base + j));
-        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
-    }
+    codes_tail(p, m, s, j, len, mn, scale, PK, RP, d, a, key, kh, base);
 }
 #endif
 
@@ -329,22 +356,22 @@ INLINE __m512i mix16(__m512i x) {
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x5bd1e995));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-/* draw(key, index) for the 16 indices whose low words are idx (no wrap: hi constant) */
-INLINE __m512i draw16(__m512i idx, __m512i key, __m512i hi) {
-    return mix16(_mm512_xor_si512(mix16(_mm512_xor_si512(idx, key)), hi));
-}
+/* The draws of the 16 indices whose low words are idx (no wrap: one high word, key kh). */
+INLINE __m512i draw16(__m512i idx, __m512i kh) { return mix16(_mm512_xor_si512(idx, kh)); }
+INLINE __m512i low16_16(__m512i bits) { return _mm512_and_si512(bits, _mm512_set1_epi32(0xffff)); }
 INLINE __m512 load_bf16_16(const uint16_t *x) {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
-/* f_to_bf16 on 16 lanes, stored (the kept high halves are < 2^16: truncating vpmovdw). */
-INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i bits, const int stochastic) {
+/* f_to_bf16 on 16 lanes (r16: 16 random bits a lane), stored (the kept high halves are
+   < 2^16: truncating vpmovdw). */
+INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i r16, const int stochastic) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
     const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
     __m512i add;
     if (stochastic) {
-        add = _mm512_srli_epi32(bits, 16);
+        add = r16;
     } else {
         const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
         add = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd);
@@ -368,21 +395,21 @@ INLINE __m512 vec16_m(const void *g, const void *m, int64_t i, const int PK, con
     return _mm512_fmadd_ps(gi, c, _mm512_mul_ps(mo, b));
 }
 INLINE void vec16_p(void *p, int64_t i, __m512 mv, const int PK, const int RP, __m512 d, __m512 a,
-                    __m512i idx, __m512i key_p, __m512i hi) {
+                    __m512i bits) {
     if (PK) {
         uint16_t *ph = (uint16_t *)p + i;
         const __m512 v = _mm512_fmadd_ps(mv, a, _mm512_mul_ps(load_bf16_16(ph), d));
-        store_bf16_16(ph, v, RP ? draw16(idx, key_p, hi) : _mm512_setzero_si512(), RP);
+        store_bf16_16(ph, v, _mm512_srli_epi32(bits, 16), RP);
     } else {
         float *pp = (float *)p + i;
         _mm512_storeu_ps(pp, _mm512_fmadd_ps(mv, a, _mm512_mul_ps(_mm512_loadu_ps(pp), d)));
     }
 }
-/* elem_code on 16 lanes; vpmovdb keeps the low byte of each int32, as the scalar cast. */
-INLINE void store_codes16(int8_t *out, __m512 v, __m512 safe, __m512i bits) {
-    /* q = v / s + u as one fma: (bits >> 8) * 2^-24 is exact, so the one rounding is the add's */
-    __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)),
-                               _mm512_set1_ps(5.9604644775390625e-08f), _mm512_div_ps(v, safe));
+/* elem_code on 16 lanes (not div); vpmovdb keeps the low byte of each int32, as the scalar cast. */
+INLINE void store_codes16(int8_t *out, __m512 v, __m512 recip, __m512i r16) {
+    /* q = v * recip + u as one fma: r16 * 2^-16 is exact, so the one rounding is the add's */
+    __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(r16), _mm512_set1_ps(1.52587890625e-05f),
+                               _mm512_mul_ps(v, recip));
     q = _mm512_min_ps(_mm512_set1_ps(127.0f), q); /* a NaN q passes, as in the scalar code */
     q = _mm512_max_ps(_mm512_set1_ps(-127.0f), q);
     const __m512i t = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -391,14 +418,14 @@ INLINE void store_codes16(int8_t *out, __m512 v, __m512 safe, __m512i bits) {
 
 INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t s, int len,
                          const int PK, const int MK, int born, float b, float c, float d, float a,
-                         uint32_t key_m, uint32_t key_p, int64_t offset, const int RP) {
+                         uint32_t key, int64_t offset, const int RP) {
     float mn[BLOCK];
     const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
     const int64_t base = offset + s;
+    const uint32_t kh0 = key_of(key, base);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i idx0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lane);
-    const __m512i vhi = _mm512_set1_epi32((int)(uint32_t)((uint64_t)base >> 32));
-    const __m512i km = _mm512_set1_epi32((int)key_m), kp = _mm512_set1_epi32((int)key_p);
+    const __m512i kh = _mm512_set1_epi32((int)kh0);
     const int len16 = len & ~15;
     const __m512 vb = _mm512_set1_ps(b), vc = _mm512_set1_ps(c), vd = _mm512_set1_ps(d);
     const __m512 va = _mm512_set1_ps(a), vs = _mm512_set1_ps(old_scale);
@@ -406,12 +433,13 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
         for (int j = 0; j < len16; j += 16) {
             const __m512i idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(j));
             const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
+            const __m512i bits = DRAWS(PK, MK, RP) ? draw16(idx, kh) : _mm512_setzero_si512();
             if (MK == 0) _mm512_storeu_ps((float *)m + s + j, mv);
-            else if (MK == 1) store_bf16_16((uint16_t *)m + s + j, mv, draw16(idx, km, vhi), 1);
-            vec16_p(p, s + j, mv, PK, RP, vd, va, idx, kp, vhi);
+            else if (MK == 1) store_bf16_16((uint16_t *)m + s + j, mv, low16_16(bits), 1);
+            vec16_p(p, s + j, mv, PK, RP, vd, va, bits);
         }
-        block_tail(p, g, m, scales, s, len, len16, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p,
-                   offset, RP, old_scale);
+        block_tail(p, g, m, scales, s, len, len16, mn, PK, MK, born, b, c, d, a, key, offset, RP,
+                   old_scale);
         return;
     }
     __m512i vmax = _mm512_setzero_si512();
@@ -430,42 +458,41 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
     }
     const float scale = scale_of(amax);
     scales[s / BLOCK] = scale;
-    const float safe = scale > 0.0f ? scale : INFINITY;
-    const __m512 vsafe = _mm512_set1_ps(safe);
-    int8_t *mq = (int8_t *)m + s;
-    for (int j = 0; j < len16; j += 16) {
-        const __m512i idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(j));
-        const __m512 mv = _mm512_loadu_ps(mn + j);
-        store_codes16(mq + j, mv, vsafe, draw16(idx, km, vhi));
-        vec16_p(p, s + j, mv, PK, RP, vd, va, idx, kp, vhi);
+    const float recip = recip_of(scale);
+    int j = 0;
+    if (!isinf(recip)) {
+        const __m512 vrecip = _mm512_set1_ps(recip);
+        int8_t *mq = (int8_t *)m + s;
+        for (; j < len16; j += 16) {
+            const __m512i bits = draw16(_mm512_add_epi32(idx0, _mm512_set1_epi32(j)), kh);
+            const __m512 mv = _mm512_loadu_ps(mn + j);
+            store_codes16(mq + j, mv, vrecip, low16_16(bits));
+            vec16_p(p, s + j, mv, PK, RP, vd, va, bits);
+        }
     }
-    for (int j = len16; j < len; j++) {
-        mq[j] = elem_code(mn[j], safe, draw(key_m, base + j));
-        elem_p(p, s + j, mn[j], PK, RP, d, a, key_p, base + j);
-    }
+    codes_tail(p, m, s, j, len, mn, scale, PK, RP, d, a, key, kh0, base);
 }
 
 #endif
 
 INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int len, const int PK,
-                  const int MK, int born, float b, float c, float d, float a, uint32_t key_m,
-                  uint32_t key_p, int64_t offset, const int RP) {
+                  const int MK, int born, float b, float c, float d, float a, uint32_t key,
+                  int64_t offset, const int RP) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-    /* the vector hash keeps the index's high word constant over the block: a block whose
+    /* the vector draws keep the index's high word constant over the block: a block whose
        element index crosses a multiple of 2^32 takes the scalar path */
     if ((uint64_t)(uint32_t)(offset + s) + (uint64_t)len <= 0x100000000ull) {
 #ifdef __AVX512F__
-        block_avx512(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, RP);
+        block_avx512(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key, offset, RP);
 #else
-        block_avx2(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, RP);
+        block_avx2(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key, offset, RP);
 #endif
         return;
     }
 #endif
     float mn[BLOCK];
     const float old_scale = (MK == 2 && !born) ? scales[s / BLOCK] : 0.0f;
-    block_tail(p, g, m, scales, s, len, 0, mn, 0u, PK, MK, born, b, c, d, a, key_m, key_p, offset,
-               RP, old_scale);
+    block_tail(p, g, m, scales, s, len, 0, mn, PK, MK, born, b, c, d, a, key, offset, RP, old_scale);
 }
 
 #define CASE(PK, MK)                                                                           \
@@ -474,9 +501,9 @@ INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int
         const int64_t s = k * BLOCK;                                                           \
         const int len = (int)((s + BLOCK < n ? s + BLOCK : n) - s);                            \
         if (round_p)                                                                           \
-            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 1);       \
+            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key, offset, 1);          \
         else                                                                                   \
-            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key_m, key_p, offset, 0);       \
+            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key, offset, 0);          \
     }                                                                                          \
     return;
 
@@ -491,19 +518,14 @@ int sai_lowp_lanes(void) {
 #endif
 }
 
-/* Rounding.key(stream) of sai_dist.momentum (seed, step and block taken mod 2^32). */
-static uint32_t stream_key(uint32_t seed, uint32_t stream, uint32_t step, uint32_t blk) {
-    return mix(mix(mix(mix(seed) ^ stream) ^ step) ^ blk);
-}
-
-/* m' = b m + c g (born: c g), p' = d p + a m'. rounding: draw from the keys of (seed, step,
-   blk), offset the piece's first element's index in the original parameter (else keys 0);
+/* m' = b m + c g (born: c g), p' = d p + a m'. rounding: draw from the key of (seed, step,
+   blk), offset the piece's first element's index in the original parameter (else key 0);
    round_p: stochastic rounding of a bfloat16 parameter (else nearest). */
 void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk, int mk,
                     int born, float b, float c, float d, float a, int rounding, uint32_t seed,
                     uint32_t step, uint32_t blk, int64_t offset, int round_p, int nthreads) {
-    const uint32_t key_m = rounding ? stream_key(seed, SAI_STREAM_M, step, blk) : 0u;
-    const uint32_t key_p = rounding ? stream_key(seed, SAI_STREAM_P, step, blk) : 0u;
+    /* Rounding.key of sai_dist.momentum before its high word (seed, step, block mod 2^32) */
+    const uint32_t key = rounding ? mix(mix(mix(seed) ^ step) ^ blk) : 0u;
     const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
     if (pk == 0) {
         if (mk == 0) { CASE(0, 0) } else if (mk == 1) { CASE(0, 1) } else if (mk == 2) { CASE(0, 2) }
@@ -514,8 +536,6 @@ void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, i
     }
 }
 """.replace("SAI_BLOCK", str(BLOCK))
-    .replace("SAI_STREAM_M", f"{STREAM_MOMENTUM}u")
-    .replace("SAI_STREAM_P", f"{STREAM_PARAM}u")
 )
 
 _reason: str | None = None

@@ -1,8 +1,9 @@
 """An independent numpy reference of SGD-SaI with low-precision storage, for the tests.
 
-It follows the documented formulas of ``sai_dist.momentum`` (the counter-based hash, bf16
+It follows the documented formulas of ``sai_dist.momentum`` (the counter-based hash, one draw
+per element whose high 16 bits round the parameter and low 16 the momentum, bf16
 stochastic rounding by adding 16 random bits to the float32 pattern and truncating, int8
-block-wise absmax codes with ``q = floor(m / s + u)``) in numpy's wrapping ``uint64``
+block-wise absmax codes with ``q = floor(m * (1 / s) + u)``) in numpy's wrapping ``uint64``
 arithmetic, one parameter at a time, and shares no code with ``sai_dist``. g-SNR follows
 the plain formula (norm over std, normalised by the model's max) in float64.
 """
@@ -26,25 +27,32 @@ def mix(x):
     return x ^ (x >> np.uint64(16))
 
 
-def key(seed, stream, step, block):
-    k = mix(mix(seed) ^ np.uint64(stream))
-    return mix(mix(k ^ np.uint64(step & 0xFFFFFFFF)) ^ np.uint64(block))
+def key(seed, step, block, high=0):
+    k = mix(mix(mix(seed) ^ np.uint64(step & 0xFFFFFFFF)) ^ np.uint64(block))
+    return mix(k ^ np.asarray(high, dtype=np.uint64))
+
+
+def draw(seed, step, block, index):
+    """The element's 32-bit draw."""
+    index = np.asarray(index, dtype=np.uint64)
+    return mix(key(seed, step, block, index >> np.uint64(32)) ^ (index & M32))
 
 
 def bits(seed, stream, step, block, index):
-    index = np.asarray(index, dtype=np.uint64)
-    return mix(mix(key(seed, stream, step, block) ^ (index & M32)) ^ (index >> np.uint64(32)))
+    """16 bits of the element's draw: stream "param" the high half, "momentum" the low."""
+    shift = {"param": 16, "momentum": 0}[stream]
+    return (draw(seed, step, block, index) >> np.uint64(shift)) & np.uint64(0xFFFF)
 
 
 def sr_bf16(x32, b):
-    """float32 array -> float32 array of bf16 values, rounded stochastically."""
+    """float32 array -> float32 array of bf16 values, rounded stochastically with 16 bits."""
     u = x32.view(np.uint32).astype(np.uint64)
-    r = (u + (b >> np.uint64(16))) & np.uint64(0xFFFF0000)
+    r = (u + b) & np.uint64(0xFFFF0000)
     return r.astype(np.uint32).view(np.float32)
 
 
 def uniform(b):
-    return (b >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
+    return b.astype(np.float32) * np.float32(2.0**-16)
 
 
 def _scaled(m32):
@@ -56,7 +64,10 @@ def _scaled(m32):
     )
     per = np.repeat(scales, BLOCK)[:n]
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(per > 0, m32 / per, np.float32(0)).astype(np.float32)
+        recip = np.where(per > 0, np.float32(1) / per, np.float32(0)).astype(np.float32)
+        # multiply by the rounded reciprocal; divide where it overflows (subnormal blocks)
+        q = np.where(np.isinf(recip), m32 / per, m32 * recip)
+        q = np.where(per > 0, q, np.float32(0)).astype(np.float32)
     return q, scales
 
 
@@ -105,7 +116,7 @@ class ReferenceLowPrecision:
                 _, stored, sc = self.state[blk]
                 old = dequantize(stored, sc) if kind == "int8" else stored
                 m = np.float32(self.beta) * old + np.float32(1 - self.beta) * g
-            bm = bits(self.seed, 1, t, blk, idx)
+            bm = bits(self.seed, "momentum", t, blk, idx)
             if kind == "bfloat16":
                 self.state[blk] = (kind, sr_bf16(m.astype(np.float32), bm), None)
             elif kind == "int8":
@@ -116,7 +127,7 @@ class ReferenceLowPrecision:
             p32 = p32 * np.float32(1 - self.lr * self.wd)
             p32 = p32 + np.float32(-self.lr * self.scale[blk]) * m.astype(np.float32)
             if p.dtype == torch.bfloat16:
-                p32 = sr_bf16(p32.astype(np.float32), bits(self.seed, 2, t, blk, idx))
+                p32 = sr_bf16(p32.astype(np.float32), bits(self.seed, "param", t, blk, idx))
             p.copy_(torch.from_numpy(p32.astype(np.float32)).reshape(p.shape).to(p.dtype))
         self.steps += 1
 

@@ -50,26 +50,60 @@ def _train(model, opt, steps, dtype, start=0):
 def test_generator_matches_documented_formula_and_is_offset_invariant():
     r = lowp.Rounding(seed=7, step=3, block=5, offset=0)
     idx = np.array([0, 1, 2, 2047, 2048, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**33 + 11], dtype=np.uint64)
-    got = torch.cat([r.bits(1, int(i), 1, torch.device("cpu")) for i in idx]).numpy().astype(np.uint64)
-    np.testing.assert_array_equal(got, ref.bits(7, 1, 3, 5, idx))
+    cpu = torch.device("cpu")
+    got = torch.cat([r.draws(int(i), 1, cpu) for i in idx]).numpy().astype(np.uint64)
+    np.testing.assert_array_equal(got, ref.draw(7, 3, 5, idx))
+    # The streams are the draw's halves: the parameter's the high 16 bits, the momentum's the low.
+    for stream, name in ((lowp.STREAM_PARAM, "param"), (lowp.STREAM_MOMENTUM, "momentum")):
+        got = torch.cat([r.bits(stream, int(i), 1, cpu) for i in idx]).numpy().astype(np.uint64)
+        np.testing.assert_array_equal(got, ref.bits(7, name, 3, 5, idx))
+    # A run of indices across a multiple of 2^32 takes each element's own high word's key.
+    across = lowp.Rounding(7, 3, 5, 2**32 - 3).draws(0, 6, cpu).numpy().astype(np.uint64)
+    np.testing.assert_array_equal(across, ref.draw(7, 3, 5, np.arange(2**32 - 3, 2**32 + 3, dtype=np.uint64)))
     # A piece starting at element 1000 of its parameter draws what the whole tensor draws there.
-    whole = r.bits(2, 0, 5000, torch.device("cpu"))
-    piece = lowp.Rounding(seed=7, step=3, block=5, offset=1000).bits(2, 0, 4000, torch.device("cpu"))
+    whole = r.bits(lowp.STREAM_PARAM, 0, 5000, cpu)
+    piece = lowp.Rounding(seed=7, step=3, block=5, offset=1000).bits(lowp.STREAM_PARAM, 0, 4000, cpu)
     assert torch.equal(whole[1000:], piece)
-    # Streams, steps, blocks and seeds give different draws.
+    # Streams, steps, blocks and seeds give different draws (16-bit values: 1/65536 equal by chance).
     others = [
-        lowp.Rounding(7, 3, 5, 0).bits(1, 0, 5000, torch.device("cpu")),
-        lowp.Rounding(7, 4, 5, 0).bits(2, 0, 5000, torch.device("cpu")),
-        lowp.Rounding(7, 3, 6, 0).bits(2, 0, 5000, torch.device("cpu")),
-        lowp.Rounding(8, 3, 5, 0).bits(2, 0, 5000, torch.device("cpu")),
+        lowp.Rounding(7, 3, 5, 0).bits(lowp.STREAM_MOMENTUM, 0, 5000, cpu),
+        lowp.Rounding(7, 4, 5, 0).bits(lowp.STREAM_PARAM, 0, 5000, cpu),
+        lowp.Rounding(7, 3, 6, 0).bits(lowp.STREAM_PARAM, 0, 5000, cpu),
+        lowp.Rounding(8, 3, 5, 0).bits(lowp.STREAM_PARAM, 0, 5000, cpu),
     ]
     for other in others:
         assert (other == whole).float().mean() < 0.01
 
 
+def test_generator_bits_are_uniform_and_uncorrelated():
+    """The properties stochastic rounding relies on, at the sample sizes a step uses: each
+    stream's 16 bits uniform, and no correlation between neighbouring elements, between the
+    two streams of one element, or between consecutive steps of one element."""
+    n, cpu = 1 << 20, torch.device("cpu")
+    r = lowp.Rounding(seed=0, step=0, block=0, offset=0)
+    m = _uniform(r.bits(lowp.STREAM_MOMENTUM, 0, n, cpu))
+    p = _uniform(r.bits(lowp.STREAM_PARAM, 0, n, cpu))
+    m_next_step = _uniform(lowp.Rounding(0, 1, 0, 0).bits(lowp.STREAM_MOMENTUM, 0, n, cpu))
+    # mean 1/2 and variance 1/12, to 6 standard errors of n draws
+    for u in (m, p):
+        assert abs(float(u.mean()) - 0.5) < 6 * (1 / 12 / n) ** 0.5
+        assert abs(float(u.var()) - 1 / 12) < 6 * (1 / 180 / n) ** 0.5
+        counts = torch.bincount((u * 256).long(), minlength=256).double()
+        chi2 = float(((counts - n / 256) ** 2 / (n / 256)).sum())
+        assert chi2 < 255 + 6 * (2 * 255) ** 0.5, chi2
+    # correlation coefficients of independent uniforms have standard error 1/sqrt(n)
+    pairs = [(m[:-1], m[1:]), (p[:-1], p[1:]), (m, p), (m, m_next_step), (m[:-16], m[16:])]
+    for a, b in pairs:
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 6 / n**0.5
+
+
+def _uniform(bits):
+    return bits.double() / 2**16
+
+
 def test_bf16_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     x = torch.full((200_000,), 1.0 + 2**-10, dtype=torch.float32)  # 1/8 of the way to the next bf16
-    bits = lowp.Rounding(0, 0, 0, 0).bits(1, 0, x.numel(), torch.device("cpu"))
+    bits = lowp.Rounding(0, 0, 0, 0).bits(lowp.STREAM_MOMENTUM, 0, x.numel(), torch.device("cpu"))
     y = lowp.round_bfloat16(x, bits).to(torch.float32)
     assert set(y.unique().tolist()) == {1.0, 1.0 + 2**-7}
     # E[y] = x; the standard error of the mean is 2^-7 * sqrt(p(1-p)/n) ~ 5.8e-6.
@@ -84,7 +118,7 @@ def test_bf16_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
 
 def test_fp16_stochastic_rounding_is_unbiased():
     x = torch.full((200_000,), 1.0 + 2**-13, dtype=torch.float32)  # 1/8 of an fp16 ulp above 1
-    bits = lowp.Rounding(0, 0, 0, 0).bits(2, 0, x.numel(), torch.device("cpu"))
+    bits = lowp.Rounding(0, 0, 0, 0).bits(lowp.STREAM_PARAM, 0, x.numel(), torch.device("cpu"))
     y = lowp.round_float16(x, bits).to(torch.float32)
     assert set(y.unique().tolist()) == {1.0, 1.0 + 2**-10}
     assert abs(float(y.double().mean()) - float(x[0])) < 4e-6
@@ -98,7 +132,7 @@ def test_bf16_ema_keeps_small_gradients_that_nearest_rounding_drops():
     exact = 1.0
     for t in range(30):
         nearest = (beta * nearest.float() + (1 - beta) * g).to(torch.bfloat16)
-        bits = lowp.Rounding(0, t, 0, 0).bits(1, 0, n, torch.device("cpu"))
+        bits = lowp.Rounding(0, t, 0, 0).bits(lowp.STREAM_MOMENTUM, 0, n, torch.device("cpu"))
         sr = lowp.round_bfloat16(beta * sr.float() + (1 - beta) * g, bits)
         exact = beta * exact + (1 - beta) * g
     assert torch.all(nearest == 1.0)  # stuck

@@ -126,7 +126,7 @@ def test_kernel_writes_the_documented_int8_codes_and_bf16_rounding():
         block = v[k * 2048 : (k + 1) * 2048]
         assert float(sc[k]) == float(block.abs().max() / 127)
     bits = key.bits(lowp.STREAM_MOMENTUM, 0, n, torch.device("cpu"))
-    u = (bits >> 8).double() / 2**24
+    u = bits.double() / 2**16
     per = sc.repeat_interleave(2048)[:n].double()
     expect = torch.floor(v.double() / per + u).clamp(-127, 127)
     # float64 against the kernel's float32 quotient: equal unless v / s + u sits within a
@@ -195,6 +195,49 @@ def test_every_build_equals_reference(monkeypatch, choice):
                 kw = dict(offset=offset, maximize=True, round_params=round_params)
                 kernel = _steps(None, n, param_dtype, buf_dtype, **kw)
                 _assert_same(kernel, _steps(False, n, param_dtype, buf_dtype, **kw))
+
+
+@pytest.mark.parametrize("choice", ["0", "avx2", "avx512"])
+def test_subnormal_block_divides_where_the_reciprocal_overflows(monkeypatch, choice):
+    """Codes are v * (1 / s) + u; in a block of subnormal momentum 1 / s overflows float32,
+    and that block divides instead. Every build equals the reference there, and the codes
+    stay within one step of the value (the reciprocal's inf would have made them +-127)."""
+    monkeypatch.setenv("SAI_DIST_LOWP_SIMD", choice)
+    n = 3 * 2048
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(n, generator=gen)
+    g[2048:4096] *= 1e-40  # block 1: absmax ~ 4e-40, s ~ 3e-42, 1 / s > 3.4e38
+    scales_of = [float(g[k * 2048 : (k + 1) * 2048].abs().max() / 127) for k in range(3)]
+    assert torch.isinf(torch.tensor(scales_of[1]).reciprocal()) and scales_of[1] > 0
+    results = []
+    for fused in (None, False):
+        p = torch.zeros(n)
+        buf = torch.empty(n, dtype=torch.int8)
+        sc = torch.empty(lowp.num_scales([n]))
+        _low_precision_sgd_sai(
+            [p],
+            [g.clone()],
+            [buf],
+            [sc],
+            [1.0],
+            [True],
+            [lowp.Rounding(3, 0, 0, 0)],
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=0.0,
+            maximize=False,
+            round_params=True,
+            fused=fused,
+        )
+        results.append((p, buf, sc))
+    _assert_same(results[0], results[1])
+    back = lowp.decode(results[0][1], results[0][2])
+    step = results[0][2].repeat_interleave(2048)[:n]
+    assert torch.all((back - g).abs() <= step * (1 + 1e-6))  # born: m = g
+    assert (
+        int(results[0][1][2048:4096].abs().max()) == 127
+        and int((results[0][1][2048:4096] == 127).sum()) < 2048
+    )
 
 
 def test_unknown_simd_choice_is_refused_by_name(monkeypatch):
