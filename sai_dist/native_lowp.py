@@ -59,8 +59,7 @@ _BUILDS = (
     ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma")),
 )
 
-_SOURCE = (
-    r"""
+_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -536,7 +535,6 @@ void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, i
     }
 }
 """.replace("SAI_BLOCK", str(BLOCK))
-)
 
 _reason: str | None = None
 _M32 = 0xFFFFFFFF
