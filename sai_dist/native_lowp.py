@@ -14,10 +14,12 @@ rounded once: exactly what the torch reference (:func:`sai_dist.functional._low_
 computes, whose ``m.mul_(b).add_(g, alpha=c)`` and ``p.mul_(d).add_(m, alpha=a)`` are a
 rounded product and a fused multiply-add in torch's CPU kernels (checked by the tests).
 Stochastic rounding draws the bits of the documented counter-based hash
-(:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the stream keys derived in C
-from ``(seed, step, block)`` by the documented formula) and rounds as the reference does
-(bfloat16: add the high 16 bits, truncate; int8: ``floor(v / s + u)``, clamped to ±127),
-so kernel and reference agree bit for bit.
+(:mod:`sai_dist.momentum`: the same ``mix`` in ``uint32_t``, the key derived in C from
+``(seed, step, block)`` and the index's high word by the documented formula; one draw per
+element, computed once and shared: its high 16 bits round a bfloat16 parameter, its low 16
+the momentum) and rounds as the reference does (bfloat16: add the 16 bits, truncate; int8:
+``floor(v * (1 / s) + u)``, clamped to ±127, dividing in a block whose ``1 / s``
+overflows), so kernel and reference agree bit for bit.
 
 The same per-element operations in three implementations, one source:
 
