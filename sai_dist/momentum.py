@@ -295,6 +295,8 @@ class Rounding:
     def bits(self, stream: int, start: int, n: int, device: torch.device) -> Tensor:
         """16 random bits (int64 in ``[0, 2^16)``) of ``stream`` (:data:`STREAM_MOMENTUM`
         or :data:`STREAM_PARAM`) for the piece's elements ``start .. start + n``."""
+        if stream not in (STREAM_MOMENTUM, STREAM_PARAM):
+            raise ValueError(f"stream={stream!r}: must be STREAM_MOMENTUM (0) or STREAM_PARAM (16)")
         return (self.draws(start, n, device) >> stream).bitwise_and_(0xFFFF)
 
 
@@ -369,7 +371,7 @@ def _reciprocals(scales: Tensor) -> tuple[Tensor, bool]:
 
     Codes are ``floor(v * (1 / s) + u)``: one multiply per element instead of a division,
     the same values in the kernel. A block whose ``1 / s`` overflows float32 (``s`` below
-    ``2^-128``: a block of subnormal momentum) divides instead, as ``v / s`` is still at
+    ``2^-128``: a block whose absmax is below about ``2^-121``) divides instead, as ``v / s`` is still at
     most 127 there."""
     recips = torch.where(scales > 0, scales.reciprocal(), 0.0)
     return recips, bool(torch.isinf(recips).any())

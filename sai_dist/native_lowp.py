@@ -34,7 +34,8 @@ The same per-element operations in three implementations, one source:
 - The scalar definition (``fmaf`` for the fused multiply-adds): the portable build's only
   path, and, in a vector build, a block's last ``len mod lanes`` elements and any block
   whose element index crosses a multiple of :math:`2^{32}` (the vector hash keeps the
-  index's high word constant over a block).
+  index's high word constant over a block), and the codes of an int8 block whose
+  ``1 / s`` overflows (it divides).
 
 Built like :mod:`sai_dist.native` (system compiler, cached by source, flags, compiler and
 machine; ``SAI_DIST_NATIVE=0`` disables it, and the torch reference runs instead).
@@ -143,7 +144,7 @@ INLINE void elem_store_m(void *m, int64_t i, float mv, const int MK, uint32_t bi
 }
 /* int8 code: floor(v * recip + u), u = r16 / 2^16, clamped to [-127, 127]; recip = 1 / scale
    rounded (0 for a zero scale: v * 0 = +-0, code 0, the 0 torch's where(scale > 0, ...)
-   gives); div: 1 / scale overflowed (a subnormal block), so v / scale. */
+   gives); div: 1 / scale overflowed (scale below 2^-128), so v / scale. */
 INLINE int8_t elem_code(float v, float recip, float scale, int div, uint32_t r16) {
     float q = div ? v / scale : v * recip;
     q = q + (float)(int32_t)r16 * 1.52587890625e-05f;

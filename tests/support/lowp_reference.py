@@ -56,8 +56,8 @@ def uniform(b):
 
 
 def _scaled(m32):
-    """``(m / s, s)``: a 1-D float32 array over its per-block absmax/127 scales (0 where a
-    block is all zeros), and the scales."""
+    """``(m * (1 / s), s)``: a 1-D float32 array times the reciprocals of its per-block
+    absmax/127 scales (0 where a block is all zeros), and the scales."""
     n = m32.size
     scales = np.array(
         [np.abs(m32[i : i + BLOCK]).max() / np.float32(127) for i in range(0, n, BLOCK)], dtype=np.float32
@@ -65,7 +65,7 @@ def _scaled(m32):
     per = np.repeat(scales, BLOCK)[:n]
     with np.errstate(divide="ignore", invalid="ignore"):
         recip = np.where(per > 0, np.float32(1) / per, np.float32(0)).astype(np.float32)
-        # multiply by the rounded reciprocal; divide where it overflows (subnormal blocks)
+        # multiply by the rounded reciprocal; divide where it overflows (s < 2^-128)
         q = np.where(np.isinf(recip), m32 / per, m32 * recip)
         q = np.where(per > 0, q, np.float32(0)).astype(np.float32)
     return q, scales

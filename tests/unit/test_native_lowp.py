@@ -108,7 +108,7 @@ def test_threads_split_blocks_without_changing_a_bit(param_dtype):
 
 
 def test_kernel_writes_the_documented_int8_codes_and_bf16_rounding():
-    """Independent of the reference's code: a born int8 buffer holds floor(v / s + u) with
+    """Independent of the reference's code: a born int8 buffer holds floor(v * (1 / s) + u) with
     s = absmax / 127 per block and u from the documented bits; a bf16 parameter rounded
     stochastically is one of the two bf16 neighbours of the float32 update."""
     n = 4100
@@ -129,8 +129,8 @@ def test_kernel_writes_the_documented_int8_codes_and_bf16_rounding():
     u = bits.double() / 2**16
     per = sc.repeat_interleave(2048)[:n].double()
     expect = torch.floor(v.double() / per + u).clamp(-127, 127)
-    # float64 against the kernel's float32 quotient: equal unless v / s + u sits within a
-    # float32 rounding of an integer.
+    # float64 v / s against the kernel's float32 v * (1 / s): equal unless v / s + u sits
+    # within two float32 roundings of an integer.
     assert float((buf.double() == expect).double().mean()) > 0.999
     assert int((buf.double() - expect).abs().max()) <= 1
     exact = -0.5 * v
@@ -198,8 +198,8 @@ def test_every_build_equals_reference(monkeypatch, choice):
 
 
 @pytest.mark.parametrize("choice", ["0", "avx2", "avx512"])
-def test_subnormal_block_divides_where_the_reciprocal_overflows(monkeypatch, choice):
-    """Codes are v * (1 / s) + u; in a block of subnormal momentum 1 / s overflows float32,
+def test_tiny_block_divides_where_the_reciprocal_overflows(monkeypatch, choice):
+    """Codes are v * (1 / s) + u; in a block of tiny momentum (s < 2^-128) 1 / s overflows float32,
     and that block divides instead. Every build equals the reference there, and the codes
     stay within one step of the value (the reciprocal's inf would have made them +-127)."""
     monkeypatch.setenv("SAI_DIST_LOWP_SIMD", choice)
