@@ -9,7 +9,7 @@ checkpoints and the memory accounting agree on it:
   a bf16 ulp of the buffer (:math:`(1-\beta)|g| < 2^{-9}|m|`), so small gradients vanish.
 - ``"int8"``: codes :math:`q \in [-127, 127]` plus one float32 scale per block of
   :data:`BLOCK` consecutive elements of a piece, :math:`m = q\,s_k`,
-  :math:`s_k = \max_{i \in k} |m_i| / 127` (absmax, linear code map), codes rounded
+  :math:`s_k = \max_{i \in k} |m_i| / 127` (absmax, NaN skipped; linear code map), codes rounded
   stochastically: :math:`q = \lfloor m \cdot (1/s_k) + u \rfloor`, :math:`u \sim U[0, 1)`. The linear
   map is kept after measuring it against a dynamic (leading-zero exponent, linear fraction)
   map on the convergence benchmark (``benchmarks/int8_code_maps.py``, 6 seeds, 300 steps):
@@ -355,14 +355,20 @@ def round_to(x: Tensor, dtype: torch.dtype, rounding: Rounding | None, stream: i
 
 
 def _block_scales(x: Tensor) -> Tensor:
-    """absmax / 127 of each :data:`BLOCK` of the 1-D float32 ``x`` (the last may be short)."""
+    """absmax / 127 of each :data:`BLOCK` of the 1-D float32 ``x`` (the last may be short).
+
+    A NaN is skipped (as if 0), so one NaN costs its own element, not its block's scale:
+    the NaN's code is 0 and the block's other codes keep their values."""
     n = x.numel()
     full = n // BLOCK * BLOCK
+    a = x.abs()
+    if bool(torch.isnan(a).any()):
+        a = torch.where(torch.isnan(a), 0.0, a)
     parts = []
     if full:
-        parts.append(x[:full].view(-1, BLOCK).abs().amax(dim=1))
+        parts.append(a[:full].view(-1, BLOCK).amax(dim=1))
     if full < n:
-        parts.append(x[full:].abs().amax().reshape(1))
+        parts.append(a[full:].amax().reshape(1))
     return torch.cat(parts) / 127.0 if parts else x.new_zeros(0)
 
 
@@ -425,7 +431,8 @@ def encode(
             q = q.round_()
         else:
             q = q.add_(_uniform(rounding.bits(stream, lo, hi - lo, value.device))).floor_()
-        flat_b[lo:hi] = q.clamp_(-127, 127).to(torch.int8)
+        # a NaN (a NaN momentum, or inf * 0 in a block of infinite scale) codes 0, as the kernel
+        flat_b[lo:hi] = q.clamp_(-127, 127).nan_to_num_(0.0).to(torch.int8)
 
 
 def convert(

@@ -154,6 +154,15 @@ INLINE int8_t elem_code(float v, float recip, float scale, int div, uint32_t r16
     t -= (int32_t)((float)t > q);
     return (int8_t)t;
 }
+/* max abs_bits over v[0 .. len) */
+static uint32_t absmax_bits(const float *v, int len) {
+    uint32_t amax = 0u;
+    for (int j = 0; j < len; j++) {
+        const uint32_t u = abs_bits(v[j]);
+        amax = u > amax ? u : amax;
+    }
+    return amax;
+}
 INLINE float scale_of(uint32_t amax) {
     float absmax; memcpy(&absmax, &amax, 4);
     return absmax / 127.0f;
@@ -233,8 +242,7 @@ INLINE __m256 load_g(const void *g, int64_t i, const int PK) {
 /* f_to_bf16 on 8 lanes (r16: 16 random bits a lane), stored. */
 INLINE void store_bf16(uint16_t *out, __m256 v, __m256i r16, const int stochastic) {
     const __m256i u = _mm256_castps_si256(v);
-    const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-    const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     __m256i add;
     if (stochastic) {
         add = r16;
@@ -313,18 +321,19 @@ INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s
         return;
     }
     /* int8: the new values and their absmax first (the scale precedes every code) */
+    /* absmax of the |v| bit patterns; a NaN (above infinity's pattern) is skipped by a
+       rescan of the block, which only a block holding one pays */
     __m256i vmax = _mm256_setzero_si256();
-    const __m256i inf = _mm256_set1_epi32(0x7f800000), mask = _mm256_set1_epi32(0x7fffffff);
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff);
     for (int j = 0; j < len8; j += 8) {
         const __m256 mv = vec_m(g, m, s + j, PK, MK, born, vb, vc, vs);
         _mm256_storeu_ps(mn + j, mv);
-        __m256i u = _mm256_and_si256(_mm256_castps_si256(mv), mask);
-        u = _mm256_andnot_si256(_mm256_cmpgt_epi32(u, inf), u);
-        vmax = _mm256_max_epi32(vmax, u);
+        vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(mv), mask));
     }
     uint32_t lanes[8], amax = 0u;
     _mm256_storeu_si256((__m256i *)lanes, vmax);
     for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+    if (amax > 0x7f800000u) amax = absmax_bits(mn, len8);
     for (int j = len8; j < len; j++) {
         mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
         const uint32_t u = abs_bits(mn[j]);
@@ -369,8 +378,7 @@ INLINE __m512 load_bf16_16(const uint16_t *x) {
    < 2^16: truncating vpmovdw). */
 INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i r16, const int stochastic) {
     const __m512i u = _mm512_castps_si512(v);
-    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     __m512i add;
     if (stochastic) {
         add = r16;
@@ -444,15 +452,16 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
                    old_scale);
         return;
     }
+    /* absmax as in block_avx2: a NaN is skipped by a rescan */
     __m512i vmax = _mm512_setzero_si512();
-    const __m512i inf = _mm512_set1_epi32(0x7f800000), mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i mask = _mm512_set1_epi32(0x7fffffff);
     for (int j = 0; j < len16; j += 16) {
         const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
         _mm512_storeu_ps(mn + j, mv);
-        const __m512i u = _mm512_and_si512(_mm512_castps_si512(mv), mask);
-        vmax = _mm512_mask_max_epi32(vmax, _mm512_cmple_epi32_mask(u, inf), vmax, u);
+        vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(mv), mask));
     }
-    uint32_t amax = (uint32_t)_mm512_reduce_max_epi32(vmax);
+    uint32_t amax = (uint32_t)_mm512_reduce_max_epu32(vmax);
+    if (amax > 0x7f800000u) amax = absmax_bits(mn, len16);
     for (int j = len16; j < len; j++) {
         mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
         const uint32_t u = abs_bits(mn[j]);

@@ -60,7 +60,12 @@ def _scaled(m32):
     absmax/127 scales (0 where a block is all zeros), and the scales."""
     n = m32.size
     scales = np.array(
-        [np.abs(m32[i : i + BLOCK]).max() / np.float32(127) for i in range(0, n, BLOCK)], dtype=np.float32
+        # NaN skipped, as if 0 (the documented absmax)
+        [
+            np.where(np.isnan(m32[i : i + BLOCK]), 0, np.abs(m32[i : i + BLOCK])).max() / np.float32(127)
+            for i in range(0, n, BLOCK)
+        ],
+        dtype=np.float32,
     )
     per = np.repeat(scales, BLOCK)[:n]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -75,7 +80,7 @@ def quantize(m32, b):
     """int8 codes and per-block scales of a 1-D float32 array."""
     q, scales = _scaled(m32)
     q = np.floor(q + uniform(b))
-    return np.clip(q, -127, 127).astype(np.int8), scales
+    return np.nan_to_num(np.clip(q, -127, 127), nan=0).astype(np.int8), scales
 
 
 def dequantize(codes, scales):

@@ -11,12 +11,16 @@ path), the small-tensor rule through the optimizer, and every build (AVX-512, AV
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from sai_dist import SGDSaI, native, native_lowp
 from sai_dist import momentum as lowp
 from sai_dist.functional import _low_precision_sgd_sai
+from tests.support import lowp_reference as ref
 
 pytestmark = pytest.mark.skipif(
     native_lowp.library() is None, reason=f"no native low-precision kernel: {native_lowp._reason}"
@@ -238,6 +242,46 @@ def test_tiny_block_divides_where_the_reciprocal_overflows(monkeypatch, choice):
         int(results[0][1][2048:4096].abs().max()) == 127
         and int((results[0][1][2048:4096] == 127).sum()) < 2048
     )
+
+
+@pytest.mark.parametrize("choice", ["0", "avx2", "avx512"])
+def test_non_finite_momentum_is_encoded_as_the_reference_does(monkeypatch, choice):
+    """A NaN in a block is skipped by its absmax (its code is 0, the block's other codes
+    keep their values); an infinity makes the block's scale infinite (finite values code
+    0). Every build equals the torch reference and the numpy one."""
+    monkeypatch.setenv("SAI_DIST_LOWP_SIMD", choice)
+    n = 3 * 2048 + 100
+    g = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    g[5], g[2048 + 7], g[6200] = float("nan"), float("inf"), float("nan")  # blocks 0, 1, short 3
+    results = []
+    for fused in (None, False):
+        p, buf, sc = torch.zeros(n), torch.empty(n, dtype=torch.int8), torch.empty(lowp.num_scales([n]))
+        _low_precision_sgd_sai(
+            [p],
+            [g.clone()],
+            [buf],
+            [sc],
+            [1.0],
+            [True],
+            [lowp.Rounding(3, 0, 0, 0)],
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=0.0,
+            maximize=False,
+            round_params=True,
+            fused=fused,
+        )
+        results.append((p, buf, sc))
+    (kp, kb, ks), (rp, rb, rs) = results
+    assert torch.equal(kb, rb) and torch.equal(ks, rs)
+    torch.testing.assert_close(kp, rp, rtol=0, atol=0, equal_nan=True)
+    finite = torch.where(torch.isnan(g), 0.0, g)
+    assert float(ks[0]) == float(finite[:2048].abs().max() / 127) and math.isinf(float(ks[1]))
+    assert int(kb[5]) == 0 and int(kb[6200]) == 0 and int(kb[:2048].abs().max()) == 127
+    assert int(kb[2048:4096].abs().max()) == 0  # block 1: scale inf, every code 0
+    codes, scales = ref.quantize(g.numpy(), ref.bits(3, "momentum", 0, 0, np.arange(n, dtype=np.uint64)))
+    np.testing.assert_array_equal(kb.numpy(), codes)
+    np.testing.assert_array_equal(ks.numpy(), scales)
 
 
 def test_unknown_simd_choice_is_refused_by_name(monkeypatch):
