@@ -297,17 +297,15 @@ def _low_precision_sgd_sai(
     (:mod:`sai_dist.native_lowp`: the same update and random bits in one read and one
     write of every element) go through it; the loop below is the definition it is tested
     against."""
+    lib = native_lowp.library() if fused is not False else None
+    batch = None if lib is None else native_lowp.Batch(lib)  # one kernel call for all it takes
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffers[i] if momentum != 0 else None
-        if (
-            fused is not False
-            and native_lowp.supported(param, grad, buf)
-            and native_lowp.library() is not None
-        ):
+        if batch is not None and native_lowp.supported(param, grad, buf):
             _, coef = _coefficients(
                 scales[i], born[i], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
             )
-            native_lowp.step_piece(
+            batch.add(
                 param,
                 grad,
                 buf,
@@ -340,6 +338,8 @@ def _low_precision_sgd_sai(
         p32.add_(direction, alpha=-lr * scales[i])
         if p32 is not param:
             param.copy_(round_to(p32, param.dtype, key if round_params else None, STREAM_PARAM))
+    if batch is not None:
+        batch.run()
 
 
 def _multi_tensor_sgd_sai(

@@ -46,6 +46,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -54,7 +55,7 @@ from torch import Tensor
 from sai_dist import native
 from sai_dist.momentum import BLOCK, Rounding
 
-__all__ = ["isa_flags", "lanes", "library", "step_piece", "supported"]
+__all__ = ["Batch", "isa_flags", "lanes", "library", "step_piece", "supported"]
 
 #: Vector builds, widest first: (``SAI_DIST_LOWP_SIMD`` name, CPU flags it needs, compiler flags).
 _BUILDS = (
@@ -64,6 +65,7 @@ _BUILDS = (
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -506,18 +508,6 @@ INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int
     block_tail(p, g, m, scales, s, len, 0, mn, PK, MK, born, b, c, d, a, key, offset, RP, old_scale);
 }
 
-#define CASE(PK, MK)                                                                           \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nblocks > 16)")        \
-    for (int64_t k = 0; k < nblocks; k++) {                                                    \
-        const int64_t s = k * BLOCK;                                                           \
-        const int len = (int)((s + BLOCK < n ? s + BLOCK : n) - s);                            \
-        if (round_p)                                                                           \
-            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key, offset, 1);          \
-        else                                                                                   \
-            block(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key, offset, 0);          \
-    }                                                                                          \
-    return;
-
 /* Lanes of the vector path this build runs: 16 (AVX-512F), 8 (AVX2), 1 (scalar). */
 int sai_lowp_lanes(void) {
 #if defined(__AVX512F__)
@@ -529,22 +519,76 @@ int sai_lowp_lanes(void) {
 #endif
 }
 
-/* m' = b m + c g (born: c g), p' = d p + a m'. rounding: draw from the key of (seed, step,
-   blk), offset the piece's first element's index in the original parameter (else key 0);
-   round_p: stochastic rounding of a bfloat16 parameter (else nearest). */
-void sai_lowp_piece(void *p, const void *g, void *m, float *scales, int64_t n, int pk, int mk,
-                    int born, float b, float c, float d, float a, int rounding, uint32_t seed,
-                    uint32_t step, uint32_t blk, int64_t offset, int round_p, int nthreads) {
-    /* Rounding.key of sai_dist.momentum before its high word (seed, step, block mod 2^32) */
-    const uint32_t key = rounding ? mix(mix(mix(seed) ^ step) ^ blk) : 0u;
-    const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-    if (pk == 0) {
-        if (mk == 0) { CASE(0, 0) } else if (mk == 1) { CASE(0, 1) } else if (mk == 2) { CASE(0, 2) }
-        else { CASE(0, -1) }
-    } else {
-        if (mk == 0) { CASE(1, 0) } else if (mk == 1) { CASE(1, 1) } else if (mk == 2) { CASE(1, 2) }
-        else { CASE(1, -1) }
+/* One piece of a batch (the row layout of _ROW in native_lowp.py): m' = b m + c g (born:
+   c g), p' = d p + a m'. rounding: draw from the key of (seed, step, blk), offset the
+   piece's first element's index in the original parameter (else key 0); round_p:
+   stochastic rounding of a bfloat16 parameter (else nearest). */
+typedef struct {
+    void *p;
+    const void *g;
+    void *m;
+    float *scales;
+    int64_t n, offset;
+    float b, c, d, a;
+    uint32_t seed, step, blk;
+    int32_t pk, mk, born, rounding, round_p;
+} sai_piece;
+
+int sai_lowp_row_bytes(void) { return (int)sizeof(sai_piece); }
+
+/* Block k of piece q, its dtypes and rounding as compile-time constants of block(). */
+static void piece_block(const sai_piece *q, uint32_t key, int64_t k) {
+    const int64_t s = k * BLOCK;
+    const int len = (int)((s + BLOCK < q->n ? s + BLOCK : q->n) - s);
+#define RUN(PK, MK, RP) \
+    block(q->p, q->g, q->m, q->scales, s, len, PK, MK, q->born, q->b, q->c, q->d, q->a, key, q->offset, RP)
+#define BY_RP(PK, MK) do { if (q->round_p) RUN(PK, MK, 1); else RUN(PK, MK, 0); } while (0)
+#define BY_MK(PK)                                              \
+    do {                                                       \
+        switch (q->mk) {                                       \
+            case 0: BY_RP(PK, 0); break;                       \
+            case 1: BY_RP(PK, 1); break;                       \
+            case 2: BY_RP(PK, 2); break;                       \
+            default: BY_RP(PK, -1); break;                     \
+        }                                                      \
+    } while (0)
+    if (q->pk) BY_MK(1); else BY_MK(0);
+#undef BY_MK
+#undef BY_RP
+#undef RUN
+}
+
+/* Every block of every piece in one parallel region: OpenMP splits the blocks of the whole
+   batch, so small pieces cost no fork of their own. Returns 0, or -1 (nothing written) if
+   the block index could not be allocated. */
+int sai_lowp_pieces(const sai_piece *pc, int64_t count, int nthreads) {
+    int64_t *first = malloc((size_t)(count + 1) * sizeof(int64_t)); /* first block of each piece */
+    uint32_t *keys = malloc((size_t)(count > 0 ? count : 1) * sizeof(uint32_t));
+    if (!first || !keys) {
+        free(first);
+        free(keys);
+        return -1;
     }
+    first[0] = 0;
+    for (int64_t i = 0; i < count; i++) {
+        first[i + 1] = first[i] + (pc[i].n + BLOCK - 1) / BLOCK;
+        /* Rounding.key of sai_dist.momentum before its high word (seed, step, block mod 2^32) */
+        keys[i] = pc[i].rounding ? mix(mix(mix(pc[i].seed) ^ pc[i].step) ^ pc[i].blk) : 0u;
+    }
+    const int64_t total = first[count];
+#pragma omp parallel for schedule(static) num_threads(nthreads) if(total > 16)
+    for (int64_t k = 0; k < total; k++) {
+        int64_t lo = 0, hi = count - 1; /* the last piece whose first block is <= k */
+        while (lo < hi) {
+            const int64_t mid = (lo + hi + 1) / 2;
+            if (first[mid] <= k) lo = mid;
+            else hi = mid - 1;
+        }
+        piece_block(&pc[lo], keys[lo], k - first[lo]);
+    }
+    free(first);
+    free(keys);
+    return 0;
 }
 """.replace("SAI_BLOCK", str(BLOCK))
 
@@ -553,6 +597,10 @@ _M32 = 0xFFFFFFFF
 _PK = {torch.float32: 0, torch.bfloat16: 1}
 _PLAIN = (Tensor, torch.nn.Parameter)
 _MK = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+#: One row of ``sai_piece`` (the C struct): p, g, m, scales, n, offset, b, c, d, a, seed,
+#: step, block, pk, mk, born, rounding, round_p. Every field falls on its natural alignment,
+#: so the packed little-endian layout is the C one (checked against ``sizeof`` at load).
+_ROW = struct.Struct("<QQQQqqffffIIIiiiii")
 
 
 def isa_flags(choice: str | None = None) -> tuple[str, ...]:
@@ -580,15 +628,14 @@ def _load(isa: tuple[str, ...]) -> ctypes.CDLL | None:
     except native.KernelUnavailable as exc:
         _reason = f"the low-precision kernel: {exc}"
         return None
-    ptr, i64, i32, u32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
-    lib.sai_lowp_piece.argtypes = [
-        *(ptr, ptr, ptr, ptr, i64, i32, i32, i32),  # p, g, m, scales, n, pk, mk, born
-        *(f32, f32, f32, f32),  # b, c, d, a
-        *(i32, u32, u32, u32, i64, i32, i32),  # rounding, seed, step, block, offset, round_p, nthreads
-    ]
-    lib.sai_lowp_piece.restype = None
-    lib.sai_lowp_lanes.argtypes = []
-    lib.sai_lowp_lanes.restype = i32
+    lib.sai_lowp_pieces.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]  # rows, count, nthreads
+    lib.sai_lowp_pieces.restype = ctypes.c_int
+    for name in ("sai_lowp_lanes", "sai_lowp_row_bytes"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = ctypes.c_int
+    if lib.sai_lowp_row_bytes() != _ROW.size:  # the C struct and _ROW must agree field by field
+        _reason = f"the low-precision kernel: its row is {lib.sai_lowp_row_bytes()} bytes, not {_ROW.size}"
+        return None
     _reason = None
     return lib
 
@@ -624,6 +671,72 @@ def supported(param: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
     return True
 
 
+class Batch:
+    """Pieces collected for one kernel call (one parallel region over all their blocks):
+    :meth:`add` each piece, then :meth:`run`. Rows are packed as they come, so a step pays
+    one ``struct.pack`` per piece and one ``ctypes`` call in all."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._rows = bytearray()
+        self._count = 0
+        self._written: list[Tensor] = []
+
+    def add(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        buf: Tensor | None,
+        scales: Tensor | None,
+        *,
+        born: bool,
+        coef: Sequence[float],
+        rounding: Rounding | None,
+        round_param: bool,
+    ) -> None:
+        """One piece; ``coef = (b, c, d, a)`` as in :mod:`sai_dist.native`. Nothing is
+        written before :meth:`run`."""
+        n = param.numel()
+        if n == 0:
+            return
+        b, c, d, a = coef
+        self._rows += _ROW.pack(
+            param.data_ptr(),
+            grad.data_ptr(),
+            0 if buf is None else buf.data_ptr(),
+            0 if scales is None else scales.data_ptr(),
+            n,
+            0 if rounding is None else rounding.offset,
+            b,
+            c,
+            d,
+            a,
+            0 if rounding is None else rounding.seed & _M32,
+            0 if rounding is None else rounding.step & _M32,
+            0 if rounding is None else rounding.block & _M32,
+            _PK[param.dtype],
+            -1 if buf is None else _MK[buf.dtype],
+            int(born),
+            int(rounding is not None),
+            int(round_param and rounding is not None),
+        )
+        self._count += 1
+        self._written.append(param)
+        if buf is not None:
+            self._written.append(buf)
+
+    def run(self) -> None:
+        """Step every piece added (in place), then forget them."""
+        if not self._count:
+            return
+        rows = (ctypes.c_char * len(self._rows)).from_buffer(self._rows)
+        if self._lib.sai_lowp_pieces(ctypes.addressof(rows), self._count, torch.get_num_threads()) != 0:
+            raise MemoryError(f"the low-precision kernel could not index the blocks of {self._count} pieces")
+        del rows  # release the bytearray's export before it is replaced
+        torch.autograd.graph.increment_version(self._written)
+        self._rows, self._count, self._written = bytearray(), 0, []
+
+
 def step_piece(
     param: Tensor,
     grad: Tensor,
@@ -635,32 +748,9 @@ def step_piece(
     rounding: Rounding | None,
     round_param: bool,
 ) -> None:
-    """One piece through the kernel; ``coef = (b, c, d, a)`` as in :mod:`sai_dist.native`."""
+    """One piece through the kernel (a :class:`Batch` of one)."""
     lib = library()
     assert lib is not None
-    n = param.numel()
-    if n == 0:
-        return
-    b, c, d, a = coef
-    lib.sai_lowp_piece(
-        param.data_ptr(),
-        grad.data_ptr(),
-        0 if buf is None else buf.data_ptr(),
-        0 if scales is None else scales.data_ptr(),
-        n,
-        _PK[param.dtype],
-        -1 if buf is None else _MK[buf.dtype],
-        int(born),
-        b,
-        c,
-        d,
-        a,
-        rounding is not None,
-        0 if rounding is None else rounding.seed & _M32,
-        0 if rounding is None else rounding.step & _M32,
-        0 if rounding is None else rounding.block & _M32,
-        0 if rounding is None else rounding.offset,
-        int(round_param and rounding is not None),
-        torch.get_num_threads(),
-    )
-    torch.autograd.graph.increment_version([t for t in (param, buf) if t is not None])
+    batch = Batch(lib)
+    batch.add(param, grad, buf, scales, born=born, coef=coef, rounding=rounding, round_param=round_param)
+    batch.run()

@@ -210,7 +210,9 @@ def step_group(
         if buf_local is not None and buf_local.dtype == torch.int8:
             st = lowp.stored_pieces(torch.int8, _numels(layout, p, origin), lengths)
         if rounding:
-            step = int(entry.setdefault(ROUNDING_STEP, torch.tensor(0, dtype=torch.int64)))
+            if ROUNDING_STEP not in entry:  # not setdefault: its default would be built every step
+                entry[ROUNDING_STEP] = torch.tensor(0, dtype=torch.int64)
+            step = int(entry[ROUNDING_STEP])
         for k, (piece, scale) in enumerate(zip(pieces, entry[SCALE].reshape(-1).tolist(), strict=True)):
             p_views.append(piece.view(p_local))
             d_views.append(piece.view(g_local))
