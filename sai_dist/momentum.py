@@ -73,6 +73,7 @@ steps up to a quarter of their time (docs/performance.md).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -213,6 +214,15 @@ def stored_pieces(buffer: torch.dtype, block_numels: Sequence[int], lengths: Seq
     """The :class:`PieceStorage` of an existing buffer of dtype ``buffer``: an int8 buffer
     keeps the pieces of parameters under :data:`SMALL` in ``momentum_small`` (the rule
     that made it); any other buffer holds every piece."""
+    # Asked for every int8 tensor at every step with the same sizes: remembered (a pure
+    # function of its arguments, and PieceStorage is frozen).
+    return _stored_pieces(buffer, tuple(block_numels), tuple(lengths))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_pieces(
+    buffer: torch.dtype, block_numels: tuple[int, ...], lengths: tuple[int, ...]
+) -> PieceStorage:
     small = [buffer == torch.int8 and n < SMALL for n in block_numels]
     if small and all(small) and buffer == torch.int8:
         small = [False] * len(small)  # an int8 buffer of small pieces only: none is set aside

@@ -666,7 +666,7 @@ def supported(param: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
         return False
     shape = param.shape
     for t in (param, grad) if buf is None else (param, grad, buf):
-        if type(t) not in _PLAIN or t.device.type != "cpu" or not t.is_contiguous() or t.shape != shape:
+        if type(t) not in _PLAIN or not t.is_cpu or not t.is_contiguous() or t.shape != shape:
             return False
     return True
 
