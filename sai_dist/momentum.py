@@ -77,7 +77,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -275,11 +275,11 @@ def _mix_(x: Tensor) -> Tensor:
     return x
 
 
-@dataclass(frozen=True)
-class Rounding:
+class Rounding(NamedTuple):
     """Where one piece's random draws come from: the run's ``seed``, the tensor's update
     count ``step``, its model ``block`` and ``offset``, the index of the piece's first
-    element in the flattened original parameter."""
+    element in the flattened original parameter. (A NamedTuple, not a frozen dataclass:
+    one is built per piece per step, and this is the cheaper immutable record.)"""
 
     seed: int
     step: int

@@ -176,6 +176,7 @@ def step_group(
     q_views: list[Tensor | None] = []
     keys: list[lowp.Rounding | None] = []
     any_managed = False
+    counters: list[Tensor] = []  # ROUNDING_STEP of each rounded tensor, advanced in one call
     for p in params:
         entry = state[p]
         pieces = layout.pieces(p)
@@ -213,7 +214,9 @@ def step_group(
             if ROUNDING_STEP not in entry:  # not setdefault: its default would be built every step
                 entry[ROUNDING_STEP] = torch.tensor(0, dtype=torch.int64)
             step = int(entry[ROUNDING_STEP])
-        for k, (piece, scale) in enumerate(zip(pieces, entry[SCALE].reshape(-1).tolist(), strict=True)):
+        scale_t = entry[SCALE]
+        piece_scales = scale_t.tolist() if scale_t.dim() == 1 else scale_t.reshape(-1).tolist()
+        for k, (piece, scale) in enumerate(zip(pieces, piece_scales, strict=True)):
             p_views.append(piece.view(p_local))
             d_views.append(piece.view(g_local))
             q_view = None
@@ -227,15 +230,20 @@ def step_group(
                 m_views.append(piece.view(buf_local))
                 lo = None if st is None else st.scale_starts[k]
                 if lo is not None:
-                    q_view = entry[MOMENTUM_SCALE][lo : lo + lowp.num_scales([lengths[k]])]
+                    all_scales = entry[MOMENTUM_SCALE]
+                    count = lowp.num_scales([lengths[k]])
+                    whole = lo == 0 and count == all_scales.numel()  # one piece: no slice to make
+                    q_view = all_scales if whole else all_scales[lo : lo + count]
             q_views.append(q_view)
             scales.append(scale)
             born.append(starts)
             assert origin is not None or not rounding
             keys.append(lowp.Rounding(seed, step, piece.block, origin[k].offset) if rounding else None)
         if rounding:
-            entry[ROUNDING_STEP] += 1
+            counters.append(entry[ROUNDING_STEP])
         any_managed = any_managed or is_managed
+    if counters:
+        torch._foreach_add_(counters, 1)
     if not p_views:
         return
     sgd_sai(
