@@ -1,9 +1,10 @@
 r"""Single-pass CPU kernel for low-precision SGD-SaI state (:mod:`sai_dist.momentum`).
 
-One call per piece reads ``p``, ``g``, ``m`` (and, for int8, the block's scale) once and
-writes ``p``, ``m`` (and the scale) once, for parameters {float32, bfloat16} (gradient of
-the same dtype) × momentum {float32, bfloat16, int8}. Per block of
-:data:`~sai_dist.momentum.BLOCK` elements of the piece (OpenMP splits the blocks):
+One call per step (a :class:`Batch` of every piece the kernel takes) reads each piece's
+``p``, ``g``, ``m`` (and, for int8, the block's scale) once and writes ``p``, ``m`` (and the
+scale) once, for parameters {float32, bfloat16} (gradient of the same dtype) × momentum
+{float32, bfloat16, int8}. Per block of :data:`~sai_dist.momentum.BLOCK` elements of a
+piece (OpenMP splits the blocks of all pieces in one loop):
 
 .. math::
     m' = \operatorname{fma}(g, c, \hat m\,b) \;(\text{or } c\,g \text{ when born}),\qquad
