@@ -56,7 +56,7 @@ from torch import Tensor
 from sai_dist import native
 from sai_dist.momentum import BLOCK, Rounding
 
-__all__ = ["Batch", "isa_flags", "lanes", "library", "step_piece", "supported"]
+__all__ = ["Batch", "isa_flags", "lanes", "library", "supported"]
 
 #: Vector builds, widest first: (``SAI_DIST_LOWP_SIMD`` name, CPU flags it needs, compiler flags).
 _BUILDS = (
@@ -682,6 +682,9 @@ class Batch:
         self._rows = bytearray()
         self._count = 0
         self._written: list[Tensor] = []
+        # Every tensor whose address is packed stays referenced until run(): a gradient
+        # passed as a temporary would otherwise be freed and its memory reused first.
+        self._alive: list[Tensor] = []
 
     def add(
         self,
@@ -725,6 +728,9 @@ class Batch:
         self._written.append(param)
         if buf is not None:
             self._written.append(buf)
+        self._alive.append(grad)
+        if scales is not None:
+            self._alive.append(scales)
 
     def run(self) -> None:
         """Step every piece added (in place), then forget them."""
@@ -735,23 +741,4 @@ class Batch:
             raise MemoryError(f"the low-precision kernel could not index the blocks of {self._count} pieces")
         del rows  # release the bytearray's export before it is replaced
         torch.autograd.graph.increment_version(self._written)
-        self._rows, self._count, self._written = bytearray(), 0, []
-
-
-def step_piece(
-    param: Tensor,
-    grad: Tensor,
-    buf: Tensor | None,
-    scales: Tensor | None,
-    *,
-    born: bool,
-    coef: Sequence[float],
-    rounding: Rounding | None,
-    round_param: bool,
-) -> None:
-    """One piece through the kernel (a :class:`Batch` of one)."""
-    lib = library()
-    assert lib is not None
-    batch = Batch(lib)
-    batch.add(param, grad, buf, scales, born=born, coef=coef, rounding=rounding, round_param=round_param)
-    batch.run()
+        self._rows, self._count, self._written, self._alive = bytearray(), 0, [], []

@@ -122,9 +122,11 @@ def test_kernel_writes_the_documented_int8_codes_and_bf16_rounding():
     buf = torch.empty(n, dtype=torch.int8)
     sc = torch.empty(lowp.num_scales([n]))
     key = lowp.Rounding(1, 0, 0, 2**32 - 1000)
-    native_lowp.step_piece(
-        p, g.bfloat16(), buf, sc, born=True, coef=(0.0, 1.0, 1.0, -0.5), rounding=key, round_param=True
-    )
+    batch = native_lowp.Batch(native_lowp.library())
+    # g.bfloat16() is a temporary: the batch must keep it alive until run() (it did not,
+    # once, and read freed memory)
+    batch.add(p, g.bfloat16(), buf, sc, born=True, coef=(0.0, 1.0, 1.0, -0.5), rounding=key, round_param=True)
+    batch.run()
     v = g.bfloat16().float()
     for k in range(3):
         block = v[k * 2048 : (k + 1) * 2048]
@@ -201,6 +203,29 @@ def test_every_build_equals_reference(monkeypatch, choice):
                 _assert_same(kernel, _steps(False, n, param_dtype, buf_dtype, **kw))
 
 
+def _born_int8(g, fused):
+    """One born step of a float32 parameter with int8 momentum (m = g) through the kernel
+    (``fused=None``) or the reference (``False``): ``(param, codes, scales)``."""
+    n = g.numel()
+    p, buf, sc = torch.zeros(n), torch.empty(n, dtype=torch.int8), torch.empty(lowp.num_scales([n]))
+    _low_precision_sgd_sai(
+        [p],
+        [g.clone()],
+        [buf],
+        [sc],
+        [1.0],
+        [True],
+        [lowp.Rounding(3, 0, 0, 0)],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.0,
+        maximize=False,
+        round_params=True,
+        fused=fused,
+    )
+    return p, buf, sc
+
+
 @pytest.mark.parametrize("choice", ["0", "avx2", "avx512"])
 def test_tiny_block_divides_where_the_reciprocal_overflows(monkeypatch, choice):
     """Codes are v * (1 / s) + u; in a block of tiny momentum (s < 2^-128) 1 / s overflows float32,
@@ -213,27 +238,7 @@ def test_tiny_block_divides_where_the_reciprocal_overflows(monkeypatch, choice):
     g[2048:4096] *= 1e-40  # block 1: absmax ~ 4e-40, s ~ 3e-42, 1 / s > 3.4e38
     scales_of = [float(g[k * 2048 : (k + 1) * 2048].abs().max() / 127) for k in range(3)]
     assert torch.isinf(torch.tensor(scales_of[1]).reciprocal()) and scales_of[1] > 0
-    results = []
-    for fused in (None, False):
-        p = torch.zeros(n)
-        buf = torch.empty(n, dtype=torch.int8)
-        sc = torch.empty(lowp.num_scales([n]))
-        _low_precision_sgd_sai(
-            [p],
-            [g.clone()],
-            [buf],
-            [sc],
-            [1.0],
-            [True],
-            [lowp.Rounding(3, 0, 0, 0)],
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=0.0,
-            maximize=False,
-            round_params=True,
-            fused=fused,
-        )
-        results.append((p, buf, sc))
+    results = [_born_int8(g, fused) for fused in (None, False)]
     _assert_same(results[0], results[1])
     back = lowp.decode(results[0][1], results[0][2])
     step = results[0][2].repeat_interleave(2048)[:n]
@@ -253,25 +258,7 @@ def test_non_finite_momentum_is_encoded_as_the_reference_does(monkeypatch, choic
     n = 3 * 2048 + 100
     g = torch.randn(n, generator=torch.Generator().manual_seed(4))
     g[5], g[2048 + 7], g[6200] = float("nan"), float("inf"), float("nan")  # blocks 0, 1, short 3
-    results = []
-    for fused in (None, False):
-        p, buf, sc = torch.zeros(n), torch.empty(n, dtype=torch.int8), torch.empty(lowp.num_scales([n]))
-        _low_precision_sgd_sai(
-            [p],
-            [g.clone()],
-            [buf],
-            [sc],
-            [1.0],
-            [True],
-            [lowp.Rounding(3, 0, 0, 0)],
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=0.0,
-            maximize=False,
-            round_params=True,
-            fused=fused,
-        )
-        results.append((p, buf, sc))
+    results = [_born_int8(g, fused) for fused in (None, False)]
     (kp, kb, ks), (rp, rb, rs) = results
     assert torch.equal(kb, rb) and torch.equal(ks, rs)
     torch.testing.assert_close(kp, rp, rtol=0, atol=0, equal_nan=True)
