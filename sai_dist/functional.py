@@ -297,10 +297,15 @@ def _low_precision_sgd_sai(
     (:mod:`sai_dist.native_lowp`: the same update and random bits in one read and one
     write of every element) go through it; the loop below is the definition it is tested
     against."""
-    lib = native_lowp.library() if fused is not False else None
-    batch = None if lib is None else native_lowp.Batch(lib)  # one kernel call for all it takes
+    batch: native_lowp.Batch | None = None  # one kernel call for every piece it takes
+    use_kernel = fused is not False
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffers[i] if momentum != 0 else None
+        if use_kernel and batch is None and native_lowp.supported(param, grad, buf):
+            # built (and SAI_DIST_LOWP_SIMD read) only once a CPU piece asks for it
+            lib = native_lowp.library()
+            use_kernel = lib is not None
+            batch = None if lib is None else native_lowp.Batch(lib)
         if batch is not None and native_lowp.supported(param, grad, buf):
             _, coef = _coefficients(
                 scales[i], born[i], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize

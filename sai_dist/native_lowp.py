@@ -1,6 +1,6 @@
 r"""Single-pass CPU kernel for low-precision SGD-SaI state (:mod:`sai_dist.momentum`).
 
-One call per step (a :class:`Batch` of every piece the kernel takes) reads each piece's
+One call per parameter group and step (a :class:`Batch` of every piece the kernel takes) reads each piece's
 ``p``, ``g``, ``m`` (and, for int8, the block's scale) once and writes ``p``, ``m`` (and the
 scale) once, for parameters {float32, bfloat16} (gradient of the same dtype) × momentum
 {float32, bfloat16, int8}. Per block of :data:`~sai_dist.momentum.BLOCK` elements of a
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import struct
 from collections.abc import Sequence
@@ -672,6 +673,16 @@ def supported(param: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
     return True
 
 
+# Where rounding to float32 overflows: halfway from the largest float32 to 2^128.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def _float32(x: float) -> float:
+    """``x`` as a float32 coefficient: where rounding it to float32 overflows it is infinite
+    (as a C ``float`` argument became), where ``struct.pack`` would raise."""
+    return x if abs(x) < _FLOAT32_OVERFLOW or x != x else math.copysign(math.inf, x)
+
+
 class Batch:
     """Pieces collected for one kernel call (one parallel region over all their blocks):
     :meth:`add` each piece, then :meth:`run`. Rows are packed as they come, so a step pays
@@ -703,7 +714,7 @@ class Batch:
         n = param.numel()
         if n == 0:
             return
-        b, c, d, a = coef
+        b, c, d, a = (_float32(x) for x in coef)
         self._rows += _ROW.pack(
             param.data_ptr(),
             grad.data_ptr(),
@@ -730,7 +741,7 @@ class Batch:
             self._written.append(buf)
         self._alive.append(grad)
         if scales is not None:
-            self._alive.append(scales)
+            self._written.append(scales)
 
     def run(self) -> None:
         """Step every piece added (in place), then forget them."""

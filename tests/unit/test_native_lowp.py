@@ -94,6 +94,62 @@ def test_kernel_equals_reference_bit_for_bit(param_dtype, buf_dtype):
                 _assert_same(kernel, _steps(False, n, param_dtype, buf_dtype, **kw))
 
 
+def test_one_batch_of_mixed_pieces_equals_the_reference():
+    """One kernel call steps many pieces at once (one OpenMP loop over all their blocks):
+    pieces of both parameter dtypes and every buffer dtype, born and not, lengths with short
+    blocks in the middle of the batch, float32 state without rounding keys, stepped together
+    for 3 steps on 2 threads, equal the reference bit for bit piece by piece."""
+    specs = [  # (n, param dtype, buffer dtype, origin offset)
+        (5000, torch.float32, torch.int8, 0),
+        (37, torch.bfloat16, torch.bfloat16, 2**32 - 3000),
+        (4104, torch.bfloat16, torch.int8, 2**32 + 5),
+        (2053, torch.float32, torch.bfloat16, 100),
+        (6000, torch.float32, torch.float32, 0),
+        (2048 * 20 + 9, torch.bfloat16, torch.int8, 7),
+    ]
+
+    def run(fused):
+        gen = torch.Generator().manual_seed(3)
+        ps = [torch.randn(n, generator=gen).to(pd) for n, pd, _, _ in specs]
+        bufs = [torch.empty(n, dtype=bd) for n, _, bd, _ in specs]
+        scs = [torch.empty(lowp.num_scales([n])) if bd == torch.int8 else None for n, _, bd, _ in specs]
+        for t in range(3):
+            gs = [(torch.randn(n, generator=gen) * 10.0 ** (-t)).to(pd) for n, pd, _, _ in specs]
+            born = [t == 0 or (t == 1 and k % 2 == 0) for k in range(len(specs))]  # some reborn at step 1
+            keys = [
+                None if bd == torch.float32 else lowp.Rounding(7, t, k, off)
+                for k, (_, _, bd, off) in enumerate(specs)
+            ]
+            _low_precision_sgd_sai(
+                ps,
+                gs,
+                bufs,
+                scs,
+                [0.5 + 0.1 * k for k in range(len(specs))],
+                born,
+                keys,
+                lr=0.3,
+                momentum=0.9,
+                weight_decay=0.01,
+                maximize=False,
+                round_params=True,
+                fused=fused,
+            )
+        return ps, bufs, scs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kernel = run(None)
+    finally:
+        torch.set_num_threads(threads)
+    reference = run(False)
+    for k in range(len(specs)):
+        _assert_same(
+            [kernel[0][k], kernel[1][k], kernel[2][k]], [reference[0][k], reference[1][k], reference[2][k]]
+        )
+
+
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
 def test_threads_split_blocks_without_changing_a_bit(param_dtype):
     """With 2 threads (OpenMP splits the blocks) the kernel gives the single-threaded
