@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU-only test and benchmark of this repository in one call, inside 9 minutes on one
+# Every GPU-only test and benchmark of this repository in one call, inside 10 minutes on one
 # H200, with every result under one folder:
 #
 #   bash benchmarks/gpu_suite.sh [OUTDIR]
 #
 # OUTDIR defaults to $OUT/gpu_suite when $OUT is set (the device tool's output folder), else
-# runs/gpu_suite. Each item runs under its own `timeout`; the limits add up to 525 s, so
-# the suite ends inside 9 minutes even if an item hangs. What lands in OUTDIR:
+# runs/gpu_suite. Each item runs under its own `timeout`; the limits add up to 555 s, so
+# the suite ends inside the device tool's 600 s per command even if an item hangs. What
+# lands in OUTDIR:
 #   env.txt, nvidia-smi.txt          torch/CUDA versions and the device
 #   summary.txt, summary.jsonl       per item: exit code and seconds (124 = hit its limit)
 #   pytest_gpu.log/.xml              every @pytest.mark.gpu test (tests/)
 #   seven_b_cuda.json/.log           benchmarks/seven_b.py --device cuda --cap 24GiB
 #   step_speed_cuda.json/.log        benchmarks/step_speed.py --device cuda (step, first)
+#   step_speed_lowp_cuda.json/.log   the same, --parts lowp (low-precision state, reference path)
 #   tight_memory_gpu.json/.log       benchmarks/tight_memory.py --part gpu --uncapped
 #   table1_profile_cuda.json/.log    benchmarks/table1_profile.py --device cuda (gpt2-xl)
 # Exit code: 0 when every item exited 0, else 1; 3 when there is no CUDA device.
@@ -55,6 +57,8 @@ item pytest_gpu 75 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OU
 item seven_b 180 "$PY" benchmarks/seven_b.py --device cuda --cap 24GiB --steps 5 --out "$OUTDIR/seven_b_cuda.json"
 item step_speed 70 "$PY" benchmarks/step_speed.py --device cuda --parts step,first --repeats 5 \
     --write "$OUTDIR/step_speed_cuda.json"
+item step_speed_lowp 30 "$PY" benchmarks/step_speed.py --device cuda --parts lowp --repeats 5 \
+    --write "$OUTDIR/step_speed_lowp_cuda.json"
 item tight_memory 140 "$PY" benchmarks/tight_memory.py --part gpu --steps 2 --uncapped --timeout 100 \
     --out "$OUTDIR/tight_memory_gpu.json"
 item table1_profile 60 "$PY" benchmarks/table1_profile.py --device cuda --model gpt2-xl --steps 2 \

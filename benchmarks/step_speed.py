@@ -33,7 +33,9 @@ Parts (all on by default except the 1B set and the end-to-end job):
     by side in the same rounds; the part runs once per ``--threads`` count (a list in the
     JSON). 12 layers (85 M elements, 1.7 GB of fp32-state traffic a step) by default: far
     out of every cache, as a real model's state is; all cases are held at once (7.1 GB
-    with two builds; skipped, saying so, where memory is short).
+    with two builds; skipped, saying so, where memory is short). With ``--device cuda`` it
+    times the torch reference path, the only low-precision path on CUDA (one run, no
+    builds).
 ``e2e`` (``--e2e``)
     ``python -m sai_dist.train`` (FSDP2, 2 ranks, CPU) with SGD-SaI and with AdamW,
     alternated, median tokens/s over the timed steps.
@@ -274,11 +276,17 @@ def step_part(
     }
 
 
-def lowp_part(layers: int, repeats: int, builds: list[str] | None = None) -> dict[str, Any]:
+def lowp_part(
+    layers: int, repeats: int, builds: list[str] | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
     """The low-precision cases interleaved with the fp32-state step and a triad. ``builds``:
     ``SAI_DIST_LOWP_SIMD`` values (``avx512``, ``avx2``, ``0``) to time the kernel cases
-    under, each its own set of cases in the same rounds (default: the default build only)."""
+    under, each its own set of cases in the same rounds (default: the default build only).
+    On CUDA (``device``) there is no kernel to choose: the cases run the torch reference
+    path (``functional._low_precision_sgd_sai``) and ``builds`` is ignored."""
     from sai_dist import native_lowp
+
+    device = torch.device("cpu") if device is None else device
 
     shapes = gpt_shapes(50257, 1024, 768, layers)[2:]  # no embeddings
     n = numel(shapes)
@@ -292,15 +300,15 @@ def lowp_part(layers: int, repeats: int, builds: list[str] | None = None) -> dic
     }
     before = os.environ.get("SAI_DIST_LOWP_SIMD")
     default = before if before is not None else "avx512"
-    builds = builds or [default]
+    builds = (builds or [default]) if device.type == "cpu" else [default]
     # Bytes per element held at once: the fp32 case (p, g, m: 12), per build the four
     # low-precision cases (9 + 10 + 5 + 6), and the triad's three arrays (12).
     need = (12 + 30 * len(builds) + 12) * n
-    if need > available_bytes(torch.device("cpu")) - 2 * GiB:
+    if need > available_bytes(device) - 2 * GiB:
         print(f"[lowp, {layers} layers] skipped: needs at least {need / GiB:.1f} GiB", file=sys.stderr)
         return {"layers": layers, "skipped": f"needs at least {need / GiB:.1f} GiB"}
     kernel: dict[str, Any] = {}
-    for build in builds:
+    for build in builds if device.type == "cpu" else []:
         os.environ["SAI_DIST_LOWP_SIMD"] = build
         kernel[build] = {"flags": list(native_lowp.isa_flags()), "lanes": native_lowp.lanes()}
 
@@ -316,7 +324,7 @@ def lowp_part(layers: int, repeats: int, builds: list[str] | None = None) -> dic
     for name, (dtype, momentum_dtype, nbytes) in cases.items():
         for build in builds if momentum_dtype is not None else [default]:
             label = name if len(builds) == 1 or momentum_dtype is None else f"{name}[{build}]"
-            params = make_params(shapes, torch.device("cpu"))
+            params = make_params(shapes, device)
             for p in params:
                 p.data = p.data.to(dtype)
                 p.grad = p.grad.to(dtype)
@@ -325,10 +333,10 @@ def lowp_part(layers: int, repeats: int, builds: list[str] | None = None) -> dic
             opt.step()  # g-SNR and buffers: the steady step is timed
             fns[label] = stepper(opt, build)
             labelled[label] = (dtype, momentum_dtype, nbytes)
-    a, b, c = torch.randn(n), torch.randn(n), torch.empty(n)
+    a, b, c = torch.randn(n, device=device), torch.randn(n, device=device), torch.empty(n, device=device)
     fns["triad"] = lambda: torch.add(a, b, alpha=3.0, out=c)
     load_before = load()
-    times = interleaved(fns, torch.device("cpu"), repeats)
+    times = interleaved(fns, device, repeats)
     load_after = load()
     if before is None:
         os.environ.pop("SAI_DIST_LOWP_SIMD", None)
@@ -340,6 +348,7 @@ def lowp_part(layers: int, repeats: int, builds: list[str] | None = None) -> dic
         "elements": n,
         "layers": layers,
         "repeats": repeats,
+        "device": str(device),
         "threads": torch.get_num_threads(),
         "kernel_builds": kernel,
         "load_before": load_before,
@@ -571,9 +580,9 @@ def main() -> None:
         builds = args.lowp_builds.split(",") if args.lowp_builds else None
         # one run per --threads count (the kernel splits its blocks over torch's threads)
         result["lowp"] = []
-        for threads in thread_counts:
+        for threads in thread_counts if device.type == "cpu" else thread_counts[:1]:
             torch.set_num_threads(threads)
-            result["lowp"].append(lowp_part(args.lowp_layers, args.repeats, builds))
+            result["lowp"].append(lowp_part(args.lowp_layers, args.repeats, builds, device))
             print(json.dumps(result["lowp"][-1], indent=1))
         torch.set_num_threads(thread_counts[0])
     if "step" in parts:
