@@ -128,6 +128,18 @@ INLINE float elem_m(const void *g, const void *m, int64_t i, const int PK, const
     else mo = (float)((const int8_t *)m)[i] * old_scale;
     return fmaf(gi, c, mo * b);
 }
+/* int8: the new values mn[j0 .. len) of the block at s element by element, and the
+   absmax of their |v| bit patterns (NaN skipped). */
+INLINE uint32_t new_values(const void *g, const void *m, int64_t s, int j0, int len, float *mn,
+                           const int PK, const int MK, int born, float b, float c, float old_scale) {
+    uint32_t amax = 0u;
+    for (int j = j0; j < len; j++) {
+        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
+        const uint32_t u = abs_bits(mn[j]);
+        amax = u > amax ? u : amax;
+    }
+    return amax;
+}
 /* p' = d p + a m' as torch's p.mul_(d).add_(m', alpha=a): product, then fused multiply-add;
    a bfloat16 parameter rounds with the high 16 bits of the element's draw. */
 INLINE void elem_p(void *p, int64_t i, float mv, const int PK, const int RP, float d, float a,
@@ -208,12 +220,7 @@ INLINE void block_tail(void *p, const void *g, void *m, float *scales, int64_t s
         }
         return;
     }
-    uint32_t amax = 0u;
-    for (int j = 0; j < len; j++) {
-        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
-        const uint32_t u = abs_bits(mn[j]);
-        amax = u > amax ? u : amax;
-    }
+    const uint32_t amax = new_values(g, m, s, 0, len, mn, PK, MK, born, b, c, old_scale);
     const float scale = scale_of(amax);
     scales[s / BLOCK] = scale;
     codes_tail(p, m, s, 0, len, mn, scale, PK, RP, d, a, key, kh0, base);
@@ -338,11 +345,8 @@ INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s
     _mm256_storeu_si256((__m256i *)lanes, vmax);
     for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
     if (amax > 0x7f800000u) amax = absmax_bits(mn, len8);
-    for (int j = len8; j < len; j++) {
-        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
-        const uint32_t u = abs_bits(mn[j]);
-        amax = u > amax ? u : amax;
-    }
+    const uint32_t tail = new_values(g, m, s, len8, len, mn, PK, MK, born, b, c, old_scale);
+    amax = tail > amax ? tail : amax;
     const float scale = scale_of(amax);
     scales[s / BLOCK] = scale;
     const float recip = recip_of(scale);
@@ -466,11 +470,8 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
     }
     uint32_t amax = (uint32_t)_mm512_reduce_max_epu32(vmax);
     if (amax > 0x7f800000u) amax = absmax_bits(mn, len16);
-    for (int j = len16; j < len; j++) {
-        mn[j] = elem_m(g, m, s + j, PK, MK, born, b, c, old_scale);
-        const uint32_t u = abs_bits(mn[j]);
-        amax = u > amax ? u : amax;
-    }
+    const uint32_t tail = new_values(g, m, s, len16, len, mn, PK, MK, born, b, c, old_scale);
+    amax = tail > amax ? tail : amax;
     const float scale = scale_of(amax);
     scales[s / BLOCK] = scale;
     const float recip = recip_of(scale);
