@@ -298,15 +298,16 @@ def _low_precision_sgd_sai(
     write of every element) go through it; the loop below is the definition it is tested
     against."""
     batch: native_lowp.Batch | None = None  # one kernel call for every piece it takes
-    use_kernel = fused is not False
+    use_kernel = fused is not False  # until the kernel turns out unavailable
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffers[i] if momentum != 0 else None
-        if use_kernel and batch is None and native_lowp.supported(param, grad, buf):
-            # built (and SAI_DIST_LOWP_SIMD read) only once a CPU piece asks for it
-            lib = native_lowp.library()
-            use_kernel = lib is not None
-            batch = None if lib is None else native_lowp.Batch(lib)
-        if batch is not None and native_lowp.supported(param, grad, buf):
+        kernel_piece = use_kernel and native_lowp.supported(param, grad, buf)
+        if kernel_piece and batch is None:
+            lib = native_lowp.library()  # built (and SAI_DIST_LOWP_SIMD read) once a CPU piece asks
+            batch = native_lowp.Batch(lib) if lib is not None else None
+            use_kernel = kernel_piece = batch is not None
+        if kernel_piece:
+            assert batch is not None
             _, coef = _coefficients(
                 scales[i], born[i], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
             )
