@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "sai_dist.probe",
             "sai_dist.stats",
             "sai_dist.native_lowp",
+            "sai_dist.compiled_lowp",
             "sai_dist.consistency",
         ),
     ),

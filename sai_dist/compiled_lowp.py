@@ -1,0 +1,298 @@
+r"""``torch.compile``'d single-pass kernel for low-precision SGD-SaI state on CUDA.
+
+The CUDA counterpart of :mod:`sai_dist.native_lowp`: for a parameter float32 or bfloat16
+and a momentum buffer float32, bfloat16 or int8 (or none), one compiled kernel per piece
+reads ``p``, ``g``, ``m`` (and, for int8, the block scales) once and writes ``p``, ``m``
+(and the scales) once, where the torch reference
+(:func:`sai_dist.functional._low_precision_sgd_sai`) makes a dozen passes and chunked
+int64 temporaries for the random bits. Per element, in float32:
+
+.. math::
+    m' = \operatorname{fma}(g, c, \hat m\,b) \;(\text{or } c\,g \text{ when born}),\qquad
+    p' = \operatorname{fma}(m', a, p\,d)
+
+(``coef = (b, c, d, a)`` as in :mod:`sai_dist.native`), then the stochastic rounding of
+:mod:`sai_dist.momentum`: one draw ``mix(key ^ lo32(index))`` per element, its low 16
+bits rounding the momentum (bfloat16: add and truncate; int8: ``floor(v * (1/s) + u)``
+with ``s`` the block's absmax / 127, NaN skipped, dividing where ``1/s`` overflows, NaN
+coding 0, clamped to ±127), its high 16 bits a bfloat16 parameter. An int8 piece is
+viewed as rows of :data:`~sai_dist.momentum.BLOCK` elements (plus one short row for its
+tail), so a block's absmax is a row reduction fused with the row's update; the new
+momentum is recomputed for the encoding rather than stored, so no float32 copy of the piece
+is ever written (the tests check the generated code for that).
+
+The fused multiply-adds are written as ``inductor_prims.fma``, which inductor emits as one
+fused multiply-add (``fma`` in Triton, ``fmadd`` in its vectorised CPU code): the
+rounding of torch's ``add_(alpha=...)``, so the kernel agrees with the reference bit for
+bit. The tests check that on CPU, where inductor compiles the same graph to C++; on CUDA
+the GPU suite checks it. On CPU the native kernel is used instead: this one is selected
+for tensors off the CPU (CUDA).
+
+A piece whose element indices cross a multiple of :math:`2^{32}` (the draw's key changes
+there) and float16 parameters are left to the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from sai_dist.momentum import _C1, _C2, _M32, BLOCK, Rounding
+
+__all__ = ["Batch", "failure", "supported"]
+
+_PARAMS = (torch.float32, torch.bfloat16)
+_BUFFERS = (torch.float32, torch.bfloat16, torch.int8)
+_PLAIN = (Tensor, torch.nn.Parameter)  # no tensor subclass (DTensor): layouts hand local pieces
+
+
+def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    from torch._inductor import inductor_prims  # imported late: torch._inductor is heavy
+
+    return inductor_prims.fma(a, b, c)
+
+
+def _mix(x: Tensor) -> Tensor:
+    # momentum._mix_ without the in-place ops (a compiled graph takes either; these read
+    # more plainly): int64 values in [0, 2^32), products below 2^63.
+    x = x ^ (x >> 16)
+    x = (x * _C1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _C2) & _M32
+    return x ^ (x >> 16)
+
+
+def _round_bfloat16(x: Tensor, r16: Tensor) -> Tensor:
+    # momentum.round_bfloat16: add 16 random bits below the kept ones and truncate;
+    # non-finite values round to nearest.
+    up = ((x.view(torch.int32) + r16.to(torch.int32)) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), up, x).to(torch.bfloat16)
+
+
+def _step(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor | None,
+    scales: Tensor | None,
+    coef: Tensor,
+    ints: Tensor,
+    *,
+    born: bool,
+    round_m: bool,
+    round_p: bool,
+) -> None:
+    """One piece (or its int8 tail), in place. ``p``, ``g``, ``m``: views of the piece,
+    1-D, or for an int8 buffer 2-D, one row per block (the tail: one short row);
+    ``scales``: the int8 block scales, one per row; ``coef``: float32 ``(b, c, d, a)``;
+    ``ints``: int64 ``(key, lo32(first index))``. Every operation is elementwise or, for
+    int8, a reduction along the rows, so the row length is the tensors' own shape: no
+    reshape inside the graph, which would make inductor store float32 temporaries."""
+    b, c, d, a = coef[0], coef[1], coef[2], coef[3]
+    g32 = g.to(torch.float32)
+    draw = None
+    if round_m or round_p:
+        count = torch.arange(p.numel(), device=p.device, dtype=torch.int64).view(p.shape)
+        draw = _mix(((ints[1] + count) & _M32) ^ ints[0])
+    if m is None:
+        direction = g32
+    else:
+        if born:
+            new = g32 * c
+        elif m.dtype == torch.int8:
+            assert scales is not None
+            new = _fma(g32, c, m.to(torch.float32) * scales.view(-1, 1) * b)
+        else:
+            new = _fma(g32, c, m.to(torch.float32) * b)
+        direction = new
+        if m.dtype == torch.float32:
+            m.copy_(new)
+        elif m.dtype == torch.bfloat16:
+            assert draw is not None or not round_m
+            m.copy_(_round_bfloat16(new, draw & 0xFFFF) if round_m else new.to(torch.bfloat16))
+        else:
+            assert scales is not None
+            magnitude = new.abs()
+            s = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=1, keepdim=True) / 127.0
+            recip = torch.where(s > 0, s.reciprocal(), 0.0)
+            q = torch.where(s > 0, new * recip, 0.0)
+            q = torch.where(torch.isinf(recip), new / s, q)
+            if round_m:
+                assert draw is not None
+                q = torch.floor(q + (draw & 0xFFFF).to(torch.float32) * (2.0**-16))
+            else:
+                q = torch.round(q)
+            m.copy_(q.clamp(-127, 127).nan_to_num(0.0).to(torch.int8))
+            scales.copy_(s.view(-1))
+    new_p = _fma(direction, a, p.to(torch.float32) * d)
+    if p.dtype == torch.float32:
+        p.copy_(new_p)
+    elif round_p:
+        assert draw is not None
+        p.copy_(_round_bfloat16(new_p, (draw >> 16) & 0xFFFF))
+    else:
+        p.copy_(new_p.to(torch.bfloat16))
+
+
+@functools.cache
+def _compiled(born: bool, round_m: bool, round_p: bool) -> Callable[..., None]:
+    # One compiled function per variant, the flags closure constants (partial's keywords
+    # would be traced as symbolic ints under dynamic=True). Inputs are views and the
+    # scalars travel in tensors, so one compilation per variant, dtypes and rank serves
+    # every length, coefficient and key. All of them are entries of one code object's
+    # cache (kernel's), told apart by guards on the flags: see _RECOMPILE_LIMIT.
+    def kernel(p: Tensor, g: Tensor, m: Tensor | None, sc: Tensor | None, coef: Tensor, ints: Tensor) -> None:
+        _step(p, g, m, sc, coef, ints, born=born, round_m=round_m, round_p=round_p)
+
+    return torch.compile(kernel, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+
+
+# A value read by several operations is stored as a float32 temporary once its expression
+# reads more than 4 buffers (inductor's default): the new int8 momentum (g, m, its scale and
+# two coefficients) would be, costing 8 bytes per element. Recomputing it is what a single
+# pass needs: the absmax loop and the encoding loop then read g and m (a block apart) instead.
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 16}
+
+
+def supported(param: Tensor, grad: Tensor, buf: Tensor | None, rounding: Rounding | None) -> bool:
+    """Plain contiguous tensors of one shape on one device: parameter float32 or bfloat16, a
+    floating-point gradient, buffer float32, bfloat16 or int8 (or none), and element
+    indices that stay below one multiple of :math:`2^{32}`."""
+    if (
+        param.dtype not in _PARAMS
+        or not grad.is_floating_point()
+        or (buf is not None and buf.dtype not in _BUFFERS)
+    ):
+        return False
+    for t in (param, grad) if buf is None else (param, grad, buf):
+        if (
+            type(t) not in _PLAIN
+            or not t.is_contiguous()
+            or t.shape != param.shape
+            or t.device != param.device
+        ):
+            return False
+    if rounding is not None and param.numel():
+        first = rounding.offset
+        if first >> 32 != (first + param.numel() - 1) >> 32:
+            return False
+    return True
+
+
+@functools.cache
+def failure(device_type: str) -> str | None:
+    """Why the kernel cannot be compiled for ``device_type`` (compiled once on a tiny
+    int8 piece with a bfloat16 parameter, the variant with every part), or ``None``. Run
+    before any real tensor is touched, so a failure falls back with nothing half-stepped."""
+    try:
+        if device_type == "cuda":
+            import triton  # noqa: F401  (inductor's CUDA backend)
+        p = torch.zeros(BLOCK + 3, dtype=torch.bfloat16, device=device_type)
+        m = torch.zeros(BLOCK + 3, dtype=torch.int8, device=device_type)
+        batch = Batch()
+        batch.add(
+            p,
+            p.clone(),
+            m,
+            torch.zeros(2, device=device_type),
+            born=False,
+            coef=(0.9, 0.1, 1.0, -0.1),
+            rounding=Rounding(0, 1, 0, 0),
+            round_param=True,
+        )
+        batch.run()
+    except Exception as exc:  # any compiler or backend failure means "not available"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+class _Piece(NamedTuple):
+    param: Tensor
+    grad: Tensor
+    buf: Tensor | None
+    scales: Tensor | None
+    born: bool
+    round_m: bool
+    round_p: bool
+
+
+class Batch:
+    """Pieces collected for one step: :meth:`add` each, then :meth:`run`, which sends
+    every piece's coefficients and keys to its device in two transfers and calls the
+    compiled kernels (one per piece, two for an int8 piece with a short last block)."""
+
+    def __init__(self) -> None:
+        self._pieces: list[_Piece] = []
+        self._coefs: list[tuple[float, float, float, float]] = []
+        self._ints: list[tuple[int, int, int, int]] = []
+
+    def add(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        buf: Tensor | None,
+        scales: Tensor | None,
+        *,
+        born: bool,
+        coef: Sequence[float],
+        rounding: Rounding | None,
+        round_param: bool,
+    ) -> None:
+        """One piece (:func:`supported` must hold); ``coef = (b, c, d, a)`` as in
+        :mod:`sai_dist.native`; ``rounding`` its draws (``None``: round to nearest);
+        ``round_param``: round a bfloat16 parameter stochastically. Nothing is written
+        before :meth:`run`."""
+        n = param.numel()
+        if n == 0:
+            return
+        round_m = rounding is not None and buf is not None and buf.dtype != torch.float32
+        round_p = round_param and rounding is not None and param.dtype == torch.bfloat16
+        key = first = 0
+        if rounding is not None:
+            key, first = rounding.key(rounding.offset >> 32), rounding.offset & _M32
+        full = n // BLOCK * BLOCK if buf is not None and buf.dtype == torch.int8 else n
+        self._pieces.append(_Piece(param, grad, buf, scales, born, round_m, round_p))
+        self._coefs.append(tuple(float(x) for x in coef))  # type: ignore[arg-type]
+        # The int8 tail's first index follows the rows'.
+        self._ints.append((key, first, key, (first + full) & _M32))
+
+    def run(self) -> None:
+        """Step every piece added (in place), then forget them."""
+        if not self._pieces:
+            return
+        devices = {piece.param.device for piece in self._pieces}
+        coefs = {d: torch.tensor(self._coefs, dtype=torch.float32).to(d) for d in devices}
+        ints = {d: torch.tensor(self._ints, dtype=torch.int64).view(-1, 2, 2).to(d) for d in devices}
+        # Every variant and dtype is a recompilation of the one kernel function: more
+        # than dynamo's default limit of 8, so it is raised, for these calls only.
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            for i, piece in enumerate(self._pieces):
+                device = piece.param.device
+                _run(piece, coefs[device][i], ints[device][i])
+        self._pieces, self._coefs, self._ints = [], [], []
+
+
+# Variants (3 flags) times dtypes (parameter, gradient, buffer) and ranks (1-D, int8 rows,
+# one short row): a few dozen at most, over dynamo's default of 8 per code object.
+_RECOMPILE_LIMIT = 64
+
+
+def _run(piece: _Piece, coef: Tensor, ints: Tensor) -> None:
+    kernel = _compiled(piece.born, piece.round_m, piece.round_p)
+    p, g = piece.param.view(-1), piece.grad.view(-1)
+    m = None if piece.buf is None else piece.buf.view(-1)
+    if m is None or m.dtype != torch.int8:
+        kernel(p, g, m, None, coef, ints[0])
+        return
+    scales = piece.scales
+    assert scales is not None
+    n = p.numel()
+    full = n // BLOCK * BLOCK
+    if full:
+        rows = full // BLOCK
+        kernel(*(t[:full].view(rows, BLOCK) for t in (p, g, m)), scales[:rows], coef, ints[0])
+    if full < n:
+        kernel(*(t[full:].view(1, -1) for t in (p, g, m)), scales[full // BLOCK :], coef, ints[1])

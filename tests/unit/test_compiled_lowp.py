@@ -1,0 +1,368 @@
+"""The compiled low-precision kernel (:mod:`sai_dist.compiled_lowp`) against the torch
+reference (:func:`sai_dist.functional._low_precision_sgd_sai` with ``fused=False``), bit
+for bit.
+
+The kernel is selected for CUDA tensors; inductor compiles the same graph to C++ for CPU
+tensors, so on this machine the tests drive :class:`compiled_lowp.Batch` directly with CPU
+tensors: the graph, its fused multiply-adds, its random bits and its int8 row reductions
+are the ones Triton gets. Every assertion is ``torch.equal``. The GPU tests run the
+optimizer's own routing on CUDA (``fused=None`` against ``fused=False``)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from sai_dist import SGDSaI, compiled_lowp
+from sai_dist import momentum as lowp
+from sai_dist.functional import _coefficients, _low_precision_sgd_sai
+from tests.support import lowp_reference as ref
+
+pytestmark = pytest.mark.skipif(
+    compiled_lowp.failure("cpu") is not None,
+    reason=f"torch.compile unavailable: {compiled_lowp.failure('cpu')}",
+)
+
+PARAM_DTYPES = [torch.float32, torch.bfloat16]
+BUF_DTYPES = [torch.float32, torch.bfloat16, torch.int8, None]
+HYPER = dict(lr=0.3, weight_decay=0.01)
+
+
+def _step(kernel, ps, gs, bufs, scs, scales, born, keys, *, momentum, maximize, round_params, weight_decay):
+    """One step of every piece, through the compiled kernel or the reference."""
+    hyper = dict(lr=HYPER["lr"], momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+    if not kernel:
+        _low_precision_sgd_sai(
+            ps, gs, bufs, scs, scales, born, keys, **hyper, round_params=round_params, fused=False
+        )
+        return
+    batch = compiled_lowp.Batch()
+    for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+        buf = bufs[i] if momentum != 0 else None
+        assert compiled_lowp.supported(p, g, buf, keys[i])
+        _, coef = _coefficients(scales[i], born[i], **hyper)
+        batch.add(p, g, buf, scs[i], born=born[i], coef=coef, rounding=keys[i], round_param=round_params)
+    batch.run()
+
+
+def _steps(
+    kernel,
+    n,
+    param_dtype,
+    buf_dtype,
+    *,
+    offset,
+    maximize=False,
+    round_params=True,
+    grad_dtype=None,
+    keyed=True,
+    weight_decay=0.01,
+    steps=3,
+    device="cpu",
+):
+    """``steps`` updates of one piece; the first with a fresh buffer holding garbage (a
+    born buffer must not be read), the gradient's scale changing over the steps."""
+    gen = torch.Generator().manual_seed(n + offset % 997)
+    p = torch.randn(n, generator=gen).to(param_dtype)
+    if buf_dtype is None:
+        buf = None
+    elif buf_dtype == torch.int8:
+        buf = torch.randint(-127, 128, (n,), generator=gen, dtype=torch.int8)
+    else:
+        buf = torch.full((n,), float("nan"), dtype=buf_dtype)
+    sc = torch.full((lowp.num_scales([n]),), float("nan")) if buf_dtype == torch.int8 else None
+    p, buf, sc = (None if t is None else t.to(device) for t in (p, buf, sc))
+    for t in range(steps):
+        g = (torch.randn(n, generator=gen) * 10.0 ** (-1 - t % 2)).to(grad_dtype or param_dtype).to(device)
+        key = lowp.Rounding(7, t, 3, offset) if keyed else None
+        _step(
+            kernel,
+            [p],
+            [g],
+            [buf],
+            [sc],
+            [0.8],
+            [t == 0],
+            [key],
+            momentum=0.0 if buf is None else 0.9,
+            maximize=maximize,
+            round_params=round_params,
+            weight_decay=weight_decay,
+        )
+    return p, buf, sc
+
+
+def _assert_same(kernel, reference):
+    for k, r in zip(kernel, reference, strict=True):
+        if r is None:
+            assert k is None
+            continue
+        assert k.dtype == r.dtype
+        if not torch.equal(k, r):
+            bad = (k != r) & ~(torch.isnan(k.float()) & torch.isnan(r.float()))
+            assert not bool(bad.any()), f"{int(bad.sum())} of {k.numel()} {k.dtype} elements differ"
+
+
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("buf_dtype", BUF_DTYPES, ids=str)
+def test_kernel_equals_reference_bit_for_bit(param_dtype, buf_dtype):
+    """Lengths under a block, whole blocks, whole blocks and a short one; an origin past
+    2^32 (the key of the high word 1); maximize; bf16 parameters rounded stochastically or
+    to nearest."""
+    for n in (37, 2 * 2048, 2 * 2048 + 77):
+        for offset in (5, 2**32 + 5):
+            for maximize, round_params in [(False, True), (True, False)]:
+                kw = dict(offset=offset, maximize=maximize, round_params=round_params)
+                _assert_same(
+                    _steps(True, n, param_dtype, buf_dtype, **kw),
+                    _steps(False, n, param_dtype, buf_dtype, **kw),
+                )
+
+
+@pytest.mark.parametrize("buf_dtype", [torch.bfloat16, torch.int8], ids=str)
+def test_round_to_nearest_other_gradient_dtypes_and_no_decay(buf_dtype):
+    """No rounding keys (round to nearest: int8 half to even), a float32 gradient for a
+    bfloat16 parameter and a bfloat16 one for a float32 parameter, no weight decay."""
+    for param_dtype, grad_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]:
+        kw = dict(offset=0, grad_dtype=grad_dtype, keyed=False, weight_decay=0.0)
+        n = 2048 + 300
+        _assert_same(
+            _steps(True, n, param_dtype, buf_dtype, **kw), _steps(False, n, param_dtype, buf_dtype, **kw)
+        )
+
+
+def test_one_batch_of_mixed_pieces_equals_the_reference():
+    """One batch steps pieces of both parameter dtypes and every buffer dtype, born and
+    not (some reborn), float32 state without keys, for 3 steps."""
+    specs = [  # (n, param dtype, buffer dtype, origin offset)
+        (5000, torch.float32, torch.int8, 0),
+        (37, torch.bfloat16, torch.bfloat16, 2**32 - 3000),
+        (4104, torch.bfloat16, torch.int8, 2**32 + 5),
+        (2053, torch.float32, torch.bfloat16, 100),
+        (6000, torch.bfloat16, torch.float32, 0),
+    ]
+
+    def run(kernel):
+        gen = torch.Generator().manual_seed(3)
+        ps = [torch.randn(n, generator=gen).to(pd) for n, pd, _, _ in specs]
+        bufs = [torch.empty(n, dtype=bd) for n, _, bd, _ in specs]
+        scs = [torch.empty(lowp.num_scales([n])) if bd == torch.int8 else None for n, _, bd, _ in specs]
+        for t in range(3):
+            gs = [(torch.randn(n, generator=gen) * 10.0 ** (-t)).to(pd) for n, pd, _, _ in specs]
+            born = [t == 0 or (t == 1 and k % 2 == 0) for k in range(len(specs))]
+            keys = [
+                None if bd == torch.float32 else lowp.Rounding(7, t, k, off)
+                for k, (_, _, bd, off) in enumerate(specs)
+            ]
+            scales = [0.5 + 0.1 * k for k in range(len(specs))]
+            _step(
+                kernel,
+                ps,
+                gs,
+                bufs,
+                scs,
+                scales,
+                born,
+                keys,
+                momentum=0.9,
+                maximize=False,
+                round_params=True,
+                weight_decay=0.01,
+            )
+        return ps, bufs, scs
+
+    kernel, reference = run(True), run(False)
+    for k in range(len(specs)):
+        _assert_same(
+            [kernel[0][k], kernel[1][k], kernel[2][k]], [reference[0][k], reference[1][k], reference[2][k]]
+        )
+
+
+def test_pieces_split_on_block_boundaries_equal_the_whole():
+    """Two shards of one parameter (cut at a whole block, each keyed by its origin in the
+    parameter) step to the whole parameter's bits: a sharded run draws what a single
+    process draws."""
+    n, cut = 3 * 2048 + 77, 2048
+    gen = torch.Generator().manual_seed(9)
+    p0 = torch.randn(n, generator=gen).to(torch.bfloat16)
+    gs = [torch.randn(n, generator=gen).to(torch.bfloat16) for _ in range(3)]
+
+    def run(cuts):
+        p, buf, sc = p0.clone(), torch.empty(n, dtype=torch.int8), torch.empty(lowp.num_scales([n]))
+        for t, g in enumerate(gs):
+            batch = compiled_lowp.Batch()
+            for lo, hi in itertools.pairwise(cuts):
+                _, coef = _coefficients(0.7, t == 0, lr=0.3, momentum=0.9, weight_decay=0.01, maximize=False)
+                batch.add(
+                    p[lo:hi],
+                    g[lo:hi],
+                    buf[lo:hi],
+                    sc[lo // 2048 : -(-hi // 2048)],
+                    born=t == 0,
+                    coef=coef,
+                    rounding=lowp.Rounding(7, t, 2, lo),
+                    round_param=True,
+                )
+            batch.run()
+        return p, buf, sc
+
+    _assert_same(run([0, cut, n]), run([0, n]))
+
+
+def _born_int8(g, kernel):
+    n = g.numel()
+    p, buf, sc = torch.zeros(n), torch.empty(n, dtype=torch.int8), torch.empty(lowp.num_scales([n]))
+    _step(
+        kernel,
+        [p],
+        [g.clone()],
+        [buf],
+        [sc],
+        [1.0],
+        [True],
+        [lowp.Rounding(3, 0, 0, 0)],
+        momentum=0.9,
+        maximize=False,
+        round_params=True,
+        weight_decay=0.0,
+    )
+    return p, buf, sc
+
+
+def test_tiny_blocks_and_non_finite_momentum_are_encoded_as_the_reference_does():
+    """A block whose scale's reciprocal overflows divides instead; a NaN codes 0 and is
+    skipped by its block's absmax; an infinity makes its block's scale infinite (finite
+    values code 0). Equal to the torch reference and to the numpy one."""
+    n = 4 * 2048 + 100
+    g = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    g[2048:4096] *= 1e-40  # block 1: absmax ~ 4e-40, 1 / s > 3.4e38
+    g[5], g[2 * 2048 + 7], g[8200] = float("nan"), float("inf"), float("nan")  # blocks 0, 2, short 4
+    (kp, kb, ks), (rp, rb, rs) = _born_int8(g, True), _born_int8(g, False)
+    assert torch.equal(kb, rb) and torch.equal(ks, rs)
+    torch.testing.assert_close(kp, rp, rtol=0, atol=0, equal_nan=True)
+    assert math.isinf(float(ks[1].reciprocal())) and math.isinf(float(ks[2])) and int(kb[5]) == 0
+    assert 0 < int((kb[2048:4096].abs() == 127).sum()) < 2048  # divided: codes keep their values
+    codes, scales = ref.quantize(g.numpy(), ref.bits(3, "momentum", 0, 0, np.arange(n, dtype=np.uint64)))
+    np.testing.assert_array_equal(kb.numpy(), codes)
+    np.testing.assert_array_equal(ks.numpy(), scales)
+
+
+def test_supported_refuses_what_the_kernel_does_not_take():
+    p, g, m = (
+        torch.zeros(8, dtype=torch.bfloat16),
+        torch.zeros(8, dtype=torch.bfloat16),
+        torch.zeros(8, dtype=torch.int8),
+    )
+    key = lowp.Rounding(0, 1, 0, 0)
+    assert compiled_lowp.supported(p, g, m, key) and compiled_lowp.supported(p, g, None, None)
+    assert not compiled_lowp.supported(p.half(), g.half(), m, key)  # float16 parameters
+    assert not compiled_lowp.supported(p, torch.zeros(8, dtype=torch.int32), m, key)  # an integer gradient
+    assert not compiled_lowp.supported(p, g, m.to(torch.int16), key)  # no such buffer dtype
+    assert not compiled_lowp.supported(p, g, torch.zeros(16, dtype=torch.int8)[::2], key)  # not contiguous
+    assert not compiled_lowp.supported(p, g.view(2, 4), m, key)  # another shape
+    assert not compiled_lowp.supported(p, g, m, lowp.Rounding(0, 1, 0, 2**32 - 4))  # indices cross 2^32
+    assert compiled_lowp.supported(p, g, m, lowp.Rounding(0, 1, 0, 2**32 - 8))  # end just below it
+
+
+def test_each_variant_is_one_kernel_with_no_element_sized_temporary():
+    """The single-pass contract in the generated code: every variant compiles to one
+    kernel whose only allocation is the int8 rows' absmax (one float per block), so p, g,
+    m are read and p, m written once, with no float32 copy of the piece in between (the
+    new int8 momentum would be one at inductor's default realize_reads_threshold)."""
+    specs = [  # (param dtype, buffer dtype, born)
+        (torch.bfloat16, torch.int8, False),
+        (torch.float32, torch.int8, True),
+        (torch.bfloat16, torch.bfloat16, False),
+        (torch.float32, None, False),
+    ]
+
+    def step_all():
+        n = 3 * 2048 + 5
+        for param_dtype, buf_dtype, born in specs:
+            p, g = torch.randn(n).to(param_dtype), torch.randn(n).to(param_dtype)
+            buf = None if buf_dtype is None else torch.zeros(n, dtype=buf_dtype)
+            sc = torch.zeros(4) if buf_dtype == torch.int8 else None
+            momentum = 0.0 if buf is None else 0.9
+            _, coef = _coefficients(0.8, born, lr=0.1, momentum=momentum, weight_decay=0.01, maximize=False)
+            batch = compiled_lowp.Batch()
+            batch.add(
+                p, g, buf, sc, born=born, coef=coef, rounding=lowp.Rounding(1, 2, 3, 0), round_param=True
+            )
+            batch.run()
+
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(step_all)
+    # int8: the rows' graph and the short row's; the others one graph each.
+    assert len(codes) == 6, len(codes)
+    for code in codes:
+        assert code.count("async_compile.cpp_pybinding") == 1, code
+        shapes = re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code)
+        assert all(dims.replace(" ", "").endswith(",1") for dims in shapes), shapes  # (rows, 1) only
+
+
+def _steps_through_routing(fused, n, param_dtype, buf_dtype, offset):
+    gen = torch.Generator().manual_seed(n)
+    p = torch.randn(n, generator=gen).to(param_dtype).cuda()
+    buf = None if buf_dtype is None else torch.empty(n, dtype=buf_dtype, device="cuda")
+    sc = torch.empty(lowp.num_scales([n]), device="cuda") if buf_dtype == torch.int8 else None
+    for t in range(3):
+        g = (torch.randn(n, generator=gen) * 10.0 ** (-1 - t % 2)).to(param_dtype).cuda()
+        _low_precision_sgd_sai(
+            [p],
+            [g],
+            [buf],
+            [sc],
+            [0.8],
+            [t == 0],
+            [lowp.Rounding(7, t, 3, offset)],
+            lr=0.3,
+            momentum=0.0 if buf is None else 0.9,
+            weight_decay=0.01,
+            maximize=False,
+            round_params=True,
+            fused=fused,
+        )
+    return p, buf, sc
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("buf_dtype", BUF_DTYPES, ids=str)
+def test_cuda_routing_equals_reference_bit_for_bit(param_dtype, buf_dtype):
+    """On CUDA ``fused=None`` takes the compiled (Triton) kernel; it equals ``fused=False``."""
+    assert compiled_lowp.failure("cuda") is None, compiled_lowp.failure("cuda")
+    for n, offset in [(37, 5), (2 * 2048 + 77, 2**32 + 5), (123 * 2048 + 5, 0)]:
+        _assert_same(*(_steps_through_routing(f, n, param_dtype, buf_dtype, offset) for f in (None, False)))
+
+
+@pytest.mark.gpu
+def test_cuda_optimizer_with_int8_momentum_and_bf16_params_equals_reference():
+    """SGDSaI on a bfloat16 CUDA model with int8 momentum: 4 steps with the compiled kernel
+    equal 4 with the reference, parameters and state bit for bit."""
+
+    def run(fused):
+        torch.manual_seed(0)
+        model = (
+            torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Linear(80, 64)).cuda().to(torch.bfloat16)
+        )
+        opt = SGDSaI(model.parameters(), lr=0.05, momentum_dtype="int8", fused=fused)
+        data = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(32, 96, generator=data).cuda().to(torch.bfloat16)
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach() for p in model.parameters()], opt.state_dict()["state"]
+
+    (pk, sk), (pr, sr) = run(None), run(False)
+    _assert_same(pk, pr)
+    for i in sr:
+        for name, value in sr[i].items():
+            if isinstance(value, torch.Tensor):
+                _assert_same([sk[i][name]], [value])
