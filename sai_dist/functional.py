@@ -33,6 +33,12 @@ build; CUDA tensors when ``torch.compile`` works there) and the foreach/single-t
 for the rest, silently; ``True`` insists and raises when the kernel is unavailable;
 ``False`` never uses it. The per-tensor scale is a coefficient of the kernel, never a
 per-element buffer, so views into a flat partition (ZeRO segments) are stepped in place.
+
+Tensors with a 16-bit parameter or a bfloat16 / int8 buffer take
+``_low_precision_sgd_sai``, the readable reference for those dtypes, and its two
+single-pass kernels under the same ``fused`` rule (``True`` does not raise there: a piece
+no kernel takes is stepped by the reference): :mod:`sai_dist.native_lowp` on CPU and
+:mod:`sai_dist.compiled_lowp` (``torch.compile``, Triton) on CUDA.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from sai_dist import native, native_lowp
+from sai_dist import compiled_lowp, native, native_lowp
 from sai_dist.momentum import STREAM_MOMENTUM, STREAM_PARAM, Rounding, decode, encode, round_to
 
 
@@ -293,25 +299,35 @@ def _low_precision_sgd_sai(
     float32 gradient; the new buffer is encoded (stochastically rounded) and a 16-bit
     parameter written back rounded stochastically (``round_params``) or to nearest.
 
-    Unless ``fused=False``, CPU tensors the single-pass kernel takes
-    (:mod:`sai_dist.native_lowp`: the same update and random bits in one read and one
-    write of every element) go through it; the loop below is the definition it is tested
-    against."""
-    batch: native_lowp.Batch | None = None  # one kernel call for every piece it takes
+    Unless ``fused=False``, tensors a single-pass kernel takes go through it: on CPU
+    :mod:`sai_dist.native_lowp`, elsewhere (CUDA) :mod:`sai_dist.compiled_lowp`, each the
+    same update and random bits in one read and one write of every element; the loop below
+    is the definition both are tested against."""
+    batch: native_lowp.Batch | None = None  # one kernel call for every CPU piece it takes
+    compiled: compiled_lowp.Batch | None = None  # the pieces on other devices it takes
     use_kernel = fused is not False  # until the kernel turns out unavailable
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffers[i] if momentum != 0 else None
-        kernel_piece = use_kernel and native_lowp.supported(param, grad, buf)
-        if kernel_piece and batch is None:
-            lib = native_lowp.library()  # built (and SAI_DIST_LOWP_SIMD read) once a CPU piece asks
-            batch = native_lowp.Batch(lib) if lib is not None else None
-            use_kernel = kernel_piece = batch is not None
-        if kernel_piece:
-            assert batch is not None
+        target: native_lowp.Batch | compiled_lowp.Batch | None = None
+        if fused is False:
+            pass
+        elif param.is_cpu:
+            if use_kernel and native_lowp.supported(param, grad, buf):
+                if batch is None:
+                    lib = native_lowp.library()  # built (and SAI_DIST_LOWP_SIMD read) once a CPU piece asks
+                    batch = native_lowp.Batch(lib) if lib is not None else None
+                    use_kernel = batch is not None
+                target = batch
+        elif compiled_lowp.supported(param, grad, buf, rounding[i]) and (
+            compiled_lowp.failure(param.device.type) is None  # compiled once per device type
+        ):
+            compiled = compiled if compiled is not None else compiled_lowp.Batch()
+            target = compiled
+        if target is not None:
             _, coef = _coefficients(
                 scales[i], born[i], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
             )
-            batch.add(
+            target.add(
                 param,
                 grad,
                 buf,
@@ -344,8 +360,9 @@ def _low_precision_sgd_sai(
         p32.add_(direction, alpha=-lr * scales[i])
         if p32 is not param:
             param.copy_(round_to(p32, param.dtype, key if round_params else None, STREAM_PARAM))
-    if batch is not None:
-        batch.run()
+    for kernel in (batch, compiled):
+        if kernel is not None:
+            kernel.run()
 
 
 def _multi_tensor_sgd_sai(
