@@ -13,7 +13,7 @@
 #   pytest_gpu.log/.xml              every @pytest.mark.gpu test (tests/)
 #   seven_b_cuda.json/.log           benchmarks/seven_b.py --device cuda --cap 24GiB
 #   step_speed_cuda.json/.log        benchmarks/step_speed.py --device cuda (step, first)
-#   step_speed_lowp_cuda.json/.log   the same, --parts lowp (low-precision state, reference path)
+#   step_speed_lowp_cuda.json/.log   the same, --parts lowp (low-precision state: compiled kernel and reference)
 #   tight_memory_gpu.json/.log       benchmarks/tight_memory.py --part gpu --uncapped
 #   table1_profile_cuda.json/.log    benchmarks/table1_profile.py --device cuda (gpt2-xl)
 # Exit code: 0 when every item exited 0, else 1; 3 when there is no CUDA device.
@@ -53,15 +53,15 @@ item() {  # item NAME LIMIT_SECONDS COMMAND...
     [ "$rc" -eq 0 ] || FAILED=1
 }
 
-item pytest_gpu 75 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUTDIR/pytest_gpu.xml" tests
-item seven_b 180 "$PY" benchmarks/seven_b.py --device cuda --cap 24GiB --steps 5 --out "$OUTDIR/seven_b_cuda.json"
-item step_speed 70 "$PY" benchmarks/step_speed.py --device cuda --parts step,first --repeats 5 \
+item pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUTDIR/pytest_gpu.xml" tests
+item seven_b 160 "$PY" benchmarks/seven_b.py --device cuda --cap 24GiB --steps 5 --out "$OUTDIR/seven_b_cuda.json"
+item step_speed 60 "$PY" benchmarks/step_speed.py --device cuda --parts step,first --repeats 5 \
     --write "$OUTDIR/step_speed_cuda.json"
-item step_speed_lowp 30 "$PY" benchmarks/step_speed.py --device cuda --parts lowp --repeats 5 \
+item step_speed_lowp 60 "$PY" benchmarks/step_speed.py --device cuda --parts lowp --repeats 5 \
     --write "$OUTDIR/step_speed_lowp_cuda.json"
-item tight_memory 140 "$PY" benchmarks/tight_memory.py --part gpu --steps 2 --uncapped --timeout 100 \
+item tight_memory 110 "$PY" benchmarks/tight_memory.py --part gpu --steps 2 --uncapped --timeout 100 \
     --out "$OUTDIR/tight_memory_gpu.json"
-item table1_profile 60 "$PY" benchmarks/table1_profile.py --device cuda --model gpt2-xl --steps 2 \
+item table1_profile 45 "$PY" benchmarks/table1_profile.py --device cuda --model gpt2-xl --steps 2 \
     --out "$OUTDIR/table1_profile_cuda.json"
 
 echo "gpu_suite: results in $OUTDIR" | tee -a "$OUTDIR/summary.txt"

@@ -33,9 +33,9 @@ Parts (all on by default except the 1B set and the end-to-end job):
     by side in the same rounds; the part runs once per ``--threads`` count (a list in the
     JSON). 12 layers (85 M elements, 1.7 GB of fp32-state traffic a step) by default: far
     out of every cache, as a real model's state is; all cases are held at once (7.1 GB
-    with two builds; skipped, saying so, where memory is short). With ``--device cuda`` it
-    times the torch reference path, the only low-precision path on CUDA (one run, no
-    builds).
+    with two builds; skipped, saying so, where memory is short). With ``--device cuda``
+    the builds are the compiled kernel (:mod:`sai_dist.compiled_lowp`, ``fused=None``) and
+    the torch reference path (``fused=False``), side by side in the same rounds.
 ``e2e`` (``--e2e``)
     ``python -m sai_dist.train`` (FSDP2, 2 ranks, CPU) with SGD-SaI and with AdamW,
     alternated, median tokens/s over the timed steps.
@@ -282,9 +282,10 @@ def lowp_part(
     """The low-precision cases interleaved with the fp32-state step and a triad. ``builds``:
     ``SAI_DIST_LOWP_SIMD`` values (``avx512``, ``avx2``, ``0``) to time the kernel cases
     under, each its own set of cases in the same rounds (default: the default build only).
-    On CUDA (``device``) there is no kernel to choose: the cases run the torch reference
-    path (``functional._low_precision_sgd_sai``) and ``builds`` is ignored."""
-    from sai_dist import native_lowp
+    On CUDA (``device``) ``builds`` is ignored: the two "builds" are the compiled kernel
+    (``fused=None``) and the torch reference (``fused=False``,
+    ``functional._low_precision_sgd_sai``'s loop)."""
+    from sai_dist import compiled_lowp, native_lowp
 
     device = torch.device("cpu") if device is None else device
 
@@ -300,7 +301,9 @@ def lowp_part(
     }
     before = os.environ.get("SAI_DIST_LOWP_SIMD")
     default = before if before is not None else "avx512"
-    builds = (builds or [default]) if device.type == "cpu" else [default]
+    # CUDA: SGDSaI's fused argument per "build" (the SIMD choice is a CPU matter).
+    cuda_builds = {"compiled": None, "reference": False}
+    builds = (builds or [default]) if device.type == "cpu" else list(cuda_builds)
     # Bytes per element held at once: the fp32 case (p, g, m: 12), per build the four
     # low-precision cases (9 + 10 + 5 + 6), and the triad's three arrays (12).
     need = (12 + 30 * len(builds) + 12) * n
@@ -328,7 +331,10 @@ def lowp_part(
             for p in params:
                 p.data = p.data.to(dtype)
                 p.grad = p.grad.to(dtype)
-            opt = SGDSaI(params, lr=1e-3, momentum=0.9, weight_decay=0.01, momentum_dtype=momentum_dtype)
+            fused = cuda_builds.get(build) if device.type == "cuda" else None
+            opt = SGDSaI(
+                params, lr=1e-3, momentum=0.9, weight_decay=0.01, momentum_dtype=momentum_dtype, fused=fused
+            )
             os.environ["SAI_DIST_LOWP_SIMD"] = build
             opt.step()  # g-SNR and buffers: the steady step is timed
             fns[label] = stepper(opt, build)
@@ -351,6 +357,8 @@ def lowp_part(
         "device": str(device),
         "threads": torch.get_num_threads(),
         "kernel_builds": kernel,
+        # CUDA: why the compiled kernel is not used (the "compiled" cases then ran the reference).
+        "compiled_kernel": None if device.type == "cpu" else (compiled_lowp.failure("cuda") or "available"),
         "load_before": load_before,
         "load_after": load_after,
         "triad_GBps": triad_gbs,
