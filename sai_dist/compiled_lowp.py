@@ -267,8 +267,10 @@ class Batch:
         coefs = {d: torch.tensor(self._coefs, dtype=torch.float32).to(d) for d in devices}
         ints = {d: torch.tensor(self._ints, dtype=torch.int64).view(-1, 2, 2).to(d) for d in devices}
         # Every variant and dtype is a recompilation of the one kernel function: more
-        # than dynamo's default limit of 8, so it is raised, for these calls only.
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        # than dynamo's default limit of 8, so it is raised, for these calls only. No
+        # grad: parameters that require it are written in place (and grad mode, guarded
+        # on, stays one value, so no caller doubles the compilations).
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             for i, piece in enumerate(self._pieces):
                 device = piece.param.device
                 _run(piece, coefs[device][i], ints[device][i])

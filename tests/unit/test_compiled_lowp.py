@@ -253,6 +253,53 @@ def test_tiny_blocks_and_non_finite_momentum_are_encoded_as_the_reference_does()
     np.testing.assert_array_equal(ks.numpy(), scales)
 
 
+def test_parameters_that_require_grad_are_stepped_with_grad_mode_on():
+    """A caller outside ``no_grad`` (an in-backward hook, a user's loop) with an
+    ``nn.Parameter``: the batch writes it in place (a leaf that requires grad would refuse
+    that under grad mode) and its bits equal the reference's."""
+    n = 2048 + 5
+    results = []
+    for kernel in (True, False):
+        p = torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
+        g = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+        buf, sc = torch.zeros(n, dtype=torch.int8), torch.zeros(2)
+        with torch.enable_grad():
+            if kernel:
+                _step(
+                    True,
+                    [p],
+                    [g],
+                    [buf],
+                    [sc],
+                    [0.8],
+                    [True],
+                    [lowp.Rounding(1, 0, 0, 0)],
+                    momentum=0.9,
+                    maximize=False,
+                    round_params=True,
+                    weight_decay=0.01,
+                )
+            else:
+                with torch.no_grad():  # the reference's in-place ops need it
+                    _step(
+                        False,
+                        [p],
+                        [g],
+                        [buf],
+                        [sc],
+                        [0.8],
+                        [True],
+                        [lowp.Rounding(1, 0, 0, 0)],
+                        momentum=0.9,
+                        maximize=False,
+                        round_params=True,
+                        weight_decay=0.01,
+                    )
+        assert p.requires_grad and p.grad_fn is None
+        results.append((p.detach(), buf, sc))
+    _assert_same(*results)
+
+
 def test_supported_refuses_what_the_kernel_does_not_take():
     p, g, m = (
         torch.zeros(8, dtype=torch.bfloat16),
