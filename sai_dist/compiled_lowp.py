@@ -43,7 +43,7 @@ from torch import Tensor
 
 from sai_dist.momentum import _C1, _C2, _M32, BLOCK, Rounding
 
-__all__ = ["Batch", "failure", "supported"]
+__all__ = ["Batch", "failure", "supported", "variant_failure"]
 
 _PARAMS = (torch.float32, torch.bfloat16)
 _BUFFERS = (torch.float32, torch.bfloat16, torch.int8)
@@ -182,26 +182,67 @@ def supported(param: Tensor, grad: Tensor, buf: Tensor | None, rounding: Roundin
     return True
 
 
-@functools.cache
+def _flags(
+    param: Tensor, buf: Tensor | None, rounding: Rounding | None, round_param: bool
+) -> tuple[bool, bool]:
+    """Whether the momentum and the parameter are rounded stochastically."""
+    round_m = rounding is not None and buf is not None and buf.dtype != torch.float32
+    round_p = round_param and rounding is not None and param.dtype == torch.bfloat16
+    return round_m, round_p
+
+
+def variant_failure(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    rounding: Rounding | None,
+    *,
+    born: bool,
+    round_param: bool,
+) -> str | None:
+    """Why the kernel variant this piece needs (its dtypes, its device type, whether it is
+    born and what is rounded) cannot be compiled, or ``None``. Each variant is compiled once
+    per process, on tiny tensors, the first time a piece asks: before any real tensor is
+    touched, so a failure leaves the piece to the reference with nothing half-stepped."""
+    round_m, round_p = _flags(param, buf, rounding, round_param)
+    buf_dtype = None if buf is None else buf.dtype
+    return _variant_failure(param.device.type, param.dtype, grad.dtype, buf_dtype, born, round_m, round_p)
+
+
 def failure(device_type: str) -> str | None:
-    """Why the kernel cannot be compiled for ``device_type`` (compiled once on a tiny
-    int8 piece with a bfloat16 parameter, the variant with every part), or ``None``. Run
-    before any real tensor is touched, so a failure falls back with nothing half-stepped."""
+    """Why the kernel cannot be compiled for ``device_type`` (the variant with every part:
+    a bfloat16 parameter, int8 momentum, both rounded), or ``None``."""
+    return _variant_failure(device_type, torch.bfloat16, torch.bfloat16, torch.int8, False, True, True)
+
+
+@functools.cache
+def _variant_failure(
+    device_type: str,
+    param_dtype: torch.dtype,
+    grad_dtype: torch.dtype,
+    buf_dtype: torch.dtype | None,
+    born: bool,
+    round_m: bool,
+    round_p: bool,
+) -> str | None:
     try:
         if device_type == "cuda":
             import triton  # noqa: F401  (inductor's CUDA backend)
-        p = torch.zeros(BLOCK + 3, dtype=torch.bfloat16, device=device_type)
-        m = torch.zeros(BLOCK + 3, dtype=torch.int8, device=device_type)
+        # int8: two rows and a short one, the two graphs a real piece runs.
+        n = 2 * BLOCK + 3 if buf_dtype == torch.int8 else 5
+        p = torch.zeros(n, dtype=param_dtype, device=device_type)
+        buf = None if buf_dtype is None else torch.zeros(n, dtype=buf_dtype, device=device_type)
+        scales = torch.zeros(3, device=device_type) if buf_dtype == torch.int8 else None
         batch = Batch()
         batch.add(
             p,
-            p.clone(),
-            m,
-            torch.zeros(2, device=device_type),
-            born=False,
+            torch.zeros(n, dtype=grad_dtype, device=device_type),
+            buf,
+            scales,
+            born=born,
             coef=(0.9, 0.1, 1.0, -0.1),
-            rounding=Rounding(0, 1, 0, 0),
-            round_param=True,
+            rounding=Rounding(0, 1, 0, 0) if round_m or round_p else None,
+            round_param=round_p,
         )
         batch.run()
     except Exception as exc:  # any compiler or backend failure means "not available"
@@ -248,8 +289,7 @@ class Batch:
         n = param.numel()
         if n == 0:
             return
-        round_m = rounding is not None and buf is not None and buf.dtype != torch.float32
-        round_p = round_param and rounding is not None and param.dtype == torch.bfloat16
+        round_m, round_p = _flags(param, buf, rounding, round_param)
         key = first = 0
         if rounding is not None:
             key, first = rounding.key(rounding.offset >> 32), rounding.offset & _M32

@@ -318,11 +318,14 @@ def _low_precision_sgd_sai(
                     batch = native_lowp.Batch(lib) if lib is not None else None
                     use_kernel = batch is not None
                 target = batch
-        elif compiled_lowp.supported(param, grad, buf, rounding[i]) and (
-            compiled_lowp.failure(param.device.type) is None  # compiled once per device type
-        ):
-            compiled = compiled if compiled is not None else compiled_lowp.Batch()
-            target = compiled
+        elif compiled_lowp.supported(param, grad, buf, rounding[i]):
+            # Each variant is compiled once, on tiny tensors, before a real one is touched.
+            why = compiled_lowp.variant_failure(
+                param, grad, buf, rounding[i], born=born[i], round_param=round_params
+            )
+            if why is None:
+                compiled = compiled if compiled is not None else compiled_lowp.Batch()
+                target = compiled
         if target is not None:
             _, coef = _coefficients(
                 scales[i], born[i], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize

@@ -300,6 +300,28 @@ def test_parameters_that_require_grad_are_stepped_with_grad_mode_on():
     _assert_same(*results)
 
 
+def test_a_variant_that_fails_to_compile_is_named_and_the_others_are_not(monkeypatch):
+    """variant_failure compiles each variant once on tiny tensors: one whose compilation
+    raises is reported (its pieces go to the reference), the rest stay available."""
+    real = compiled_lowp._compiled
+
+    def compiled(born, round_m, round_p):
+        if born:
+            raise RuntimeError("no backend for this one\nsecond line")
+        return real(born, round_m, round_p)
+
+    monkeypatch.setattr(compiled_lowp, "_compiled", compiled)
+    compiled_lowp._variant_failure.cache_clear()
+    try:
+        p, g = torch.zeros(9, dtype=torch.bfloat16), torch.zeros(9, dtype=torch.bfloat16)
+        m, key = torch.zeros(9, dtype=torch.int8), lowp.Rounding(0, 1, 0, 0)
+        why = compiled_lowp.variant_failure(p, g, m, key, born=True, round_param=True)
+        assert why == "RuntimeError: no backend for this one"
+        assert compiled_lowp.variant_failure(p, g, m, key, born=False, round_param=True) is None
+    finally:
+        compiled_lowp._variant_failure.cache_clear()
+
+
 def test_supported_refuses_what_the_kernel_does_not_take():
     p, g, m = (
         torch.zeros(8, dtype=torch.bfloat16),
