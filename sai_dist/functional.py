@@ -303,69 +303,115 @@ def _low_precision_sgd_sai(
     :mod:`sai_dist.native_lowp`, elsewhere (CUDA) :mod:`sai_dist.compiled_lowp`, each the
     same update and random bits in one read and one write of every element; the loop below
     is the definition both are tested against."""
+    hyper = dict(
+        lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize, round_params=round_params
+    )
     batch: native_lowp.Batch | None = None  # one kernel call for every CPU piece it takes
     compiled: compiled_lowp.Batch | None = None  # the pieces on other devices it takes
+    compiled_idx: list[int] = []  # which piece each of compiled's is
     use_kernel = fused is not False  # until the kernel turns out unavailable
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffers[i] if momentum != 0 else None
         target: native_lowp.Batch | compiled_lowp.Batch | None = None
         if fused is False:
             pass
-        elif param.is_cpu:
-            if use_kernel and native_lowp.supported(param, grad, buf):
-                if batch is None:
-                    lib = native_lowp.library()  # built (and SAI_DIST_LOWP_SIMD read) once a CPU piece asks
-                    batch = native_lowp.Batch(lib) if lib is not None else None
-                    use_kernel = batch is not None
-                target = batch
-        elif compiled_lowp.supported(param, grad, buf, rounding[i]):
-            # Each variant is compiled once, on tiny tensors, before a real one is touched.
-            why = compiled_lowp.variant_failure(
-                param, grad, buf, rounding[i], born=born[i], round_param=round_params
-            )
-            if why is None:
+        elif _takes_compiled(param):
+            # Each variant is compiled once, on tiny tensors, before a real piece is touched.
+            if compiled_lowp.supported(param, grad, buf, rounding[i]) and (
+                compiled_lowp.variant_failure(
+                    param, grad, buf, rounding[i], born=born[i], round_param=round_params
+                )
+                is None
+            ):
                 compiled = compiled if compiled is not None else compiled_lowp.Batch()
+                compiled_idx.append(i)
                 target = compiled
-        if target is not None:
-            _, coef = _coefficients(
-                scales[i], born[i], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
-            )
-            target.add(
-                param,
-                grad,
-                buf,
-                momentum_scales[i],
-                born=born[i],
-                coef=coef,
-                rounding=rounding[i],
-                round_param=round_params,
-            )
+        elif use_kernel and native_lowp.supported(param, grad, buf):
+            if batch is None:
+                lib = native_lowp.library()  # built (and SAI_DIST_LOWP_SIMD read) once a CPU piece asks
+                batch = native_lowp.Batch(lib) if lib is not None else None
+                use_kernel = batch is not None
+            target = batch
+        if target is None:
+            _reference_piece(param, grad, buf, momentum_scales[i], scales[i], born[i], rounding[i], **hyper)
             continue
-        work = torch.promote_types(param.dtype, torch.float32)  # float64 parameters stay float64
-        g = grad.to(work)
-        g = -g if maximize else g
-        key = rounding[i]
-        direction = g
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            assert buf is not None
-            if born[i]:
-                m = g
-            else:
-                m = decode(buf, momentum_scales[i]).to(work)
-                m.mul_(momentum).add_(g, alpha=1 - momentum)
-            if m is not buf:
-                encode(m, buf, momentum_scales[i], key, stream=STREAM_MOMENTUM)
-            direction = m
-        p32 = param if param.dtype == work else param.to(work)
-        if weight_decay != 0:
-            p32.mul_(1 - lr * weight_decay)
-        p32.add_(direction, alpha=-lr * scales[i])
-        if p32 is not param:
-            param.copy_(round_to(p32, param.dtype, key if round_params else None, STREAM_PARAM))
-    for kernel in (batch, compiled):
-        if kernel is not None:
-            kernel.run()
+        _, coef = _coefficients(
+            scales[i], born[i], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
+        )
+        target.add(
+            param,
+            grad,
+            buf,
+            momentum_scales[i],
+            born=born[i],
+            coef=coef,
+            rounding=rounding[i],
+            round_param=round_params,
+        )
+    if batch is not None:
+        batch.run()
+    if compiled is not None:
+        # A call that still failed to compile (a shape inductor specialises on, the
+        # recompile limit) wrote nothing: the reference steps that part of its piece.
+        for position, start in compiled.run():
+            i = compiled_idx[position]
+            key = rounding[i]
+            msc = momentum_scales[i]
+            _reference_piece(
+                params[i].view(-1)[start:],
+                grads[i].view(-1)[start:],
+                None if momentum == 0 else momentum_buffers[i].view(-1)[start:],  # type: ignore[union-attr]
+                None if msc is None else msc[start // compiled_lowp.BLOCK :],
+                scales[i],
+                born[i],
+                None if key is None else key._replace(offset=key.offset + start),
+                **hyper,
+            )
+
+
+def _takes_compiled(param: Tensor) -> bool:
+    """Whether a piece on ``param``'s device goes to :mod:`sai_dist.compiled_lowp`: every
+    device but the CPU, which has :mod:`sai_dist.native_lowp`. (One function, so the tests
+    can route CPU tensors through the compiled kernel.)"""
+    return not param.is_cpu
+
+
+def _reference_piece(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    momentum_scale: Tensor | None,
+    scale: float,
+    born: bool,
+    key: Rounding | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool,
+    round_params: bool,
+) -> None:
+    """One piece of :func:`_low_precision_sgd_sai`'s reference, in place."""
+    work = torch.promote_types(param.dtype, torch.float32)  # float64 parameters stay float64
+    g = grad.to(work)
+    g = -g if maximize else g
+    direction = g
+    if momentum != 0:
+        assert buf is not None
+        if born:
+            m = g
+        else:
+            m = decode(buf, momentum_scale).to(work)
+            m.mul_(momentum).add_(g, alpha=1 - momentum)
+        if m is not buf:
+            encode(m, buf, momentum_scale, key, stream=STREAM_MOMENTUM)
+        direction = m
+    p32 = param if param.dtype == work else param.to(work)
+    if weight_decay != 0:
+        p32.mul_(1 - lr * weight_decay)
+    p32.add_(direction, alpha=-lr * scale)
+    if p32 is not param:
+        param.copy_(round_to(p32, param.dtype, key if round_params else None, STREAM_PARAM))
 
 
 def _multi_tensor_sgd_sai(

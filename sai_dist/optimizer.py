@@ -72,6 +72,9 @@ class SGDSaI(Optimizer):
             compiler and cached (:mod:`sai_dist.native`), on CUDA a ``torch.compile``'d
             kernel (compiled at the first step). ``True`` requires it (``RuntimeError``
             with nothing changed when it is unavailable); ``False`` never uses it.
+            Low-precision state has its own single-pass kernels (:mod:`sai_dist.native_lowp`
+            on CPU, :mod:`sai_dist.compiled_lowp` on CUDA), used with ``None`` and ``True``
+            where they apply; a tensor neither takes is stepped by the reference loop.
         foreach: for tensors the fused kernel does not take (or with ``fused=False``),
             batch the momentum and decay passes with foreach kernels; ``None`` picks them
             for CUDA tensors.

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from sai_dist import SGDSaI, compiled_lowp
+from sai_dist import SGDSaI, compiled_lowp, functional
 from sai_dist import momentum as lowp
 from sai_dist.functional import _coefficients, _low_precision_sgd_sai
 from tests.support import lowp_reference as ref
@@ -48,7 +48,7 @@ def _step(kernel, ps, gs, bufs, scs, scales, born, keys, *, momentum, maximize, 
         assert compiled_lowp.supported(p, g, buf, keys[i])
         _, coef = _coefficients(scales[i], born[i], **hyper)
         batch.add(p, g, buf, scs[i], born=born[i], coef=coef, rounding=keys[i], round_param=round_params)
-    batch.run()
+    assert batch.run() == []  # every piece stepped by the kernel
 
 
 def _steps(
@@ -98,15 +98,22 @@ def _steps(
     return p, buf, sc
 
 
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+
+
 def _assert_same(kernel, reference):
+    """Bit for bit (signed zeros included), except that two NaNs are equal: a NaN's sign
+    bit may differ (the kernel multiplies by -1 where the reference negates)."""
     for k, r in zip(kernel, reference, strict=True):
         if r is None:
             assert k is None
             continue
-        assert k.dtype == r.dtype
-        if not torch.equal(k, r):
-            bad = (k != r) & ~(torch.isnan(k.float()) & torch.isnan(r.float()))
-            assert not bool(bad.any()), f"{int(bad.sum())} of {k.numel()} {k.dtype} elements differ"
+        assert k.dtype == r.dtype and k.shape == r.shape
+        if k.dtype in _BITS:
+            differ = (k.view(_BITS[k.dtype]) != r.view(_BITS[k.dtype])) & ~(torch.isnan(k) & torch.isnan(r))
+        else:
+            differ = k != r
+        assert not bool(differ.any()), f"{int(differ.sum())} of {k.numel()} {k.dtype} elements differ"
 
 
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
@@ -375,6 +382,101 @@ def test_each_variant_is_one_kernel_with_no_element_sized_temporary():
         assert all(dims.replace(" ", "").endswith(",1") for dims in shapes), shapes  # (rows, 1) only
 
 
+def _routed(fused, specs, steps=3):
+    """``steps`` updates of pieces ``(n, param dtype, buffer dtype, offset)`` through
+    ``_low_precision_sgd_sai`` itself (its routing, its fallbacks)."""
+    gen = torch.Generator().manual_seed(5)
+    ps = [torch.randn(n, generator=gen).to(pd) for n, pd, _, _ in specs]
+    bufs = [torch.empty(n, dtype=bd) for n, _, bd, _ in specs]
+    scs = [torch.empty(lowp.num_scales([n])) if bd == torch.int8 else None for n, _, bd, _ in specs]
+    for t in range(steps):
+        gs = [(torch.randn(n, generator=gen) * 10.0 ** (-t)).to(pd) for n, pd, _, _ in specs]
+        keys = [lowp.Rounding(7, t, k, off) for k, (_, _, _, off) in enumerate(specs)]
+        _low_precision_sgd_sai(
+            ps,
+            gs,
+            bufs,
+            scs,
+            [0.6] * len(specs),
+            [t == 0] * len(specs),
+            keys,
+            lr=0.3,
+            momentum=0.9,
+            weight_decay=0.01,
+            maximize=False,
+            round_params=True,
+            fused=fused,
+        )
+    return ps, bufs, scs
+
+
+class _Counted:
+    """Counts Batch._call's kernel calls and the ones that failed."""
+
+    def __init__(self, monkeypatch):
+        self.calls = self.failed = 0
+        real = compiled_lowp.Batch._call
+
+        def call(batch, piece, args):
+            self.calls += 1
+            ok = real(batch, piece, args)
+            self.failed += not ok
+            return ok
+
+        monkeypatch.setattr(compiled_lowp.Batch, "_call", call)
+
+
+ROUTED = [
+    (5000, torch.bfloat16, torch.int8, 2**32 + 5),
+    (300, torch.float32, torch.bfloat16, 0),
+    (4096 + 9, torch.float32, torch.int8, 11),
+]
+
+
+def test_routing_sends_pieces_to_the_kernel_and_equals_the_reference(monkeypatch):
+    """With pieces routed to the compiled kernel (as CUDA tensors are), ``fused=None``
+    equals ``fused=False`` and every piece went through the kernel."""
+    monkeypatch.setattr(functional, "_takes_compiled", lambda param: True)
+    _routed(None, ROUTED, steps=2)  # compiles (and probes, whose calls are not counted) every variant
+    counted = _Counted(monkeypatch)
+    kernel = _routed(None, ROUTED)
+    assert counted.calls == 3 * 5 and counted.failed == 0  # int8 pieces: rows and a short row
+    reference = _routed(False, ROUTED)
+    assert counted.calls == 3 * 5
+    for k in range(len(ROUTED)):
+        _assert_same([x[k] for x in kernel], [x[k] for x in reference])
+
+
+def test_a_call_that_fails_to_compile_is_stepped_by_the_reference(monkeypatch):
+    """A real piece can need a compilation of its own (a shape inductor specialises on, the
+    recompile limit): when that one fails, nothing of it was written and the reference
+    steps exactly that part (an int8 piece's short row), with the bits it would have had."""
+    monkeypatch.setattr(functional, "_takes_compiled", lambda param: True)
+    real = compiled_lowp._compiled
+
+    class NoGraph(torch._dynamo.exc.TorchDynamoException):
+        pass
+
+    def compiled(*flags):
+        kernel = real(*flags)
+
+        def call(p, *args):
+            if p.dim() == 2 and p.shape[0] == 1:
+                raise NoGraph("short rows refused by this test")
+            return kernel(p, *args)
+
+        return call
+
+    monkeypatch.setattr(compiled_lowp, "_compiled", compiled)
+    monkeypatch.setattr(compiled_lowp, "_FAILED", {})
+    monkeypatch.setattr(compiled_lowp, "_variant_failure", lambda *variant: None)  # the variants compile
+    counted = _Counted(monkeypatch)
+    kernel = _routed(None, ROUTED)
+    assert counted.failed == 2 * 3 and counted.calls == 3 * 5  # both int8 short rows, each step
+    for k in range(len(ROUTED)):
+        _assert_same([x[k] for x in kernel], [x[k] for x in _routed(False, ROUTED)])
+
+
 def _steps_through_routing(fused, n, param_dtype, buf_dtype, offset):
     gen = torch.Generator().manual_seed(n)
     p = torch.randn(n, generator=gen).to(param_dtype).cuda()
@@ -403,11 +505,13 @@ def _steps_through_routing(fused, n, param_dtype, buf_dtype, offset):
 @pytest.mark.gpu
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("buf_dtype", BUF_DTYPES, ids=str)
-def test_cuda_routing_equals_reference_bit_for_bit(param_dtype, buf_dtype):
+def test_cuda_routing_equals_reference_bit_for_bit(monkeypatch, param_dtype, buf_dtype):
     """On CUDA ``fused=None`` takes the compiled (Triton) kernel; it equals ``fused=False``."""
     assert compiled_lowp.failure("cuda") is None, compiled_lowp.failure("cuda")
+    counted = _Counted(monkeypatch)
     for n, offset in [(37, 5), (2 * 2048 + 77, 2**32 + 5), (123 * 2048 + 5, 0)]:
         _assert_same(*(_steps_through_routing(f, n, param_dtype, buf_dtype, offset) for f in (None, False)))
+    assert counted.calls > 0 and counted.failed == 0  # the kernel, not the reference, ran
 
 
 @pytest.mark.gpu
