@@ -23,6 +23,7 @@ from sai_dist import SGDSaI, compiled_lowp, functional
 from sai_dist import momentum as lowp
 from sai_dist.functional import _coefficients, _low_precision_sgd_sai
 from tests.support import lowp_reference as ref
+from tests.support.lowp_pieces import fresh_piece
 
 pytestmark = pytest.mark.skipif(
     compiled_lowp.failure("cpu") is not None,
@@ -35,11 +36,13 @@ HYPER = dict(lr=0.3, weight_decay=0.01)
 
 
 def _step(kernel, ps, gs, bufs, scs, scales, born, keys, *, momentum, maximize, round_params, weight_decay):
-    """One step of every piece, through the compiled kernel or the reference."""
+    """One step of every piece: ``kernel`` True, through the compiled kernel's Batch
+    directly; else through ``_low_precision_sgd_sai(fused=kernel)`` (False: the
+    reference; None: its routing)."""
     hyper = dict(lr=HYPER["lr"], momentum=momentum, weight_decay=weight_decay, maximize=maximize)
-    if not kernel:
+    if kernel is not True:
         _low_precision_sgd_sai(
-            ps, gs, bufs, scs, scales, born, keys, **hyper, round_params=round_params, fused=False
+            ps, gs, bufs, scs, scales, born, keys, **hyper, round_params=round_params, fused=kernel
         )
         return
     batch = compiled_lowp.Batch()
@@ -69,14 +72,7 @@ def _steps(
     """``steps`` updates of one piece; the first with a fresh buffer holding garbage (a
     born buffer must not be read), the gradient's scale changing over the steps."""
     gen = torch.Generator().manual_seed(n + offset % 997)
-    p = torch.randn(n, generator=gen).to(param_dtype)
-    if buf_dtype is None:
-        buf = None
-    elif buf_dtype == torch.int8:
-        buf = torch.randint(-127, 128, (n,), generator=gen, dtype=torch.int8)
-    else:
-        buf = torch.full((n,), float("nan"), dtype=buf_dtype)
-    sc = torch.full((lowp.num_scales([n]),), float("nan")) if buf_dtype == torch.int8 else None
+    p, buf, sc = fresh_piece(n, param_dtype, buf_dtype, gen)
     p, buf, sc = (None if t is None else t.to(device) for t in (p, buf, sc))
     for t in range(steps):
         g = (torch.randn(n, generator=gen) * 10.0 ** (-1 - t % 2)).to(grad_dtype or param_dtype).to(device)
@@ -270,38 +266,14 @@ def test_parameters_that_require_grad_are_stepped_with_grad_mode_on():
         p = torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
         g = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
         buf, sc = torch.zeros(n, dtype=torch.int8), torch.zeros(2)
+        args = ([p], [g], [buf], [sc], [0.8], [True], [lowp.Rounding(1, 0, 0, 0)])
+        kw = dict(momentum=0.9, maximize=False, round_params=True, weight_decay=0.01)
         with torch.enable_grad():
             if kernel:
-                _step(
-                    True,
-                    [p],
-                    [g],
-                    [buf],
-                    [sc],
-                    [0.8],
-                    [True],
-                    [lowp.Rounding(1, 0, 0, 0)],
-                    momentum=0.9,
-                    maximize=False,
-                    round_params=True,
-                    weight_decay=0.01,
-                )
+                _step(True, *args, **kw)
             else:
                 with torch.no_grad():  # the reference's in-place ops need it
-                    _step(
-                        False,
-                        [p],
-                        [g],
-                        [buf],
-                        [sc],
-                        [0.8],
-                        [True],
-                        [lowp.Rounding(1, 0, 0, 0)],
-                        momentum=0.9,
-                        maximize=False,
-                        round_params=True,
-                        weight_decay=0.01,
-                    )
+                    _step(False, *args, **kw)
         assert p.requires_grad and p.grad_fn is None
         results.append((p.detach(), buf, sc))
     _assert_same(*results)
@@ -392,20 +364,20 @@ def _routed(fused, specs, steps=3):
     for t in range(steps):
         gs = [(torch.randn(n, generator=gen) * 10.0 ** (-t)).to(pd) for n, pd, _, _ in specs]
         keys = [lowp.Rounding(7, t, k, off) for k, (_, _, _, off) in enumerate(specs)]
-        _low_precision_sgd_sai(
+        k = len(specs)
+        _step(
+            fused,
             ps,
             gs,
             bufs,
             scs,
-            [0.6] * len(specs),
-            [t == 0] * len(specs),
+            [0.6] * k,
+            [t == 0] * k,
             keys,
-            lr=0.3,
             momentum=0.9,
-            weight_decay=0.01,
             maximize=False,
             round_params=True,
-            fused=fused,
+            weight_decay=0.01,
         )
     return ps, bufs, scs
 
@@ -477,31 +449,6 @@ def test_a_call_that_fails_to_compile_is_stepped_by_the_reference(monkeypatch):
         _assert_same([x[k] for x in kernel], [x[k] for x in _routed(False, ROUTED)])
 
 
-def _steps_through_routing(fused, n, param_dtype, buf_dtype, offset):
-    gen = torch.Generator().manual_seed(n)
-    p = torch.randn(n, generator=gen).to(param_dtype).cuda()
-    buf = None if buf_dtype is None else torch.empty(n, dtype=buf_dtype, device="cuda")
-    sc = torch.empty(lowp.num_scales([n]), device="cuda") if buf_dtype == torch.int8 else None
-    for t in range(3):
-        g = (torch.randn(n, generator=gen) * 10.0 ** (-1 - t % 2)).to(param_dtype).cuda()
-        _low_precision_sgd_sai(
-            [p],
-            [g],
-            [buf],
-            [sc],
-            [0.8],
-            [t == 0],
-            [lowp.Rounding(7, t, 3, offset)],
-            lr=0.3,
-            momentum=0.0 if buf is None else 0.9,
-            weight_decay=0.01,
-            maximize=False,
-            round_params=True,
-            fused=fused,
-        )
-    return p, buf, sc
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("buf_dtype", BUF_DTYPES, ids=str)
@@ -510,7 +457,9 @@ def test_cuda_routing_equals_reference_bit_for_bit(monkeypatch, param_dtype, buf
     assert compiled_lowp.failure("cuda") is None, compiled_lowp.failure("cuda")
     counted = _Counted(monkeypatch)
     for n, offset in [(37, 5), (2 * 2048 + 77, 2**32 + 5), (123 * 2048 + 5, 0)]:
-        _assert_same(*(_steps_through_routing(f, n, param_dtype, buf_dtype, offset) for f in (None, False)))
+        _assert_same(
+            *(_steps(f, n, param_dtype, buf_dtype, offset=offset, device="cuda") for f in (None, False))
+        )
     assert counted.calls > 0 and counted.failed == 0  # the kernel, not the reference, ran
 
 

@@ -21,6 +21,7 @@ from sai_dist import SGDSaI, native, native_lowp
 from sai_dist import momentum as lowp
 from sai_dist.functional import _low_precision_sgd_sai
 from tests.support import lowp_reference as ref
+from tests.support.lowp_pieces import fresh_piece
 
 pytestmark = pytest.mark.skipif(
     native_lowp.library() is None, reason=f"no native low-precision kernel: {native_lowp._reason}"
@@ -42,14 +43,7 @@ def _steps(fused, n, param_dtype, buf_dtype, *, offset, maximize, round_params, 
     with a fresh buffer holding garbage (NaN, random codes and NaN scales): a born buffer
     must not be read."""
     gen = torch.Generator().manual_seed(n + offset % 997)
-    p = torch.randn(n, generator=gen).to(param_dtype)
-    if buf_dtype is None:
-        buf = None
-    elif buf_dtype == torch.int8:
-        buf = torch.randint(-127, 128, (n,), generator=gen, dtype=torch.int8)
-    else:
-        buf = torch.full((n,), float("nan"), dtype=buf_dtype)
-    sc = torch.full((lowp.num_scales([n]),), float("nan")) if buf_dtype == torch.int8 else None
+    p, buf, sc = fresh_piece(n, param_dtype, buf_dtype, gen)
     for t in range(steps):
         # A gradient scale that changes over the steps (the int8 scales move both ways).
         g = (torch.randn(n, generator=gen) * 10.0 ** (-1 - t % 2)).to(param_dtype)
