@@ -315,9 +315,13 @@ def lowp_part(
         os.environ["SAI_DIST_LOWP_SIMD"] = build
         kernel[build] = {"flags": list(native_lowp.isa_flags()), "lanes": native_lowp.lanes()}
 
+    def use_build(build: str) -> None:
+        if device.type == "cpu":  # which kernel build this case runs (CUDA: not a SIMD choice)
+            os.environ["SAI_DIST_LOWP_SIMD"] = build
+
     def stepper(opt: SGDSaI, build: str) -> Callable[[], Any]:
         def step() -> None:
-            os.environ["SAI_DIST_LOWP_SIMD"] = build  # which kernel build this case runs
+            use_build(build)
             opt.step()
 
         return step
@@ -335,7 +339,7 @@ def lowp_part(
             opt = SGDSaI(
                 params, lr=1e-3, momentum=0.9, weight_decay=0.01, momentum_dtype=momentum_dtype, fused=fused
             )
-            os.environ["SAI_DIST_LOWP_SIMD"] = build
+            use_build(build)
             opt.step()  # g-SNR and buffers: the steady step is timed
             fns[label] = stepper(opt, build)
             labelled[label] = (dtype, momentum_dtype, nbytes)
