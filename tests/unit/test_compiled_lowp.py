@@ -22,6 +22,7 @@ from torch._inductor.utils import run_and_get_code
 from sai_dist import SGDSaI, compiled_lowp, functional
 from sai_dist import momentum as lowp
 from sai_dist.functional import _coefficients, _low_precision_sgd_sai
+from sai_dist.in_backward import InBackwardSGDSaI
 from tests.support import lowp_reference as ref
 from tests.support.lowp_pieces import fresh_piece
 
@@ -417,6 +418,31 @@ def test_routing_sends_pieces_to_the_kernel_and_equals_the_reference(monkeypatch
     assert counted.calls == 3 * 5
     for k in range(len(ROUTED)):
         _assert_same([x[k] for x in kernel], [x[k] for x in reference])
+
+
+def test_in_backward_hooks_step_through_the_kernel_as_the_reference_does(monkeypatch):
+    """InBackwardSGDSaI on a bf16 model with int8 momentum, pieces routed to the compiled
+    kernel: every update is made inside backward() (grad mode on, per parameter) by the
+    kernel, and 4 steps equal the reference's bit for bit."""
+
+    def run(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Linear(80, 64)).to(torch.bfloat16)
+        opt = InBackwardSGDSaI(model.parameters(), lr=0.05, momentum_dtype="int8", fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            model(torch.randn(32, 96, generator=gen).to(torch.bfloat16)).float().pow(2).mean().backward()
+        opt.remove()
+        return [p.detach().clone() for p in model.parameters()]
+
+    monkeypatch.setattr(functional, "_takes_compiled", lambda param: True)
+    run(None)  # compiles (and probes) every variant
+    counted = _Counted(monkeypatch)
+    kernel = run(None)
+    # 4 steps (step 1 fixes g-SNR and updates), 6 calls each: the 7680-element weight's int8
+    # rows and short row, the 5120-element one's, two biases (float32 momentum, < 4096 elements).
+    assert counted.calls == 4 * 6 and counted.failed == 0
+    _assert_same(kernel, run(False))
 
 
 def test_a_call_that_fails_to_compile_is_stepped_by_the_reference(monkeypatch):
