@@ -57,6 +57,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,19 @@ def median_ms(times: list[float]) -> float:
 
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``): ratios of compute-bound cases differ by
+    CPU, so a result names the one it was measured on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 # -- parts -------------------------------------------------------------------------------------
@@ -586,6 +600,7 @@ def main() -> None:
             if functional.fused_available(device)
             else functional.fused_unavailable_reason(device),
             "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cpu_model": cpu_model(),
         }
     }
     if "lowp" in parts:
