@@ -76,6 +76,22 @@ _SOURCE = r"""
 
 #define BLOCK SAI_BLOCK
 #define INLINE static inline __attribute__((always_inline))
+/* Software prefetch. The int8 block is two passes (absmax, then codes): a stream the
+   hardware prefetcher follows in one pass stalls in the other, so each pass fetches what
+   the other reads next (measured on a Xeon, 1 thread: int8 momentum 1.10 -> 0.86 of the
+   fp32 step, with bf16 parameters 1.04 -> 0.61). A prefetch never faults, so one past the
+   piece's end is harmless. */
+#define PREFETCH_R(addr) __builtin_prefetch((addr), 0, 3)
+#define PREFETCH_W(addr) __builtin_prefetch((addr), 1, 3)
+/* One-pass blocks: g, p and m 1024 elements ahead of element i. Intel's L2 streamer stops
+   at every 4 KiB page and must find the stream again; this keeps the lines coming
+   (measured on a Xeon: bf16 parameters and momentum 0.71 -> 0.50 of the fp32 step). */
+#define PREFETCH_AHEAD(p, g, m, i, PK, MK)                                                       \
+    do {                                                                                          \
+        PREFETCH_R((const char *)(g) + ((i) + 1024) * ((PK) ? 2 : 4));                           \
+        PREFETCH_W((char *)(p) + ((i) + 1024) * ((PK) ? 2 : 4));                                 \
+        if ((MK) >= 0) PREFETCH_W((char *)(m) + ((i) + 1024) * ((MK) == 0 ? 4 : 2));             \
+    } while (0)
 
 /* ---- the scalar definition (fallback, tails, blocks whose index wraps 2^32) ---------- */
 
@@ -321,6 +337,7 @@ INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s
     const __m256 va = _mm256_set1_ps(a), vs = _mm256_set1_ps(old_scale);
     if (MK != 2) {
         for (int j = 0; j < len8; j += 8) {
+            PREFETCH_AHEAD(p, g, m, s + j, PK, MK);
             const __m256 mv = vec_m(g, m, s + j, PK, MK, born, vb, vc, vs);
             const __m256i bits = DRAWS(PK, MK, RP) ? draw8(kh, lo + (uint32_t)j) : _mm256_setzero_si256();
             if (MK == 0) _mm256_storeu_ps((float *)m + s + j, mv);
@@ -337,6 +354,7 @@ INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s
     __m256i vmax = _mm256_setzero_si256();
     const __m256i mask = _mm256_set1_epi32(0x7fffffff);
     for (int j = 0; j < len8; j += 8) {
+        PREFETCH_W((char *)p + (s + j) * (PK ? 2 : 4)); /* read first by the second pass */
         const __m256 mv = vec_m(g, m, s + j, PK, MK, born, vb, vc, vs);
         _mm256_storeu_ps(mn + j, mv);
         vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(mv), mask));
@@ -355,6 +373,9 @@ INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s
         const __m256 vrecip = _mm256_set1_ps(recip);
         int8_t *mq = (int8_t *)m + s;
         for (; j < len8; j += 8) {
+            /* the next block's g and m, which its first pass reads */
+            PREFETCH_R((const char *)g + (s + BLOCK + j) * (PK ? 2 : 4));
+            PREFETCH_W((char *)m + s + BLOCK + j);
             const __m256 mv = _mm256_loadu_ps(mn + j);
             const __m256i bits = draw8(kh, lo + (uint32_t)j);
             store_codes(mq + j, mv, vrecip, low16_8(bits));
@@ -449,6 +470,7 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
     const __m512 va = _mm512_set1_ps(a), vs = _mm512_set1_ps(old_scale);
     if (MK != 2) {
         for (int j = 0; j < len16; j += 16) {
+            PREFETCH_AHEAD(p, g, m, s + j, PK, MK);
             const __m512i idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(j));
             const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
             const __m512i bits = DRAWS(PK, MK, RP) ? draw16(idx, kh) : _mm512_setzero_si512();
@@ -464,6 +486,7 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
     __m512i vmax = _mm512_setzero_si512();
     const __m512i mask = _mm512_set1_epi32(0x7fffffff);
     for (int j = 0; j < len16; j += 16) {
+        PREFETCH_W((char *)p + (s + j) * (PK ? 2 : 4)); /* read first by the second pass */
         const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
         _mm512_storeu_ps(mn + j, mv);
         vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(mv), mask));
@@ -480,6 +503,9 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
         const __m512 vrecip = _mm512_set1_ps(recip);
         int8_t *mq = (int8_t *)m + s;
         for (; j < len16; j += 16) {
+            /* the next block's g and m, which its first pass reads */
+            PREFETCH_R((const char *)g + (s + BLOCK + j) * (PK ? 2 : 4));
+            PREFETCH_W((char *)m + s + BLOCK + j);
             const __m512i bits = draw16(_mm512_add_epi32(idx0, _mm512_set1_epi32(j)), kh);
             const __m512 mv = _mm512_loadu_ps(mn + j);
             store_codes16(mq + j, mv, vrecip, low16_16(bits));
