@@ -50,7 +50,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sai_dist.momentum import _C1, _C2, _M32, BLOCK, Rounding
+from sai_dist.momentum import _M32, BLOCK, Rounding, _mix_
 
 __all__ = ["Batch", "failure", "supported", "variant_failure"]
 
@@ -63,16 +63,6 @@ def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     from torch._inductor import inductor_prims  # imported late: torch._inductor is heavy
 
     return inductor_prims.fma(a, b, c)
-
-
-def _mix(x: Tensor) -> Tensor:
-    # momentum._mix_ without the in-place ops (a compiled graph takes either; these read
-    # more plainly): int64 values in [0, 2^32), products below 2^63.
-    x = x ^ (x >> 16)
-    x = (x * _C1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * _C2) & _M32
-    return x ^ (x >> 16)
 
 
 def _round_bfloat16(x: Tensor, r16: Tensor) -> Tensor:
@@ -105,7 +95,7 @@ def _step(
     draw = None
     if round_m or round_p:
         count = torch.arange(p.numel(), device=p.device, dtype=torch.int64).view(p.shape)
-        draw = _mix(((ints[1] + count) & _M32) ^ ints[0])
+        draw = _mix_(((ints[1] + count) & _M32) ^ ints[0])  # the reference's hash, in place on a temporary
     if m is None:
         direction = g32
     else:
@@ -379,14 +369,14 @@ class Batch:
         flags = (piece.born, piece.round_m, piece.round_p)
         # A call that failed once fails again (same graph): remembered, so a step does not
         # recompile it every time.
-        shape = (args[0].device, args[0].shape, *(None if t is None else t.dtype for t in args[:3]), *flags)  # type: ignore[union-attr]
-        if shape in _FAILED:
-            self.failure = _FAILED[shape]
+        call = (args[0].device, args[0].shape, *(None if t is None else t.dtype for t in args[:3]), *flags)  # type: ignore[union-attr]
+        if call in _FAILED:
+            self.failure = _FAILED[call]
             return False
         try:
             _compiled(*flags)(*args)
         except _compile_errors() as exc:  # raised before the kernel runs: nothing was written
-            _FAILED[shape] = self.failure = _reason(exc)
+            _FAILED[call] = self.failure = _reason(exc)
             return False
         return True
 
