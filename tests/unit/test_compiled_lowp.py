@@ -141,6 +141,27 @@ def test_round_to_nearest_other_gradient_dtypes_and_no_decay(buf_dtype):
         )
 
 
+def _pieces_steps(kernel, specs, steps=3):
+    """``steps`` updates of pieces ``(n, param dtype, buffer dtype, origin offset)``, with
+    ``_step(kernel, ...)``: all born at step 0, every other one born again at step 1,
+    float32 buffers without rounding keys, the gradients' scale falling over the steps."""
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.randn(n, generator=gen).to(pd) for n, pd, _, _ in specs]
+    bufs = [torch.empty(n, dtype=bd) for n, _, bd, _ in specs]
+    scs = [torch.empty(lowp.num_scales([n])) if bd == torch.int8 else None for n, _, bd, _ in specs]
+    for t in range(steps):
+        gs = [(torch.randn(n, generator=gen) * 10.0 ** (-t)).to(pd) for n, pd, _, _ in specs]
+        born = [t == 0 or (t == 1 and k % 2 == 0) for k in range(len(specs))]
+        keys = [
+            None if bd == torch.float32 else lowp.Rounding(7, t, k, off)
+            for k, (_, _, bd, off) in enumerate(specs)
+        ]
+        scales = [0.5 + 0.1 * k for k in range(len(specs))]
+        kw = dict(momentum=0.9, maximize=False, round_params=True, weight_decay=0.01)
+        _step(kernel, ps, gs, bufs, scs, scales, born, keys, **kw)
+    return ps, bufs, scs
+
+
 def test_one_batch_of_mixed_pieces_equals_the_reference():
     """One batch steps pieces of both parameter dtypes and every buffer dtype, born and
     not (some reborn), float32 state without keys, for 3 steps."""
@@ -152,36 +173,7 @@ def test_one_batch_of_mixed_pieces_equals_the_reference():
         (6000, torch.bfloat16, torch.float32, 0),
     ]
 
-    def run(kernel):
-        gen = torch.Generator().manual_seed(3)
-        ps = [torch.randn(n, generator=gen).to(pd) for n, pd, _, _ in specs]
-        bufs = [torch.empty(n, dtype=bd) for n, _, bd, _ in specs]
-        scs = [torch.empty(lowp.num_scales([n])) if bd == torch.int8 else None for n, _, bd, _ in specs]
-        for t in range(3):
-            gs = [(torch.randn(n, generator=gen) * 10.0 ** (-t)).to(pd) for n, pd, _, _ in specs]
-            born = [t == 0 or (t == 1 and k % 2 == 0) for k in range(len(specs))]
-            keys = [
-                None if bd == torch.float32 else lowp.Rounding(7, t, k, off)
-                for k, (_, _, bd, off) in enumerate(specs)
-            ]
-            scales = [0.5 + 0.1 * k for k in range(len(specs))]
-            _step(
-                kernel,
-                ps,
-                gs,
-                bufs,
-                scs,
-                scales,
-                born,
-                keys,
-                momentum=0.9,
-                maximize=False,
-                round_params=True,
-                weight_decay=0.01,
-            )
-        return ps, bufs, scs
-
-    kernel, reference = run(True), run(False)
+    kernel, reference = _pieces_steps(True, specs), _pieces_steps(False, specs)
     for k in range(len(specs)):
         _assert_same(
             [kernel[0][k], kernel[1][k], kernel[2][k]], [reference[0][k], reference[1][k], reference[2][k]]
@@ -355,34 +347,6 @@ def test_each_variant_is_one_kernel_with_no_element_sized_temporary():
         assert all(dims.replace(" ", "").endswith(",1") for dims in shapes), shapes  # (rows, 1) only
 
 
-def _routed(fused, specs, steps=3):
-    """``steps`` updates of pieces ``(n, param dtype, buffer dtype, offset)`` through
-    ``_low_precision_sgd_sai`` itself (its routing, its fallbacks)."""
-    gen = torch.Generator().manual_seed(5)
-    ps = [torch.randn(n, generator=gen).to(pd) for n, pd, _, _ in specs]
-    bufs = [torch.empty(n, dtype=bd) for n, _, bd, _ in specs]
-    scs = [torch.empty(lowp.num_scales([n])) if bd == torch.int8 else None for n, _, bd, _ in specs]
-    for t in range(steps):
-        gs = [(torch.randn(n, generator=gen) * 10.0 ** (-t)).to(pd) for n, pd, _, _ in specs]
-        keys = [lowp.Rounding(7, t, k, off) for k, (_, _, _, off) in enumerate(specs)]
-        k = len(specs)
-        _step(
-            fused,
-            ps,
-            gs,
-            bufs,
-            scs,
-            [0.6] * k,
-            [t == 0] * k,
-            keys,
-            momentum=0.9,
-            maximize=False,
-            round_params=True,
-            weight_decay=0.01,
-        )
-    return ps, bufs, scs
-
-
 class _Counted:
     """Counts Batch._call's kernel calls and the ones that failed."""
 
@@ -410,11 +374,11 @@ def test_routing_sends_pieces_to_the_kernel_and_equals_the_reference(monkeypatch
     """With pieces routed to the compiled kernel (as CUDA tensors are), ``fused=None``
     equals ``fused=False`` and every piece went through the kernel."""
     monkeypatch.setattr(functional, "_takes_compiled", lambda param: True)
-    _routed(None, ROUTED, steps=2)  # compiles (and probes, whose calls are not counted) every variant
+    _pieces_steps(None, ROUTED)  # compiles (and probes, whose calls are not counted) every variant
     counted = _Counted(monkeypatch)
-    kernel = _routed(None, ROUTED)
+    kernel = _pieces_steps(None, ROUTED)
     assert counted.calls == 3 * 5 and counted.failed == 0  # int8 pieces: rows and a short row
-    reference = _routed(False, ROUTED)
+    reference = _pieces_steps(False, ROUTED)
     assert counted.calls == 3 * 5
     for k in range(len(ROUTED)):
         _assert_same([x[k] for x in kernel], [x[k] for x in reference])
@@ -469,10 +433,10 @@ def test_a_call_that_fails_to_compile_is_stepped_by_the_reference(monkeypatch):
     monkeypatch.setattr(compiled_lowp, "_FAILED", {})
     monkeypatch.setattr(compiled_lowp, "_variant_failure", lambda *variant: None)  # the variants compile
     counted = _Counted(monkeypatch)
-    kernel = _routed(None, ROUTED)
+    kernel = _pieces_steps(None, ROUTED)
     assert counted.failed == 2 * 3 and counted.calls == 3 * 5  # both int8 short rows, each step
     for k in range(len(ROUTED)):
-        _assert_same([x[k] for x in kernel], [x[k] for x in _routed(False, ROUTED)])
+        _assert_same([x[k] for x in kernel], [x[k] for x in _pieces_steps(False, ROUTED)])
 
 
 @pytest.mark.gpu
