@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from sai_dist import native_lowp
-from tests.support.paths import REPO
+from tests.support.benchmarks import run_benchmark
 
 
 @pytest.mark.skipif(
     native_lowp.library() is None, reason=f"no native low-precision kernel: {native_lowp._reason}"
 )
 def test_kernel_rate_reports_every_case(tmp_path):
-    out = tmp_path / "rate.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks/kernel_rate.py"),
-            *("--numel", "5000", "--repeats", "2", "--inner", "2", "--write", str(out)),
-        ],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-        check=True,
-        timeout=300,
-        capture_output=True,
+    report = run_benchmark(
+        "kernel_rate.py", tmp_path / "rate.json", "--numel", "5000", "--repeats", "2", "--inner", "2"
     )
-    report = json.loads(out.read_text())
     assert report["numel"] == 5000 and report["repeats"] == 2 and report["inner"] == 2
     cases = {
         "fp32_state",
