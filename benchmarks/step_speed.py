@@ -376,7 +376,7 @@ def lowp_part(
         "threads": torch.get_num_threads(),
         "kernel_builds": kernel,
         # CUDA: why the compiled kernel is not used (the "compiled" cases then ran the reference).
-        "compiled_kernel": None if device.type == "cpu" else (compiled_lowp.failure("cuda") or "available"),
+        "compiled_kernel": None if device.type == "cpu" else (compiled_lowp.failure(device) or "available"),
         "load_before": load_before,
         "load_after": load_after,
         "triad_GBps": triad_gbs,
