@@ -24,10 +24,12 @@ overflows), so kernel and reference agree bit for bit.
 
 The same per-element operations in three implementations, one source:
 
-- AVX-512F (16 lanes) and AVX2 + FMA (8 lanes) intrinsics: the hash's ``uint32``
-  multiply-xorshift mixing, bf16 conversion and stochastic rounding, int8 decode, absmax on
-  the ``|v|`` bit patterns, int8 encode, the parameter update. The build takes the widest
-  one whose features ``/proc/cpuinfo`` lists (``-mavx2 -mfma [-mavx512f]``; the flags are
+- AVX-512F + BW (16 lanes, two vectors a step: a bfloat16 array moves through word
+  permutes, one load or store per 32 elements) and AVX2 + FMA (8 lanes) intrinsics: the
+  hash's ``uint32`` multiply-xorshift mixing, bf16 conversion and stochastic rounding, int8
+  decode, absmax on the ``|v|`` bit patterns, int8 encode, the parameter update. The build
+  takes the widest one whose features ``/proc/cpuinfo`` lists
+  (``-mavx2 -mfma [-mavx512f -mavx512bw]``; the flags are
   in the cache key), at most ``SAI_DIST_LOWP_SIMD`` (``avx512``, ``avx2``, or ``0``: the
   portable build). For int8 the new values of a block stay in a block-sized stack buffer
   (L1) so the block's absmax scale is known before its codes are written; the other
@@ -61,7 +63,7 @@ __all__ = ["Batch", "isa_flags", "lanes", "library", "supported"]
 
 #: Vector builds, widest first: (``SAI_DIST_LOWP_SIMD`` name, CPU flags it needs, compiler flags).
 _BUILDS = (
-    ("avx512", ("avx2", "fma", "avx512f"), ("-mavx2", "-mfma", "-mavx512f")),
+    ("avx512", ("avx2", "fma", "avx512f", "avx512bw"), ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw")),
     ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma")),
 )
 
@@ -72,6 +74,10 @@ _SOURCE = r"""
 #include <math.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+/* The AVX-512 path uses F and BW (word permutes) together. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define SAI_AVX512 1
 #endif
 
 #define BLOCK SAI_BLOCK
@@ -386,8 +392,8 @@ INLINE void block_avx2(void *p, const void *g, void *m, float *scales, int64_t s
 }
 #endif
 
-#ifdef __AVX512F__
-/* ---- AVX-512F: the same operations on 16 lanes (where the CPU has it) ------------------ */
+#ifdef SAI_AVX512
+/* ---- AVX-512F + BW: the same operations on 16 lanes, two vectors a step ----------------- */
 
 INLINE __m512i mix16(__m512i x) {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
@@ -403,9 +409,10 @@ INLINE __m512 load_bf16_16(const uint16_t *x) {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
-/* f_to_bf16 on 16 lanes (r16: 16 random bits a lane), stored (the kept high halves are
-   < 2^16: truncating vpmovdw). */
-INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i r16, const int stochastic) {
+/* f_to_bf16 on 16 lanes before its truncation (r16: 16 random bits a lane): u + r16, or
+   u + the nearest-even addend, a NaN quieted instead. No finite mask: an infinity's low 16
+   bits are 0 and the addend < 2^16, so it stays infinite. */
+INLINE __m512i rounded16(__m512 v, __m512i r16, const int stochastic) {
     const __m512i u = _mm512_castps_si512(v);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     __m512i add;
@@ -415,11 +422,55 @@ INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i r16, const int stocha
         const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
         add = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd);
     }
-    /* no finite mask: an infinity's low 16 bits are 0 and add < 2^16, so it stays infinite */
-    __m512i r = _mm512_add_epi32(u, add);
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
-    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    return _mm512_mask_or_epi32(_mm512_add_epi32(u, add), nan, u, _mm512_set1_epi32(0x00400000));
 }
+/* f_to_bf16 on 16 lanes, stored (the kept high halves are < 2^16: truncating vpmovdw). */
+INLINE void store_bf16_16(uint16_t *out, __m512 v, __m512i r16, const int stochastic) {
+    const __m512i high = _mm512_srli_epi32(rounded16(v, r16, stochastic), 16);
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(high));
+}
+/* Two vectors a step (elements i .. i + 15 in lo, i + 16 .. i + 31 in hi): 32 bfloat16 are
+   one load and one word permute per vector, each word moved to the high half of its lane
+   with the low half zeroed, instead of a widening load and a shift; stored by one
+   two-source permute that keeps the high halves of both, instead of a shift and a
+   narrowing store per vector; and one prefetch per cache line. */
+static const uint16_t SAI_TO_HIGH_LO[32] = {0, 0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7,
+                                            0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15};
+static const uint16_t SAI_TO_HIGH_HI[32] = {0, 16, 0, 17, 0, 18, 0, 19, 0, 20, 0, 21, 0, 22, 0, 23,
+                                            0, 24, 0, 25, 0, 26, 0, 27, 0, 28, 0, 29, 0, 30, 0, 31};
+static const uint16_t SAI_HIGH_WORDS[32] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                            33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+INLINE void load_bf16_32(const uint16_t *x, __m512 *lo, __m512 *hi) {
+    const __m512i w = _mm512_loadu_si512((const void *)x);
+    const __mmask32 odd = 0xAAAAAAAAu; /* the high word of each lane */
+    *lo = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(odd, _mm512_loadu_si512(SAI_TO_HIGH_LO), w));
+    *hi = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(odd, _mm512_loadu_si512(SAI_TO_HIGH_HI), w));
+}
+INLINE void store_bf16_32(uint16_t *out, __m512 lo, __m512 hi, __m512i rlo, __m512i rhi,
+                          const int stochastic) {
+    const __m512i a = rounded16(lo, rlo, stochastic), b = rounded16(hi, rhi, stochastic);
+    _mm512_storeu_si512((void *)out, _mm512_permutex2var_epi16(a, _mm512_loadu_si512(SAI_HIGH_WORDS), b));
+}
+INLINE void load_f32_32(const void *x, int64_t i, const int K, __m512 *lo, __m512 *hi) {
+    if (K) {
+        load_bf16_32((const uint16_t *)x + i, lo, hi);
+    } else {
+        *lo = _mm512_loadu_ps((const float *)x + i);
+        *hi = _mm512_loadu_ps((const float *)x + i + 16);
+    }
+}
+INLINE __m512 decode8_16(const int8_t *x, __m512 old_scale) {
+    const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(q), old_scale);
+}
+/* PREFETCH_AHEAD for 32 elements: a second line of each 4-byte array */
+#define PREFETCH_AHEAD32(p, g, m, i, PK, MK)                                                     \
+    do {                                                                                          \
+        PREFETCH_AHEAD(p, g, m, i, PK, MK);                                                       \
+        if (!(PK)) PREFETCH_R((const char *)(g) + ((i) + 1040) * 4);                             \
+        if (!(PK)) PREFETCH_W((char *)(p) + ((i) + 1040) * 4);                                   \
+        if ((MK) == 0) PREFETCH_W((char *)(m) + ((i) + 1040) * 4);                               \
+    } while (0)
 INLINE __m512 vec16_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
                       __m512 b, __m512 c, __m512 old_scale) {
     const __m512 gi = PK ? load_bf16_16((const uint16_t *)g + i) : _mm512_loadu_ps((const float *)g + i);
@@ -428,10 +479,30 @@ INLINE __m512 vec16_m(const void *g, const void *m, int64_t i, const int PK, con
     __m512 mo;
     if (MK == 0) mo = _mm512_loadu_ps((const float *)m + i);
     else if (MK == 1) mo = load_bf16_16((const uint16_t *)m + i);
-    else mo = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)m + i)))),
-        old_scale);
+    else mo = decode8_16((const int8_t *)m + i, old_scale);
     return _mm512_fmadd_ps(gi, c, _mm512_mul_ps(mo, b));
+}
+/* vec16_m of elements i .. i + 31 (lo, hi) */
+INLINE void vec32_m(const void *g, const void *m, int64_t i, const int PK, const int MK, int born,
+                    __m512 b, __m512 c, __m512 old_scale, __m512 *lo, __m512 *hi) {
+    __m512 glo, ghi, olo, ohi;
+    load_f32_32(g, i, PK, &glo, &ghi);
+    if (MK < 0) {
+        *lo = glo, *hi = ghi;
+        return;
+    }
+    if (born) {
+        *lo = _mm512_mul_ps(glo, c), *hi = _mm512_mul_ps(ghi, c);
+        return;
+    }
+    if (MK == 2) {
+        olo = decode8_16((const int8_t *)m + i, old_scale);
+        ohi = decode8_16((const int8_t *)m + i + 16, old_scale);
+    } else {
+        load_f32_32(m, i, MK, &olo, &ohi);
+    }
+    *lo = _mm512_fmadd_ps(glo, c, _mm512_mul_ps(olo, b));
+    *hi = _mm512_fmadd_ps(ghi, c, _mm512_mul_ps(ohi, b));
 }
 INLINE void vec16_p(void *p, int64_t i, __m512 mv, const int PK, const int RP, __m512 d, __m512 a,
                     __m512i bits) {
@@ -442,6 +513,21 @@ INLINE void vec16_p(void *p, int64_t i, __m512 mv, const int PK, const int RP, _
     } else {
         float *pp = (float *)p + i;
         _mm512_storeu_ps(pp, _mm512_fmadd_ps(mv, a, _mm512_mul_ps(_mm512_loadu_ps(pp), d)));
+    }
+}
+/* vec16_p of elements i .. i + 31: new momentum mlo, mhi, draws blo, bhi */
+INLINE void vec32_p(void *p, int64_t i, __m512 mlo, __m512 mhi, const int PK, const int RP, __m512 d,
+                    __m512 a, __m512i blo, __m512i bhi) {
+    if (PK) {
+        uint16_t *ph = (uint16_t *)p + i;
+        __m512 plo, phi;
+        load_bf16_32(ph, &plo, &phi);
+        plo = _mm512_fmadd_ps(mlo, a, _mm512_mul_ps(plo, d));
+        phi = _mm512_fmadd_ps(mhi, a, _mm512_mul_ps(phi, d));
+        store_bf16_32(ph, plo, phi, _mm512_srli_epi32(blo, 16), _mm512_srli_epi32(bhi, 16), RP);
+    } else {
+        vec16_p(p, i, mlo, PK, RP, d, a, blo);
+        vec16_p(p, i + 16, mhi, PK, RP, d, a, bhi);
     }
 }
 /* elem_code on 16 lanes (not div); vpmovdb keeps the low byte of each int32, as the scalar cast. */
@@ -468,24 +554,57 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
     const int len16 = len & ~15;
     const __m512 vb = _mm512_set1_ps(b), vc = _mm512_set1_ps(c), vd = _mm512_set1_ps(d);
     const __m512 va = _mm512_set1_ps(a), vs = _mm512_set1_ps(old_scale);
+    const __m512i sixteen = _mm512_set1_epi32(16);
     if (MK != 2) {
-        for (int j = 0; j < len16; j += 16) {
+        int j = 0;
+        __m512i idx = idx0; /* the low words of elements j .. j + 15 */
+        for (; j + 32 <= len16; j += 32) {
+            PREFETCH_AHEAD32(p, g, m, s + j, PK, MK);
+            __m512 mlo, mhi;
+            vec32_m(g, m, s + j, PK, MK, born, vb, vc, vs, &mlo, &mhi);
+            __m512i blo = _mm512_setzero_si512(), bhi = blo;
+            if (DRAWS(PK, MK, RP)) {
+                blo = draw16(idx, kh);
+                bhi = draw16(_mm512_add_epi32(idx, sixteen), kh);
+            }
+            idx = _mm512_add_epi32(idx, _mm512_add_epi32(sixteen, sixteen));
+            if (MK == 0) {
+                _mm512_storeu_ps((float *)m + s + j, mlo);
+                _mm512_storeu_ps((float *)m + s + j + 16, mhi);
+            } else if (MK == 1) {
+                store_bf16_32((uint16_t *)m + s + j, mlo, mhi, low16_16(blo), low16_16(bhi), 1);
+            }
+            vec32_p(p, s + j, mlo, mhi, PK, RP, vd, va, blo, bhi);
+        }
+        for (; j < len16; j += 16) {
             PREFETCH_AHEAD(p, g, m, s + j, PK, MK);
-            const __m512i idx = _mm512_add_epi32(idx0, _mm512_set1_epi32(j));
             const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
             const __m512i bits = DRAWS(PK, MK, RP) ? draw16(idx, kh) : _mm512_setzero_si512();
             if (MK == 0) _mm512_storeu_ps((float *)m + s + j, mv);
             else if (MK == 1) store_bf16_16((uint16_t *)m + s + j, mv, low16_16(bits), 1);
             vec16_p(p, s + j, mv, PK, RP, vd, va, bits);
+            idx = _mm512_add_epi32(idx, sixteen);
         }
         block_tail(p, g, m, scales, s, len, len16, mn, PK, MK, born, b, c, d, a, key, offset, RP,
                    old_scale);
         return;
     }
     /* absmax as in block_avx2: a NaN is skipped by a rescan */
-    __m512i vmax = _mm512_setzero_si512();
+    __m512i vmax = _mm512_setzero_si512(), vmax2 = vmax;
     const __m512i mask = _mm512_set1_epi32(0x7fffffff);
-    for (int j = 0; j < len16; j += 16) {
+    int j1 = 0;
+    for (; j1 + 32 <= len16; j1 += 32) {
+        PREFETCH_W((char *)p + (s + j1) * (PK ? 2 : 4)); /* read first by the second pass */
+        if (!PK) PREFETCH_W((char *)p + (s + j1 + 16) * 4);
+        __m512 mlo, mhi;
+        vec32_m(g, m, s + j1, PK, MK, born, vb, vc, vs, &mlo, &mhi);
+        _mm512_storeu_ps(mn + j1, mlo);
+        _mm512_storeu_ps(mn + j1 + 16, mhi);
+        vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(mlo), mask));
+        vmax2 = _mm512_max_epu32(vmax2, _mm512_and_si512(_mm512_castps_si512(mhi), mask));
+    }
+    vmax = _mm512_max_epu32(vmax, vmax2);
+    for (int j = j1; j < len16; j += 16) {
         PREFETCH_W((char *)p + (s + j) * (PK ? 2 : 4)); /* read first by the second pass */
         const __m512 mv = vec16_m(g, m, s + j, PK, MK, born, vb, vc, vs);
         _mm512_storeu_ps(mn + j, mv);
@@ -502,11 +621,25 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
     if (!isinf(recip)) {
         const __m512 vrecip = _mm512_set1_ps(recip);
         int8_t *mq = (int8_t *)m + s;
+        __m512i idx = idx0;
+        for (; j + 32 <= len16; j += 32) {
+            /* the next block's g and m, which its first pass reads */
+            PREFETCH_R((const char *)g + (s + BLOCK + j) * (PK ? 2 : 4));
+            if (!PK) PREFETCH_R((const char *)g + (s + BLOCK + j + 16) * 4);
+            if (!(j & 32)) PREFETCH_W((char *)m + s + BLOCK + j);
+            const __m512i blo = draw16(idx, kh), bhi = draw16(_mm512_add_epi32(idx, sixteen), kh);
+            idx = _mm512_add_epi32(idx, _mm512_add_epi32(sixteen, sixteen));
+            const __m512 mlo = _mm512_loadu_ps(mn + j), mhi = _mm512_loadu_ps(mn + j + 16);
+            store_codes16(mq + j, mlo, vrecip, low16_16(blo));
+            store_codes16(mq + j + 16, mhi, vrecip, low16_16(bhi));
+            vec32_p(p, s + j, mlo, mhi, PK, RP, vd, va, blo, bhi);
+        }
         for (; j < len16; j += 16) {
             /* the next block's g and m, which its first pass reads */
             PREFETCH_R((const char *)g + (s + BLOCK + j) * (PK ? 2 : 4));
             PREFETCH_W((char *)m + s + BLOCK + j);
-            const __m512i bits = draw16(_mm512_add_epi32(idx0, _mm512_set1_epi32(j)), kh);
+            const __m512i bits = draw16(idx, kh);
+            idx = _mm512_add_epi32(idx, sixteen);
             const __m512 mv = _mm512_loadu_ps(mn + j);
             store_codes16(mq + j, mv, vrecip, low16_16(bits));
             vec16_p(p, s + j, mv, PK, RP, vd, va, bits);
@@ -520,11 +653,11 @@ INLINE void block_avx512(void *p, const void *g, void *m, float *scales, int64_t
 INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int len, const int PK,
                   const int MK, int born, float b, float c, float d, float a, uint32_t key,
                   int64_t offset, const int RP) {
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(SAI_AVX512) || defined(__AVX2__)
     /* the vector draws keep the index's high word constant over the block: a block whose
        element index crosses a multiple of 2^32 takes the scalar path */
     if ((uint64_t)(uint32_t)(offset + s) + (uint64_t)len <= 0x100000000ull) {
-#ifdef __AVX512F__
+#ifdef SAI_AVX512
         block_avx512(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key, offset, RP);
 #else
         block_avx2(p, g, m, scales, s, len, PK, MK, born, b, c, d, a, key, offset, RP);
@@ -537,9 +670,9 @@ INLINE void block(void *p, const void *g, void *m, float *scales, int64_t s, int
     block_tail(p, g, m, scales, s, len, 0, mn, PK, MK, born, b, c, d, a, key, offset, RP, old_scale);
 }
 
-/* Lanes of the vector path this build runs: 16 (AVX-512F), 8 (AVX2), 1 (scalar). */
+/* Lanes of the vector path this build runs: 16 (AVX-512), 8 (AVX2), 1 (scalar). */
 int sai_lowp_lanes(void) {
-#if defined(__AVX512F__)
+#if defined(SAI_AVX512)
     return 16;
 #elif defined(__AVX2__)
     return 8;

@@ -240,7 +240,7 @@ def test_every_build_equals_reference(monkeypatch, choice):
     8-lane path, ``avx512`` the 16-lane one (the default where the CPU has it)."""
     cpu = native.cpu_flags()
     want = {"0": 1, "avx2": 8 if {"avx2", "fma"} <= cpu else 1}
-    want["avx512"] = 16 if {"avx2", "fma", "avx512f"} <= cpu else want["avx2"]
+    want["avx512"] = 16 if {"avx2", "fma", "avx512f", "avx512bw"} <= cpu else want["avx2"]
     monkeypatch.setenv("SAI_DIST_LOWP_SIMD", choice)
     assert native_lowp.library() is not None, native_lowp._reason
     assert native_lowp.lanes() == want[choice]
