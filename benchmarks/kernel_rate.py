@@ -8,22 +8,30 @@ With ``--numel`` far beyond the caches it is the kernel's rate from memory inste
 the step benchmark (``step_speed.py --parts lowp``) finds a case slower than its bytes
 allow, this says whether arithmetic is why.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/kernel_rate.py [--write out.json]
+``--against REV`` also builds the kernel source of git revision ``REV`` (for the same
+instruction set), checks that it writes the same bits as this tree's on pieces with tails,
+NaN and infinity, born and not, and times both on the same tensors in the same rounds
+(A B A B ...): an A/B of a kernel change measured in one process.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/kernel_rate.py [--against REV] [--write out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from sai_dist import native_lowp
 from sai_dist.functional import _coefficients
-from sai_dist.momentum import Rounding, num_scales
+from sai_dist.momentum import BLOCK, Rounding, num_scales
 
 #: (parameter dtype, buffer dtype) of each case, as in step_overhead.py's cases.
 CASES = {
@@ -35,27 +43,70 @@ CASES = {
 }
 
 
-def _stepper(lib: object, param_dtype: torch.dtype, buf_dtype: torch.dtype, n: int) -> Callable[[], None]:
-    gen = torch.Generator().manual_seed(0)
+_, _COEF = _coefficients(0.8, False, lr=1e-3, momentum=0.9, weight_decay=0.01, maximize=False)
+
+
+def _tensors(param_dtype: torch.dtype, buf_dtype: torch.dtype, n: int, seed: int = 0) -> list[torch.Tensor]:
+    """``[p, g, m, scales or None]`` of one piece of ``n`` elements."""
+    gen = torch.Generator().manual_seed(seed)
     p = (torch.randn(n, generator=gen) * 0.02).to(param_dtype)
     g = (torch.randn(n, generator=gen) * 1e-3).to(param_dtype)
     if buf_dtype == torch.int8:
         m = torch.randint(-127, 128, (n,), generator=gen, dtype=torch.int8)
-        scales = torch.full((num_scales([n]),), 1e-5)
+        scales: torch.Tensor | None = torch.full((num_scales([n]),), 1e-5)
     else:
         m, scales = (torch.randn(n, generator=gen) * 1e-3).to(buf_dtype), None
-    _, coef = _coefficients(0.8, False, lr=1e-3, momentum=0.9, weight_decay=0.01, maximize=False)
+    return [p, g, m, scales]  # type: ignore[list-item]
+
+
+def _step(lib: ctypes.CDLL, piece: list[torch.Tensor], step: int, born: bool = False) -> None:
+    batch = native_lowp.Batch(lib)
+    p, g, m, scales = piece
+    rounding = Rounding(1, step, 0, 0)
+    batch.add(p, g, m, scales, born=born, coef=_COEF, rounding=rounding, round_param=True)
+    batch.run()
+
+
+def _stepper(lib: ctypes.CDLL, piece: list[torch.Tensor]) -> Callable[[], None]:
     step = [0]
 
     def run() -> None:
         step[0] += 1  # a new step's draws, as training has
-        batch = native_lowp.Batch(lib)  # type: ignore[arg-type]
-        batch.add(
-            p, g, m, scales, born=False, coef=coef, rounding=Rounding(1, step[0], 0, 0), round_param=True
-        )
-        batch.run()
+        _step(lib, piece, step[0])
 
     return run
+
+
+def _source_at(rev: str) -> str:
+    """The kernel's C source as ``sai_dist/native_lowp.py`` at git revision ``rev`` has it."""
+    text = subprocess.run(
+        ["git", "show", f"{rev}:sai_dist/native_lowp.py"],
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    namespace: dict[str, object] = {"__name__": "native_lowp_at_" + rev}
+    exec(compile(text, f"{rev}:sai_dist/native_lowp.py", "exec"), namespace)  # defines, runs nothing
+    return str(namespace["_SOURCE"])
+
+
+def _same_bits(a: ctypes.CDLL, b: ctypes.CDLL) -> dict[str, bool]:
+    """Per case: whether kernels ``a`` and ``b`` write the same bytes over a born step and a
+    later one, on a piece with a vector tail, a scalar tail, a NaN and an infinity."""
+    same = {}
+    n = 3 * BLOCK + 53
+    for name, (param_dtype, buf_dtype) in CASES.items():
+        out = []
+        for lib in (a, b):
+            piece = _tensors(param_dtype, buf_dtype, n, seed=1)
+            piece[1][n // 2] = float("nan")
+            piece[1][BLOCK + 3] = float("inf")
+            _step(lib, piece, 1, born=True)
+            _step(lib, piece, 2)
+            out.append([t.view(torch.uint8) if t.dtype != torch.int8 else t for t in piece if t is not None])
+        same[name] = all(torch.equal(x, y) for x, y in zip(*out, strict=True))
+    return same
 
 
 def main() -> None:
@@ -64,23 +115,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=100, help="interleaved rounds")
     parser.add_argument("--inner", type=int, default=20, help="timed steps of a case in a round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--against", metavar="REV", help="git revision whose kernel to time beside this one")
     parser.add_argument("--write", help="JSON results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lib = native_lowp.library()
     if lib is None:
         raise SystemExit(f"kernel_rate: no native low-precision kernel ({native_lowp._reason})")
-    steps = {name: _stepper(lib, pd, bd, args.numel) for name, (pd, bd) in CASES.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    kernels = {"": lib}
+    if args.against:
+        other = native_lowp._load(native_lowp.isa_flags(), _source_at(args.against), "sai_lowp_against")
+        if other is None:
+            raise SystemExit(
+                f"kernel_rate: the kernel of {args.against} did not build ({native_lowp._reason})"
+            )
+        kernels[args.against] = other
+    steps = {}
+    for name, (pd, bd) in CASES.items():
+        piece = _tensors(pd, bd, args.numel)  # both kernels step the same tensors
+        for rev, kernel in kernels.items():
+            steps[(name, rev)] = _stepper(kernel, piece)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for _ in range(args.repeats):
-        for name, step in steps.items():
+        for key, step in steps.items():
             step()  # brings this case's piece back into cache (the others evicted it)
             t0 = time.perf_counter()
             for _ in range(args.inner):
                 step()
-            times[name].append((time.perf_counter() - t0) / args.inner)
-    ns = {name: statistics.median(t) / args.numel * 1e9 for name, t in times.items()}
-    report = {
+            times[key].append((time.perf_counter() - t0) / args.inner)
+
+    def rates(rev: str) -> dict[str, float]:
+        return {name: statistics.median(times[(name, rev)]) / args.numel * 1e9 for name in CASES}
+
+    ns = rates("")
+    report: dict[str, object] = {
         "numel": args.numel,
         "repeats": args.repeats,
         "inner": args.inner,
@@ -90,6 +158,14 @@ def main() -> None:
         "vs_fp32_state": {name: v / ns["fp32_state"] for name, v in ns.items()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+    if args.against:
+        theirs = rates(args.against)
+        report["against"] = {
+            "rev": args.against,
+            "same_bits": _same_bits(lib, kernels[args.against]),
+            "ns_per_element": theirs,
+            "this_vs_against": {name: ns[name] / theirs[name] for name in CASES},
+        }
     print(json.dumps(report, indent=1))
     if args.write:
         with open(args.write, "w") as f:

@@ -783,10 +783,12 @@ def isa_flags(choice: str | None = None) -> tuple[str, ...]:
 
 
 @functools.cache
-def _load(isa: tuple[str, ...]) -> ctypes.CDLL | None:
+def _load(isa: tuple[str, ...], source: str = _SOURCE, name: str = "sai_lowp") -> ctypes.CDLL | None:
+    """The kernel of ``source`` (default this module's; another, e.g. an earlier revision's,
+    for ``benchmarks/kernel_rate.py --against``) built for ``isa``; ``None`` when unavailable."""
     global _reason
     try:
-        lib = native.load_c_library("sai_lowp", _SOURCE, libs=["-lm"], isa=isa)
+        lib = native.load_c_library(name, source, libs=["-lm"], isa=isa)
     except native.KernelUnavailable as exc:
         _reason = f"the low-precision kernel: {exc}"
         return None
