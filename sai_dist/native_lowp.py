@@ -876,7 +876,11 @@ class Batch:
         n = param.numel()
         if n == 0:
             return
-        b, c, d, a = (_float32(x) for x in coef)
+        b, c, d, a = coef
+        # An overflowing coefficient is rare: the check per coefficient only then (an
+        # overflow is the max of the four, or a NaN before it makes the compare fail).
+        if not max(abs(b), abs(c), abs(d), abs(a)) < _FLOAT32_OVERFLOW:
+            b, c, d, a = (_float32(x) for x in coef)
         self._rows += _ROW.pack(
             param.data_ptr(),
             grad.data_ptr(),

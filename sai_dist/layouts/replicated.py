@@ -22,6 +22,8 @@ class ReplicatedLayout(Layout):
     def __init__(self) -> None:
         super().__init__()
         self._block_of: dict[int, int] = {}
+        # The one piece of each tensor, built once: pieces() is asked per tensor per step.
+        self._pieces_of: dict[int, tuple[Piece]] = {}
         # Keep the tensors alive so their ids stay unique for the layout's lifetime.
         self._tensors: list[Tensor] = []
 
@@ -30,6 +32,7 @@ class ReplicatedLayout(Layout):
             refuse_flat_params(p)
             if id(p) not in self._block_of:
                 self._block_of[id(p)] = len(self._tensors)
+                self._pieces_of[id(p)] = (Piece(len(self._tensors)),)
                 self._tensors.append(p)
 
     @property
@@ -40,8 +43,8 @@ class ReplicatedLayout(Layout):
         return [tuple(t.shape) for t in self._tensors]
 
     def pieces(self, param: Tensor) -> Sequence[Piece]:
-        block = self._block_of.get(id(param))
-        if block is None:
+        pieces = self._pieces_of.get(id(param))
+        if pieces is None:
             raise LayoutError(
                 f"SGDSaI is stepping a tensor of shape {tuple(param.shape)} that it was never given. "
                 "Its param groups were rebound either to tensors that are not model parameters (a "
@@ -49,7 +52,7 @@ class ReplicatedLayout(Layout):
                 "parameters; attach SGDSaI through that wrapper's integration, e.g. "
                 "`import sai_dist.deepspeed`), or after g-SNR was fixed (rebind before the first step)."
             )
-        return (Piece(block),)
+        return pieces
 
     def element_origin(self, param: Tensor) -> list[Origin] | None:
         # Each stepped tensor is one whole parameter.
