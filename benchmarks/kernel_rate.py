@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import json
 import statistics
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -59,11 +60,13 @@ def _tensors(param_dtype: torch.dtype, buf_dtype: torch.dtype, n: int, seed: int
     return [p, g, m, scales]  # type: ignore[list-item]
 
 
-def _step(lib: ctypes.CDLL, piece: list[torch.Tensor], step: int, born: bool = False) -> None:
+def _step(
+    lib: ctypes.CDLL, piece: list[torch.Tensor], step: int, born: bool = False, round_param: bool = True
+) -> None:
     batch = native_lowp.Batch(lib)
     p, g, m, scales = piece
     rounding = Rounding(1, step, 0, 0)
-    batch.add(p, g, m, scales, born=born, coef=_COEF, rounding=rounding, round_param=True)
+    batch.add(p, g, m, scales, born=born, coef=_COEF, rounding=rounding, round_param=round_param)
     batch.run()
 
 
@@ -78,32 +81,58 @@ def _stepper(lib: ctypes.CDLL, piece: list[torch.Tensor]) -> Callable[[], None]:
 
 
 def _source_at(rev: str) -> str:
-    """The kernel's C source as ``sai_dist/native_lowp.py`` at git revision ``rev`` has it."""
-    text = subprocess.run(
-        ["git", "show", f"{rev}:sai_dist/native_lowp.py"],
-        cwd=Path(__file__).resolve().parent.parent,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    """The kernel's C source as ``sai_dist/native_lowp.py`` at git revision ``rev`` has it.
+
+    That module's top level is run (its imports, from this tree's package, and its
+    definitions) to evaluate the source string. Exits naming ``rev`` when git cannot show
+    it, when it does not run against this tree, or when its row layout (the C struct this
+    tree's ``Batch`` packs) differs from this tree's: such a kernel would misread the rows."""
+    try:
+        text = subprocess.run(
+            ["git", "show", f"{rev}:sai_dist/native_lowp.py"],
+            cwd=Path(__file__).resolve().parent.parent,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"kernel_rate --against {rev}: git cannot show its native_lowp.py ({exc})") from exc
     namespace: dict[str, object] = {"__name__": "native_lowp_at_" + rev}
-    exec(compile(text, f"{rev}:sai_dist/native_lowp.py", "exec"), namespace)  # defines, runs nothing
+    try:
+        exec(compile(text, f"{rev}:sai_dist/native_lowp.py", "exec"), namespace)
+    except Exception as exc:
+        raise SystemExit(f"kernel_rate --against {rev}: its native_lowp.py fails here ({exc!r})") from exc
+    row = namespace.get("_ROW")
+    if not isinstance(row, struct.Struct) or row.format != native_lowp._ROW.format:
+        raise SystemExit(f"kernel_rate --against {rev}: its kernel's row layout differs from this tree's")
     return str(namespace["_SOURCE"])
 
 
 def _same_bits(a: ctypes.CDLL, b: ctypes.CDLL) -> dict[str, bool]:
     """Per case: whether kernels ``a`` and ``b`` write the same bytes over a born step and a
-    later one, on a piece with a vector tail, a scalar tail, a NaN and an infinity."""
+    later one, on a piece with a vector tail, a scalar tail, a NaN and an infinity, a bf16
+    parameter rounded stochastically and to nearest, and (``no_momentum_*``) with no buffer.
+    The coefficients are finite: with a NaN coefficient only the NaN payloads could differ
+    (x86 keeps the first operand's, and the compiler may order a product's operands)."""
+    cases = {
+        name if rp else f"{name}[nearest]": (pd, bd, rp)
+        for name, (pd, bd) in CASES.items()
+        for rp in (True, False)
+    }
+    cases |= {"no_momentum_fp32_params": (torch.float32, None, True)}
+    cases |= {"no_momentum_bf16_params": (torch.bfloat16, None, True)}
     same = {}
     n = 3 * BLOCK + 53
-    for name, (param_dtype, buf_dtype) in CASES.items():
+    for name, (param_dtype, buf_dtype, round_param) in cases.items():
         out = []
         for lib in (a, b):
-            piece = _tensors(param_dtype, buf_dtype, n, seed=1)
+            piece = _tensors(param_dtype, buf_dtype or torch.float32, n, seed=1)
+            if buf_dtype is None:
+                piece[2:] = [None, None]  # type: ignore[list-item]
             piece[1][n // 2] = float("nan")
             piece[1][BLOCK + 3] = float("inf")
-            _step(lib, piece, 1, born=True)
-            _step(lib, piece, 2)
+            _step(lib, piece, 1, born=True, round_param=round_param)
+            _step(lib, piece, 2, round_param=round_param)
             out.append([t.view(torch.uint8) if t.dtype != torch.int8 else t for t in piece if t is not None])
         same[name] = all(torch.equal(x, y) for x, y in zip(*out, strict=True))
     return same

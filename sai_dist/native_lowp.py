@@ -794,9 +794,9 @@ def _load(isa: tuple[str, ...], source: str = _SOURCE, name: str = "sai_lowp") -
         return None
     lib.sai_lowp_pieces.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]  # rows, count, nthreads
     lib.sai_lowp_pieces.restype = ctypes.c_int
-    for name in ("sai_lowp_lanes", "sai_lowp_row_bytes"):
-        getattr(lib, name).argtypes = []
-        getattr(lib, name).restype = ctypes.c_int
+    for fn in ("sai_lowp_lanes", "sai_lowp_row_bytes"):
+        getattr(lib, fn).argtypes = []
+        getattr(lib, fn).restype = ctypes.c_int
     if lib.sai_lowp_row_bytes() != _ROW.size:  # the C struct and _ROW must agree field by field
         _reason = f"the low-precision kernel: its row is {lib.sai_lowp_row_bytes()} bytes, not {_ROW.size}"
         return None
@@ -816,7 +816,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def lanes(lib: ctypes.CDLL | None = None) -> int:
-    """Lanes of the vector path ``lib`` (default :func:`library`) runs: 16 (AVX-512F),
+    """Lanes of the vector path ``lib`` (default :func:`library`) runs: 16 (AVX-512F + BW),
     8 (AVX2), 1 (the scalar code alone); 0 when unavailable."""
     lib = library() if lib is None else lib
     return 0 if lib is None else int(lib.sai_lowp_lanes())
