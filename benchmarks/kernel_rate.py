@@ -44,25 +44,29 @@ CASES = {
 }
 
 
+#: One piece's tensors: p, g, the momentum buffer (None: no momentum), the int8 scales.
+_Piece = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
 _, _COEF = _coefficients(0.8, False, lr=1e-3, momentum=0.9, weight_decay=0.01, maximize=False)
 
 
-def _tensors(param_dtype: torch.dtype, buf_dtype: torch.dtype, n: int, seed: int = 0) -> list[torch.Tensor]:
-    """``[p, g, m, scales or None]`` of one piece of ``n`` elements."""
+def _tensors(param_dtype: torch.dtype, buf_dtype: torch.dtype | None, n: int, seed: int = 0) -> _Piece:
+    """``[p, g, m or None, scales or None]`` of one piece of ``n`` elements (``buf_dtype``
+    ``None``: no momentum)."""
     gen = torch.Generator().manual_seed(seed)
     p = (torch.randn(n, generator=gen) * 0.02).to(param_dtype)
     g = (torch.randn(n, generator=gen) * 1e-3).to(param_dtype)
+    if buf_dtype is None:
+        return p, g, None, None
     if buf_dtype == torch.int8:
         m = torch.randint(-127, 128, (n,), generator=gen, dtype=torch.int8)
         scales: torch.Tensor | None = torch.full((num_scales([n]),), 1e-5)
     else:
         m, scales = (torch.randn(n, generator=gen) * 1e-3).to(buf_dtype), None
-    return [p, g, m, scales]  # type: ignore[list-item]
+    return p, g, m, scales
 
 
-def _step(
-    lib: ctypes.CDLL, piece: list[torch.Tensor], step: int, born: bool = False, round_param: bool = True
-) -> None:
+def _step(lib: ctypes.CDLL, piece: _Piece, step: int, born: bool = False, round_param: bool = True) -> None:
     batch = native_lowp.Batch(lib)
     p, g, m, scales = piece
     rounding = Rounding(1, step, 0, 0)
@@ -70,7 +74,7 @@ def _step(
     batch.run()
 
 
-def _stepper(lib: ctypes.CDLL, piece: list[torch.Tensor]) -> Callable[[], None]:
+def _stepper(lib: ctypes.CDLL, piece: _Piece) -> Callable[[], None]:
     step = [0]
 
     def run() -> None:
@@ -126,9 +130,7 @@ def _same_bits(a: ctypes.CDLL, b: ctypes.CDLL) -> dict[str, bool]:
     for name, (param_dtype, buf_dtype, round_param) in cases.items():
         out = []
         for lib in (a, b):
-            piece = _tensors(param_dtype, buf_dtype or torch.float32, n, seed=1)
-            if buf_dtype is None:
-                piece[2:] = [None, None]  # type: ignore[list-item]
+            piece = _tensors(param_dtype, buf_dtype, n, seed=1)
             piece[1][n // 2] = float("nan")
             piece[1][BLOCK + 3] = float("inf")
             _step(lib, piece, 1, born=True, round_param=round_param)

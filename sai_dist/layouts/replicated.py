@@ -21,8 +21,8 @@ class ReplicatedLayout(Layout):
 
     def __init__(self) -> None:
         super().__init__()
-        self._block_of: dict[int, int] = {}
-        # The one piece of each tensor, built once: pieces() is asked per tensor per step.
+        # The one piece of each tensor (its block: its place in _tensors), built once:
+        # pieces() is asked per tensor per step.
         self._pieces_of: dict[int, tuple[Piece]] = {}
         # Keep the tensors alive so their ids stay unique for the layout's lifetime.
         self._tensors: list[Tensor] = []
@@ -30,8 +30,7 @@ class ReplicatedLayout(Layout):
     def register(self, params: Sequence[Tensor]) -> None:
         for p in params:
             refuse_flat_params(p)
-            if id(p) not in self._block_of:
-                self._block_of[id(p)] = len(self._tensors)
+            if id(p) not in self._pieces_of:
                 self._pieces_of[id(p)] = (Piece(len(self._tensors)),)
                 self._tensors.append(p)
 
